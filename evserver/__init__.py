@@ -1,0 +1,3 @@
+"""evserver: a greenlet-based concurrent event server."""
+
+__version__ = "0.1.0"
