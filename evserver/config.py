@@ -96,7 +96,8 @@ class Setting:
 
     def cli_help(self) -> str:
         default = "none" if self.default is None else _toml_value(self.default)
-        return f"{self.help} Accepts {self.expected}. [env {self.env_var}; default {default}]"
+        accepts = "" if self.type is bool else f" Accepts {self.expected}."  # bools are flags
+        return f"{self.help}{accepts} [env {self.env_var}; default {default}]"
 
     def convert(self, raw: Any) -> Any:
         """Coerce and validate ``raw``; raises ValueError (the caller adds key and source)."""
@@ -109,7 +110,10 @@ class Setting:
 
 
 def _coerce(typ: type, raw: Any) -> Any:
-    """Strings (env, CLI) are parsed; native values (TOML) must already have the right type."""
+    """Parse strings (env, flags, even quoted TOML values, so all sources agree); check others.
+
+    Native values must already have the stored type, except that an int is a fine float.
+    """
     if isinstance(raw, str) and typ is not str:
         text = raw.strip().lower()
         if typ is bool and text in _TRUE + _FALSE:
@@ -170,6 +174,8 @@ class _Table:
     """Read-only attribute view of one table, so code reads ``cfg.server.port``."""
 
     __slots__ = ("_name", "_values")
+    _name: str
+    _values: Mapping[str, Any]
 
     def __init__(self, name: str, values: Mapping[str, Any]) -> None:
         object.__setattr__(self, "_name", name)
@@ -189,9 +195,15 @@ class _Table:
 
 
 class Config:
-    """Immutable, validated settings; ``source`` is the TOML file used (or None)."""
+    """Immutable, validated settings; ``source`` is the TOML file used (or None).
+
+    Equality compares values only (not source or origins), which is what tests and reloads want.
+    """
 
     __slots__ = ("_origins", "_tables", "source")
+    _origins: Mapping[str, str]
+    _tables: Mapping[str, _Table]
+    source: Path | None
 
     def __init__(self, values: Mapping[str, Any], origins: Mapping[str, str],
                  source: Path | None) -> None:
@@ -236,6 +248,9 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config(source={self.source!r}, {self.as_dict()!r})"
+
+
+assert not set(TABLES) & set(dir(Config)), "a table name would shadow a Config attribute"
 
 
 def _unknown(kind: str, name: str, known: Any, where: str) -> ConfigError:
@@ -353,7 +368,8 @@ def click_options(func: _F) -> _F:
 
     for s in reversed(SETTINGS):
         flag = f"{s.flag}/--no-{s.flag[2:]}" if s.type is bool else s.flag
-        kind = {int: click.INT, float: click.FLOAT}.get(s.type) if s.parse is None else None
+        kind = {bool: click.BOOL, int: click.INT, float: click.FLOAT}.get(s.type)
+        kind = kind if s.parse is None else None
         command = click.option(flag, dests[s.name], type=kind or click.STRING, default=None,
                                help=s.cli_help())(command)
     return cast(_F, command)
