@@ -239,6 +239,19 @@ class Server:
         self._drained = eventlet.event.Event()
         self._stop_started = False
 
+    @classmethod
+    def from_config(cls, app: App, cfg: Any, **overrides: Any) -> Server:
+        """Build a server from a loaded ``Config``'s ``[server]`` table."""
+        srv = cfg.server
+        kwargs: dict[str, Any] = dict(
+            host=srv.host, port=srv.port, pool_size=srv.pool_size, queue_size=srv.queue_size,
+            max_frame_bytes=srv.max_frame_bytes, drain_timeout=srv.drain_timeout,
+            max_connections=srv.max_connections, idle_timeout=srv.idle_timeout,
+            max_pending_replies=srv.max_pending_replies,
+        )
+        kwargs.update(overrides)
+        return cls(app, **kwargs)
+
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port); useful with ``port=0``."""
