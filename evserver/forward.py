@@ -238,13 +238,19 @@ def _decode_packed(data: bytes) -> tuple[list[ForwardEntry], int]:
     """Decode a MessagePackEventStream (concatenated entries) with one fresh Unpacker."""
     if not data:
         return [], 0
-    unpacker = _unpacker(len(data))
+    unpacker = _unpacker(len(data) + 1)
     unpacker.feed(data)
     try:
         result = _decode_entries(unpacker)
+        # tell() also counts a half-parsed trailing entry, so probe with a nil instead: it
+        # comes back alone only if the stream ended on an entry boundary.
+        unpacker.feed(b"\xc0")
+        clean = unpacker.unpack() is None
+    except msgpack.OutOfData:
+        clean = False
     except _UNPACK_ERRORS as exc:
         raise _unpack_error(exc, "packed entries") from exc
-    if unpacker.tell() != len(data):
+    if not clean:
         raise ForwardError("packed entries end in the middle of an entry")
     return result
 
