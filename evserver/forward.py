@@ -70,6 +70,7 @@ __all__ = [
     "HandshakeFailed",
     "RequestTooLarge",
     "ack_bytes",
+    "decode_request",
 ]
 
 _now = _time.time  # module-level so tests can pin "now"
