@@ -17,6 +17,7 @@ os.environ.setdefault("EVENTLET_NO_GREENDNS", "yes")  # dnspython's resolver: no
 
 import eventlet  # noqa: E402
 import eventlet.queue  # noqa: E402
+import eventlet.tpool  # noqa: E402
 
 __all__ = ["eventlet", "monkey_patch"]
 
