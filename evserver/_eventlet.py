@@ -16,6 +16,7 @@ warnings.filterwarnings("ignore", message=r"\s*Using fork\(\) is a bad idea")
 os.environ.setdefault("EVENTLET_NO_GREENDNS", "yes")  # dnspython's resolver: not needed here
 
 import eventlet  # noqa: E402
+import eventlet.green.socket  # noqa: E402
 import eventlet.queue  # noqa: E402
 import eventlet.tpool  # noqa: E402
 
