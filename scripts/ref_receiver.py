@@ -20,6 +20,10 @@ import msgpack
 HELLO, EVENT, BATCH, REQUEST, ACK, REPLY, ERROR, PING, PONG = range(9)
 YIELD_EVERY = 100
 HELLO_FRAME = msgpack.packb([HELLO, 1, {"server": "ref_receiver", "max_frame_bytes": 1 << 20}])
+# One buffer for all connections: feed() copies it before any green switch can happen, and a
+# 64 KiB buffer per connection would be 64 KiB of RSS per idle connection.
+BUF = bytearray(64 * 1024)
+VIEW = memoryview(BUF)
 
 
 def noop(event: list) -> None:
@@ -61,9 +65,7 @@ def process(frames: Iterable[list], out: list[bytes], pause: Callable[[], None])
 def handle(sock: socket.socket) -> None:
     """One green thread per connection; the Unpacker is created lazily (41 KiB each)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = bytearray(64 * 1024)
-    view = memoryview(buf)
-    unpacker = None
+    buf, view, unpacker = BUF, VIEW, None
     try:
         sock.sendall(HELLO_FRAME)
         while n := sock.recv_into(buf):
