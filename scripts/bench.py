@@ -412,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
                                            if entry["ref"].get(k) and k in entry["evserver"]}
         report["modes"][mode] = entry
     print(json.dumps(report, indent=2) if args.json else table(report))
+    for mode, entry in report["modes"].items():
+        for name, figs in entry.items():
+            if figs.get("gen_cpu_pct", 0) > 60:
+                print(f"warning: {mode}/{name}: generators used {figs['gen_cpu_pct']:.0f}% of a "
+                      "core; they may be the limit (try --generators, --no-pin)", file=sys.stderr)
     return 0
 
 
