@@ -1,0 +1,75 @@
+"""The ``Event`` value handed to processors and listeners.
+
+It lives in its own module because both the wire codecs and the app need it, and neither
+should import the other. Events are built once per decoded event on the hot path, so the
+class uses ``__slots__`` and assigns an id lazily: most fire-and-forget events never have
+their id read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time as _time
+import uuid
+from typing import Any
+
+# Ids the server assigns: unique per process start (random prefix) and cheap (a counter),
+# instead of a uuid4 per event, which costs more than decoding the event.
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_id_counter = itertools.count(1)
+
+
+def new_event_id() -> str:
+    """Return a fresh event id, unique across processes and restarts."""
+    return f"{_ID_PREFIX}-{os.getpid():x}-{next(_id_counter):x}"
+
+
+class Event:
+    """One event: ``type``, ``data`` (any msgpack value), ``id``, ``time``, ``meta``.
+
+    ``id`` is the client's when it sent one (so handlers can deduplicate re-sent events),
+    otherwise assigned by the server the first time it is read.
+    """
+
+    __slots__ = ("_id", "data", "meta", "time", "type")
+
+    def __init__(
+        self,
+        type: str,
+        data: Any = None,
+        id: str | None = None,
+        time: float | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.type = type
+        self.data = data
+        self._id = id
+        self.time = _time.time() if time is None else time
+        self.meta = {} if meta is None else meta
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            self._id = new_event_id()
+        return self._id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._id = value
+
+    def __repr__(self) -> str:
+        return f"Event(type={self.type!r}, id={self.id!r}, data={self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.type, self.data, self.id, self.time, self.meta) == (
+            other.type,
+            other.data,
+            other.id,
+            other.time,
+            other.meta,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable value object

@@ -1,0 +1,1 @@
+"""Example apps shipped with evserver; ``evserver serve evserver.examples.shop:app`` runs one."""

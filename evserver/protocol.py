@@ -1,0 +1,307 @@
+"""The native wire protocol, sans-I/O: bytes in -> frames out, frames in -> bytes out.
+
+Nothing here touches a socket or eventlet (the h11 model), so the codec is tested on bytes
+alone and survives a change of event loop. ``docs/protocol.md`` is the normative description;
+this module is its executable form.
+
+Every frame is one msgpack array whose first element is the frame kind. msgpack is
+self-delimiting, so there is no length prefix; ``FrameReader`` streams through
+``msgpack.Unpacker`` and enforces ``max_frame_bytes`` exactly by measuring each frame with
+``Unpacker.tell()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import msgpack
+
+from .errors import FrameTooLarge, ProtocolError, UnsupportedVersion
+from .event import Event
+
+VERSION = 1
+
+HELLO = 0
+EVENT = 1
+BATCH = 2
+REQUEST = 3
+ACK = 4
+REPLY = 5
+ERROR = 6
+PING = 7
+PONG = 8
+
+KIND_NAMES = {
+    HELLO: "HELLO",
+    EVENT: "EVENT",
+    BATCH: "BATCH",
+    REQUEST: "REQUEST",
+    ACK: "ACK",
+    REPLY: "REPLY",
+    ERROR: "ERROR",
+    PING: "PING",
+    PONG: "PONG",
+}
+
+#: Frame kinds each side may receive.
+SERVER_RECEIVES = frozenset({HELLO, EVENT, BATCH, REQUEST, PING})
+CLIENT_RECEIVES = frozenset({HELLO, ACK, REPLY, ERROR, PONG})
+
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+_CHUNK = 1 << 16  # the most the adapter reads at once
+MAX_CORR = (1 << 63) - 1
+
+
+class Frame:
+    """A decoded frame: ``kind``, the correlation id ``corr`` and a kind-specific ``body``.
+
+    ``body`` is a list of ``Event`` for EVENT/BATCH/REQUEST, the reply value for REPLY,
+    ``(code, type, message)`` for ERROR, the info map for HELLO and ``None`` otherwise.
+    """
+
+    __slots__ = ("body", "corr", "kind")
+
+    def __init__(self, kind: int, corr: int, body: Any = None) -> None:
+        self.kind = kind
+        self.corr = corr
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"Frame({KIND_NAMES.get(self.kind, self.kind)}, corr={self.corr}, body={self.body!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.kind, self.corr, self.body) == (other.kind, other.corr, other.body)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _bad(msg: str) -> ProtocolError:
+    return ProtocolError(msg)
+
+
+def _event(raw: Any) -> Event:
+    """Build an Event from its wire form ``[type, data, id?, time?, meta?]``."""
+    if type(raw) is not list or not 2 <= len(raw) <= 5:
+        raise _bad("an event must be an array [type, data, id?, time?, meta?]")
+    etype = raw[0]
+    if type(etype) is not str or not etype:
+        raise _bad("event type must be a non-empty string")
+    n = len(raw)
+    eid = raw[2] if n > 2 else None
+    etime = raw[3] if n > 3 else None
+    meta = raw[4] if n > 4 else None
+    if eid is not None and type(eid) is not str:
+        raise _bad("event id must be a string or nil")
+    if etime is not None and type(etime) not in (float, int):
+        raise _bad("event time must be a number or nil")
+    if meta is not None and type(meta) is not dict:
+        raise _bad("event meta must be a map or nil")
+    return Event(etype, raw[1], eid, etime, meta)
+
+
+def _corr(raw: list[Any], *, required: bool) -> int:
+    corr = raw[1] if len(raw) > 1 else None
+    if type(corr) is not int or not 0 <= corr <= MAX_CORR or (required and corr == 0):
+        raise _bad(f"{KIND_NAMES[raw[0]]} needs a correlation id"
+                   f"{' > 0' if required else ' >= 0'}")
+    return corr
+
+
+def _parse(raw: Any, accept: frozenset[int]) -> Frame:
+    """Turn one unpacked msgpack value into a Frame, validating its shape."""
+    if type(raw) is not list or not raw or type(raw[0]) is not int:
+        raise _bad("a frame must be an array whose first element is the frame kind")
+    kind = raw[0]
+    if kind not in accept:
+        raise _bad(f"unexpected frame kind {kind!r}")
+    n = len(raw)
+    if kind == EVENT or kind == REQUEST:
+        if n != 3:
+            raise _bad(f"{KIND_NAMES[kind]} must be [{kind}, corr, event]")
+        return Frame(kind, _corr(raw, required=kind == REQUEST), [_event(raw[2])])
+    if kind == BATCH:
+        if n != 3 or type(raw[2]) is not list:
+            raise _bad("BATCH must be [2, corr, [event, ...]]")
+        return Frame(kind, _corr(raw, required=False), [_event(e) for e in raw[2]])
+    if kind == HELLO:
+        if n != 3 or type(raw[1]) is not int or type(raw[2]) is not dict:
+            raise _bad("HELLO must be [0, version, {info}]")
+        if raw[1] != VERSION:
+            raise UnsupportedVersion(f"protocol version {raw[1]} is not supported "
+                                     f"(this side speaks {VERSION})")
+        return Frame(kind, 0, raw[2])
+    if kind == REPLY:
+        if n != 3:
+            raise _bad("REPLY must be [5, corr, value]")
+        return Frame(kind, _corr(raw, required=True), raw[2])
+    if kind == ERROR:
+        if n < 5 or not all(type(x) is str for x in raw[2:5]):
+            raise _bad("ERROR must be [6, corr, code, type, message]")
+        return Frame(kind, _corr(raw, required=False), (raw[2], raw[3], raw[4]))
+    # ACK, PING, PONG
+    if n != 2:
+        raise _bad(f"{KIND_NAMES[kind]} must be [{kind}, corr]")
+    return Frame(kind, _corr(raw, required=kind != PONG and kind != ACK))
+
+
+class FrameReader:
+    """Incremental decoder for one direction of one connection.
+
+    Feed it whatever ``recv`` returned with ``receive_data``; iterate it for complete frames.
+    After any ``ProtocolError`` the reader is dead (msgpack's ``Unpacker`` must not be reused
+    after a failure) and the connection must be closed.
+
+    The ``Unpacker`` (about 41 KiB) exists only while a partial frame is buffered: an idle
+    connection holds no decoder, which is what lets one worker keep 10,000 idle peers.
+    """
+
+    __slots__ = ("_accept", "_backlog", "_dead", "_fed", "_max", "_pos", "_unpacker")
+
+    def __init__(
+        self,
+        accept: frozenset[int] = SERVER_RECEIVES,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self._accept = accept
+        self._max = max_frame_bytes
+        self._unpacker: msgpack.Unpacker | None = None
+        self._fed = 0  # bytes fed to the current unpacker
+        self._pos = 0  # unpacker offset at the end of the last complete frame
+        self._dead = False
+        self._backlog: list[memoryview] = []  # input beyond one chunk, fed as frames drain
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet form a complete frame."""
+        return self._fed - self._pos + sum(len(b) for b in self._backlog)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer received bytes; ``b""`` is ignored (EOF is the adapter's business).
+
+        The caller may pass a view of a reused buffer as long as it drains the frames
+        before the next ``recv``. Input larger than one chunk is copied and fed as the
+        frames before it drain, so the decoder never holds more than a frame plus a chunk.
+        """
+        if self._dead:
+            raise _bad("the reader failed earlier; the connection must be closed")
+        if self._backlog or len(data) > _CHUNK:
+            view = memoryview(bytes(data))
+            self._backlog.extend(view[i : i + _CHUNK] for i in range(0, len(view), _CHUNK))
+            if self._unpacker is not None and self._fed > self._pos:
+                return
+            data = self._backlog.pop(0)
+        self._feed(data)
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._unpacker is None:
+            # Room for one partial frame plus one chunk of the frames after it.
+            self._unpacker = msgpack.Unpacker(
+                max_buffer_size=self._max + _CHUNK, read_size=4096, strict_map_key=False
+            )
+            self._fed = self._pos = 0
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            self._fail()
+            raise FrameTooLarge(f"frame exceeds max_frame_bytes={self._max}") from None
+        self._fed += len(data)
+
+    def next_frame(self) -> Frame | None:
+        """Return the next complete frame, or None when more data is needed."""
+        unpacker = self._unpacker
+        if unpacker is None:
+            return None
+        try:
+            raw = unpacker.unpack()
+        except msgpack.OutOfData:
+            if self._backlog:
+                self._feed(self._backlog.pop(0))
+                return self.next_frame()
+            if self._fed - self._pos > self._max:
+                self._fail()
+                raise FrameTooLarge(f"frame exceeds max_frame_bytes={self._max}") from None
+            if self._pos == self._fed:
+                self._unpacker = None  # idle: release the decoder's memory
+            return None
+        except (ValueError, msgpack.UnpackException) as exc:  # FormatError, StackError, ...
+            self._fail()
+            raise _bad(f"undecodable bytes ({type(exc).__name__}: {exc})") from None
+        pos = unpacker.tell()
+        size, self._pos = pos - self._pos, pos
+        if size > self._max:
+            self._fail()
+            raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame_bytes={self._max}")
+        try:
+            return _parse(raw, self._accept)
+        except ProtocolError:
+            self._fail()
+            raise
+
+    def __iter__(self) -> Iterator[Frame]:
+        while (frame := self.next_frame()) is not None:
+            yield frame
+
+    def _fail(self) -> None:
+        self._dead = True
+        self._unpacker = None
+
+
+# ---------------------------------------------------------------------------- encoding
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def event_wire(
+    type: str,
+    data: Any,
+    id: str | None = None,
+    time: float | None = None,
+    meta: dict[str, Any] | None = None,
+) -> list[Any]:
+    """The wire form of one event, with trailing nils dropped to save bytes."""
+    if meta:
+        return [type, data, id, time, meta]
+    if time is not None:
+        return [type, data, id, time]
+    if id is not None:
+        return [type, data, id]
+    return [type, data]
+
+
+def encode_hello(info: dict[str, Any]) -> bytes:
+    return _pack([HELLO, VERSION, info])
+
+
+def encode_event(corr: int, event: Sequence[Any], *, request: bool = False) -> bytes:
+    """EVENT (or REQUEST with ``request=True``) carrying one ``event_wire`` list."""
+    return _pack([REQUEST if request else EVENT, corr, event])
+
+
+def encode_batch(corr: int, events: Sequence[Sequence[Any]]) -> bytes:
+    return _pack([BATCH, corr, events])
+
+
+def encode_ack(corr: int) -> bytes:
+    return _pack([ACK, corr])
+
+
+def encode_reply(corr: int, value: Any) -> bytes:
+    """REPLY; raises ``TypeError`` when the value has no msgpack form."""
+    return _pack([REPLY, corr, value])
+
+
+def encode_error(corr: int, code: str, type: str, message: str) -> bytes:
+    return _pack([ERROR, corr, code, type, message])
+
+
+def encode_ping(corr: int) -> bytes:
+    return _pack([PING, corr])
+
+
+def encode_pong(corr: int) -> bytes:
+    return _pack([PONG, corr])

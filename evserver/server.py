@@ -1,0 +1,343 @@
+"""The eventlet adapter: listen, accept, read, write, drain.
+
+One green thread per connection reads: ``recv_into`` a buffer shared by every connection of
+the process (nothing yields between the ``recv_into`` and the decoder copying the bytes, so
+sharing is safe and an idle connection costs no buffer), decodes with ``protocol.FrameReader``
+and hands each read's frames to the dispatcher as one job. Responses go through
+``Connection.write``: whichever green thread finds the connection idle becomes its single
+writer and drains everything queued meanwhile, so writes coalesce and two green threads never
+write one socket at once (eventlet raises if they do).
+
+Shutdown order (nameko's): stop accepting -> stop reading -> let in-flight jobs finish and
+their responses flush -> close -> stop the workers; bounded by ``drain_timeout``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+import time
+from typing import Any
+
+from . import __version__
+from . import protocol as p
+from ._eventlet import eventlet
+from .app import App
+from .dispatch import Dispatcher, Job
+from .errors import ProtocolError
+
+log = logging.getLogger("evserver.server")
+
+READ_SIZE = 1 << 16
+_BUF = bytearray(READ_SIZE)
+_VIEW = memoryview(_BUF)
+_EVENT_KINDS = frozenset({p.EVENT, p.BATCH, p.REQUEST})
+_JOBS_IN_FLIGHT = 4  # per connection: enough to pipeline, few enough to push back
+
+
+class Connection:
+    """One accepted socket: its reader green thread, its pending jobs and its writer state."""
+
+    __slots__ = (
+        "addr", "closing", "jobs", "out", "reader", "replies_pending", "server", "sock",
+        "waiter", "writing",
+    )
+
+    def __init__(self, server: Server, sock: Any, addr: Any) -> None:
+        self.server = server
+        self.sock = sock
+        self.addr = addr
+        self.reader = p.FrameReader(p.SERVER_RECEIVES, max_frame_bytes=server.max_frame_bytes)
+        self.out: list[bytes] = []
+        self.writing = False
+        self.closing = False
+        self.jobs = 0  # jobs queued or running
+        self.replies_pending = 0  # frames that still owe the peer a response
+        self.waiter: tuple[int, Any] | None = None  # (below, Event) for _wait_jobs
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the peer; the first caller to find no writer becomes it."""
+        self.out.append(data)
+        if self.writing:
+            return
+        self.writing = True
+        try:
+            while self.out:
+                chunk = b"".join(self.out) if len(self.out) > 1 else self.out[0]
+                self.out.clear()
+                self.sock.sendall(chunk)
+        except (OSError, AttributeError) as exc:  # peer gone, or socket closed under us
+            self.out.clear()
+            self._abort(f"write failed: {exc}")
+        finally:
+            self.writing = False
+
+    def job_done(self, job: Job) -> None:
+        self.jobs -= 1
+        self.replies_pending -= sum(1 for f in job.frames if f.corr)
+        waiter = self.waiter
+        if waiter is not None and self.jobs < waiter[0]:
+            self.waiter = None
+            waiter[1].send()
+
+    # ------------------------------------------------------------------ reading
+
+    def serve(self) -> None:
+        server = self.server
+        sock = self.sock
+        reader = self.reader
+        dispatcher = server.dispatcher
+        try:
+            sock.sendall(server.hello)
+            while not server.stopping:
+                try:
+                    n = sock.recv_into(_BUF)
+                except TimeoutError:
+                    if self.jobs:
+                        continue  # waiting on our own handlers is not idleness
+                    self._error(p.encode_error(0, "idle_timeout", "IdleTimeout",
+                                               f"no data for {server.idle_timeout:g}s"))
+                    server.counters["idle_closed"] += 1
+                    return
+                if not n:
+                    return
+                reader.receive_data(_VIEW[:n])
+                frames = list(reader)
+                if not frames:
+                    continue
+                dispatcher.stats.events_in += sum(
+                    len(f.body) for f in frames if f.kind in _EVENT_KINDS)
+                hello = [f for f in frames if f.kind == p.HELLO]
+                if hello:
+                    frames = [f for f in frames if f.kind != p.HELLO]
+                    if not frames:
+                        continue
+                self.replies_pending += sum(1 for f in frames if f.corr)
+                if self.replies_pending > server.max_pending_replies:
+                    self._error(p.encode_error(
+                        0, "overloaded", "TooManyPending",
+                        f"more than max_pending_replies={server.max_pending_replies} "
+                        "responses outstanding; read them before sending more"))
+                    server.counters["overloaded_closed"] += 1
+                    return
+                self.jobs += 1
+                dispatcher.submit(Job(self, frames))
+                # Fairness: recv only yields on EAGAIN, so a connection that always has
+                # data would otherwise never let others run.
+                eventlet.sleep(0)
+                self._wait_jobs(_JOBS_IN_FLIGHT, timeout=None)
+        except ProtocolError as exc:
+            server.counters["protocol_errors"] += 1
+            log.info("closing %s: %s", _peer(self.addr), exc)
+            self._error(p.encode_error(0, exc.code, type(exc).__name__, str(exc)))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
+                log.info("connection %s: %s", _peer(self.addr), exc)
+        except Exception:
+            log.exception("internal error on connection %s", _peer(self.addr))
+        finally:
+            self._finish()
+
+    def _wait_jobs(self, below: int, timeout: float | None) -> bool:
+        """Block until fewer than ``below`` jobs are in flight; False on timeout."""
+        if self.jobs < below:
+            return True
+        event = eventlet.event.Event()
+        self.waiter = (below, event)
+        try:
+            with eventlet.Timeout(timeout):
+                event.wait()
+            return True
+        except eventlet.Timeout:
+            return False
+        finally:
+            self.waiter = None
+
+    def _error(self, data: bytes) -> None:
+        """Send a connection-level ERROR frame and mark the connection for closing."""
+        self.closing = True
+        try:
+            self.write(data)
+        except Exception:  # best effort: the peer may be gone already
+            pass
+
+    def _abort(self, why: str) -> None:
+        self.closing = True
+        log.debug("aborting %s: %s", _peer(self.addr), why)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _finish(self) -> None:
+        """Wait for this connection's jobs so their responses are written, then close."""
+        self.closing = True
+        self._wait_jobs(1, timeout=self.server.drain_timeout)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.closed(self)
+
+
+def _peer(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)
+
+
+class Server:
+    """A single-process evserver: one listener, one hub, one dispatcher.
+
+    ``start()`` binds and returns; ``serve_forever()`` blocks until ``stop()`` (or SIGTERM/
+    SIGINT when ``install_signals`` is used) has drained everything.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 7878,
+        pool_size: int = 64,
+        queue_size: int = 256,
+        max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES,
+        drain_timeout: float = 30.0,
+        max_connections: int = 10000,
+        idle_timeout: float = 300.0,
+        max_pending_replies: int = 1024,
+        reuse_port: bool = False,
+        backlog: int = 1024,
+    ) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.max_frame_bytes = max_frame_bytes
+        self.drain_timeout = drain_timeout
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_pending_replies = max_pending_replies
+        self.reuse_port = reuse_port
+        self.backlog = backlog
+        self.dispatcher = Dispatcher(app, pool_size=pool_size, queue_size=queue_size)
+        self.connections: set[Connection] = set()
+        self.counters: dict[str, int] = {
+            "connections_total": 0, "protocol_errors": 0, "idle_closed": 0,
+            "overloaded_closed": 0, "refused_connections": 0,
+        }
+        self.stopping = False
+        self.started_at = 0.0
+        self.hello = p.encode_hello({"server": f"evserver/{__version__}",
+                                     "max_frame_bytes": max_frame_bytes})
+        self._listener: Any = None
+        self._accepter: Any = None
+        self._stopped = eventlet.event.Event()
+        self._drained = eventlet.event.Event()
+        self._stop_started = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); useful with ``port=0``."""
+        return self._listener.getsockname()[:2]
+
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._listener = eventlet.listen(
+            (self.host, self.port), family=family, backlog=self.backlog,
+            reuse_port=self.reuse_port,
+        )
+        self.started_at = time.time()
+        self.dispatcher.start()
+        self._accepter = eventlet.spawn(self._accept_loop)
+        log.info("listening on %s:%d (pool %d)", *self.address, self.dispatcher.pool_size)
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        while not self.stopping:
+            try:
+                sock, addr = listener.accept()
+            except OSError as exc:
+                if self.stopping:
+                    return
+                # EMFILE and friends: back off instead of spinning; keep serving.
+                log.warning("accept failed: %s", exc)
+                eventlet.sleep(0.1)
+                continue
+            self.counters["connections_total"] += 1
+            if len(self.connections) >= self.max_connections:
+                self.counters["refused_connections"] += 1
+                eventlet.spawn_n(_refuse, sock, self.max_connections)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.idle_timeout:
+                sock.settimeout(self.idle_timeout)
+            conn = Connection(self, sock, addr)
+            self.connections.add(conn)
+            eventlet.spawn_n(conn.serve)
+
+    def closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if self.stopping and not self.connections and not self._drained.ready():
+            self._drained.send()
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.start()
+        self._stopped.wait()
+
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT: graceful stop. The handler only schedules; it may run in the hub."""
+        def handler(signum: int, frame: Any) -> None:
+            eventlet.spawn_n(self.stop)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def stop(self) -> None:
+        """Graceful stop: nothing acknowledged is lost; bounded by ``drain_timeout``."""
+        if self._stop_started:
+            self._stopped.wait()
+            return
+        self._stop_started = True
+        self.stopping = True
+        deadline = time.monotonic() + self.drain_timeout
+        log.info("stopping: draining %d connection(s)", len(self.connections))
+        if self._accepter is not None:
+            self._accepter.kill()
+        if self._listener is not None:
+            self._listener.close()
+        for conn in list(self.connections):
+            # EOF for the reader; in-flight jobs still run and their responses still flush.
+            try:
+                conn.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        if self.connections:
+            with eventlet.Timeout(self.drain_timeout, False):
+                self._drained.wait()
+        ok = not self.connections
+        for conn in list(self.connections):
+            conn._abort("drain timeout")
+        ok = self.dispatcher.stop(timeout=max(0.1, deadline - time.monotonic())) and ok
+        if not ok:
+            log.warning("drain timeout (%gs) reached; abandoned unfinished work",
+                        self.drain_timeout)
+        log.info("stopped")
+        self._stopped.send(ok)
+
+
+def _refuse(sock: Any, limit: int) -> None:
+    try:
+        sock.sendall(p.encode_error(0, "overloaded", "TooManyConnections",
+                                    f"server is at max_connections={limit}"))
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+__all__ = ["Connection", "Server"]
