@@ -6,6 +6,10 @@ target (evserver serving scripts/bench_app.py) back to back and reports the targ
 Generators are separate processes that send pre-encoded bytes on blocking sockets, so they stay
 far from saturation; each reports its own CPU use to show it. Fire-and-forget runs end with a
 PING per connection: the PONG proves every earlier frame of that connection was dispatched.
+
+    python scripts/bench.py --target ref --mode all --repeat 3          # reference only
+    python scripts/bench.py --mode batch --batch 100 --json             # ref vs evserver
+    python scripts/bench.py --server-cmd "python my_launcher.py {port}" # any other server
 """
 
 from __future__ import annotations
