@@ -30,11 +30,11 @@ _NO_HANDLER_LOG_INTERVAL = 60.0
 
 
 class Sink(Protocol):
-    """Where a job's responses go: the connection that read it."""
+    """Where a job's outcome goes: the connection (of whichever protocol) that read it."""
 
-    def write(self, data: bytes) -> None: ...
-
-    def job_done(self, job: Job) -> None: ...
+    def job_done(self, job: Job, results: list[Result]) -> None:
+        """Called once per job, after every frame ran, with one result per frame that owes
+        the peer a response (``corr != 0``) or is a PING."""
 
 
 class Job:
@@ -45,6 +45,17 @@ class Job:
     def __init__(self, sink: Sink, frames: list[p.Frame]) -> None:
         self.sink = sink
         self.frames = frames
+
+
+class Result:
+    """The outcome of one frame: ``failure`` is None on success; ``value`` is a reply value."""
+
+    __slots__ = ("failure", "frame", "value")
+
+    def __init__(self, frame: p.Frame, failure: Failure | None, value: Any = None) -> None:
+        self.frame = frame
+        self.failure = failure
+        self.value = value
 
 
 class Failure:
@@ -60,9 +71,6 @@ class Failure:
     @classmethod
     def from_exception(cls, exc: BaseException) -> Failure:
         return cls(getattr(exc, "code", "handler_error"), type(exc).__name__, str(exc))
-
-    def encode(self, corr: int) -> bytes:
-        return p.encode_error(corr, self.code, self.type, self.message)
 
 
 class Stats:
@@ -124,25 +132,26 @@ class Dispatcher:
         get = self.queue.get
         while (job := get()) is not None:
             self.busy += 1
+            results: list[Result] = []
             try:
-                self.run_job(job)
+                results = self.run_job(job)
             except Exception:  # a bug here must not kill the worker
                 log.exception("internal error while running a job")
             finally:
                 self.busy -= 1
-                job.sink.job_done(job)
+                job.sink.job_done(job, results)
 
-    def run_job(self, job: Job) -> None:
-        """Process every frame of a job and write all its responses in one write."""
-        out: list[bytes] = []
+    def run_job(self, job: Job) -> list[Result]:
+        """Process every frame of a job in order; return the results that owe a response."""
+        results: list[Result] = []
         processed = 0
         for frame in job.frames:
             kind = frame.kind
             if kind == p.PING:
-                out.append(p.encode_pong(frame.corr))
+                results.append(Result(frame, None))
                 continue
             if kind == p.REQUEST:
-                out.append(self._request(frame.corr, frame.body[0]))
+                results.append(self._request(frame))
                 processed += 1
                 continue
             failure = None
@@ -154,31 +163,23 @@ class Dispatcher:
                 if processed % YIELD_EVERY == 0:
                     eventlet.sleep(0)
             if frame.corr:
-                out.append(failure.encode(frame.corr) if failure else p.encode_ack(frame.corr))
+                results.append(Result(frame, failure))
         self.stats.events_processed += processed
-        if out:
-            job.sink.write(b"".join(out))
+        return results
 
-    def _request(self, corr: int, event: Event) -> bytes:
+    def _request(self, frame: p.Frame) -> Result:
+        event = frame.body[0]
         route = self.app.route(event.type)
         self.stats.by_type[event.type] += 1
         if route.processor is None:
             self._run_listeners(route.listeners, event)
             self.stats.unrouted += 1
-            return p.encode_error(
-                corr, "no_handler", "RoutingError", f"no processor for event type {event.type!r}"
-            )
-        result, failure = self._call(route.processor, event)
+            return Result(frame, Failure(
+                RoutingError.code, "RoutingError", f"no processor for event type {event.type!r}"
+            ))
+        value, failure = self._call(route.processor, event)
         self._run_listeners(route.listeners, event)
-        if failure is not None:
-            return failure.encode(corr)
-        try:
-            return p.encode_reply(corr, result)
-        except (TypeError, ValueError, OverflowError) as exc:
-            return p.encode_error(
-                corr, "handler_error", "TypeError",
-                f"the processor's return value cannot be sent: {exc}",
-            )
+        return Result(frame, failure, value)
 
     def process(self, event: Event) -> Failure | None:
         """Run the processor and listeners for one event; return the first failure, if any."""

@@ -26,6 +26,12 @@ class ProtocolError(EvserverError, ValueError):
     code = "bad_frame"
 
 
+class ForwardError(ProtocolError):
+    """A Fluentd Forward Protocol request or handshake frame is malformed or not allowed."""
+
+    code = "bad_forward_request"
+
+
 class FrameTooLarge(ProtocolError):
     """A frame is larger than the configured ``max_frame_bytes``."""
 

@@ -68,7 +68,8 @@ class Frame:
         self.body = body
 
     def __repr__(self) -> str:
-        return f"Frame({KIND_NAMES.get(self.kind, self.kind)}, corr={self.corr}, body={self.body!r})"
+        kind = KIND_NAMES.get(self.kind, self.kind)
+        return f"Frame({kind}, corr={self.corr}, body={self.body!r})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Frame):
@@ -118,7 +119,7 @@ def _parse(raw: Any, accept: frozenset[int]) -> Frame:
     if kind not in accept:
         raise _bad(f"unexpected frame kind {kind!r}")
     n = len(raw)
-    if kind == EVENT or kind == REQUEST:
+    if kind in (EVENT, REQUEST):
         if n != 3:
             raise _bad(f"{KIND_NAMES[kind]} must be [{kind}, corr, event]")
         return Frame(kind, _corr(raw, required=kind == REQUEST), [_event(raw[2])])

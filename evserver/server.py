@@ -25,7 +25,7 @@ from . import __version__
 from . import protocol as p
 from ._eventlet import eventlet
 from .app import App
-from .dispatch import Dispatcher, Job
+from .dispatch import Dispatcher, Job, Result
 from .errors import ProtocolError
 
 log = logging.getLogger("evserver.server")
@@ -76,9 +76,11 @@ class Connection:
         finally:
             self.writing = False
 
-    def job_done(self, job: Job) -> None:
+    def job_done(self, job: Job, results: list[Result]) -> None:
         self.jobs -= 1
-        self.replies_pending -= sum(1 for f in job.frames if f.corr)
+        if results:
+            self.replies_pending -= sum(1 for r in results if r.frame.corr)
+            self.write(b"".join(map(_encode_result, results)))
         waiter = self.waiter
         if waiter is not None and self.jobs < waiter[0]:
             self.waiter = None
@@ -184,6 +186,19 @@ class Connection:
         self.server.closed(self)
 
 
+def _encode_result(result: Result) -> bytes:
+    frame, failure = result.frame, result.failure
+    if failure is not None:
+        return p.encode_error(frame.corr, failure.code, failure.type, failure.message)
+    if frame.kind == p.REQUEST:
+        try:
+            return p.encode_reply(frame.corr, result.value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            return p.encode_error(frame.corr, "handler_error", "TypeError",
+                                  f"the processor's return value cannot be sent: {exc}")
+    return p.encode_pong(frame.corr) if frame.kind == p.PING else p.encode_ack(frame.corr)
+
+
 def _peer(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return f"{addr[0]}:{addr[1]}"
@@ -238,6 +253,19 @@ class Server:
         self._stopped = eventlet.event.Event()
         self._drained = eventlet.event.Event()
         self._stop_started = False
+
+    @classmethod
+    def from_config(cls, app: App, cfg: Any, **overrides: Any) -> Server:
+        """Build a server from a loaded ``Config``'s ``[server]`` table."""
+        srv = cfg.server
+        kwargs: dict[str, Any] = dict(
+            host=srv.host, port=srv.port, pool_size=srv.pool_size, queue_size=srv.queue_size,
+            max_frame_bytes=srv.max_frame_bytes, drain_timeout=srv.drain_timeout,
+            max_connections=srv.max_connections, idle_timeout=srv.idle_timeout,
+            max_pending_replies=srv.max_pending_replies,
+        )
+        kwargs.update(overrides)
+        return cls(app, **kwargs)
 
     @property
     def address(self) -> tuple[str, int]:

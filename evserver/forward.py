@@ -1,0 +1,547 @@
+"""Sans-I/O server side of the Fluentd Forward Protocol v1 (v1.5).
+
+The caller owns the socket; this module only turns bytes into requests and requests into
+reply bytes, so the eventlet adapter, tests and benchmarks share one decoder. Usage::
+
+    conn = ForwardConnection(handshake=ForwardHandshake(key, hostname=host))  # or no handshake
+    send(conn.data_to_send())                  # HELO, when a handshake is configured
+    for data in socket_reads:
+        conn.receive_data(data)
+        try:
+            for request in conn:               # stops when more bytes are needed
+                handle(request.tag, request.entries)
+                if request.chunk is not None:  # ack only after the events are handed off
+                    send(ack_bytes(request.chunk))
+        finally:
+            send(conn.data_to_send())          # PONG (also the failing one) must go out first
+    # at EOF: conn.in_request tells a truncated request from a clean close
+
+Design decisions, and why:
+
+* Handshake: ``ForwardConnection(handshake=...)`` consumes the PING itself. HELO is queued at
+  construction and PONG after the PING; both are fetched with ``data_to_send()``. No request is
+  returned before the PING verifies. On failure ``next_request`` raises ``HandshakeFailed``
+  *after* queueing ``PONG [false, reason, "", ""]``: flush ``data_to_send()``, then close, as
+  the spec requires.
+* Errors: every ``ProtocolError`` is terminal. msgpack cannot resynchronise a stream once
+  framing is lost, so the error is remembered and raised again on every later call, and the
+  Unpacker is never used again.
+* A non-array request is an error (Fluent Bit closes too). The spec says "SHOULD ignore", but a
+  stray scalar almost always means framing was lost. A ``nil`` heartbeat is skipped.
+* Invalid single events (record not a map, time not int/float/EventTime) are skipped and counted
+  in ``ForwardRequest.skipped``. The request is still returned and acked, as Fluentd does with
+  ``skip_invalid_event``, because retrying could never succeed. A bad tag, option or packed
+  stream fails the whole request.
+* Strings are decoded with ``surrogateescape``. Fluentd sends PackedForward entries as a
+  *str32* holding binary msgpack, and Fluent Bit sends a binary *str* PING salt, so strict UTF-8
+  would drop real clients. The original bytes come back with
+  ``s.encode("utf-8", "surrogateescape")``, and ``ack_bytes`` echoes such a chunk unchanged.
+* Map keys must be str or bin (msgpack ``strict_map_key``). Int keys would allow hash-flooding
+  with attacker-chosen ints.
+* EventTime (ext type 0) becomes float seconds wherever it appears, records included; Fluentd's
+  unpacker registers it globally too. A float64 holds about 0.25 us at current epochs. Int times
+  stay int (an int is a valid ``float`` for type checkers). Time 0 or nil becomes "now".
+* Only logs (``fluent_signal`` 0) are interpreted. Request-level ``metadata`` stays in
+  ``options``. Only ``gzip`` compression is supported; other values fail the request, because
+  guessing would misparse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+import time as _time
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import msgpack
+
+from .errors import ConfigError, ForwardError, FrameTooLarge, ProtocolError
+
+__all__ = [
+    "ForwardConnection",
+    "ForwardEntry",
+    "ForwardHandshake",
+    "ForwardRequest",
+    "HandshakeFailed",
+    "RequestTooLarge",
+    "ack_bytes",
+    "decode_request",
+]
+
+_now = _time.time  # module-level so tests can pin "now"
+_unpack_event_time = struct.Struct(">II").unpack
+_UNPACK_ERRORS = (ValueError, msgpack.UnpackException)
+
+
+class HandshakeFailed(ForwardError):
+    """The PING was malformed or its credentials were wrong; the PONG saying so is queued."""
+
+    code = "auth_failed"
+
+
+class RequestTooLarge(ForwardError, FrameTooLarge):
+    """A request exceeds ``max_request_bytes``, or its entries ``max_decompressed_bytes``."""
+
+    code = "frame_too_large"
+
+
+class ForwardEntry:
+    """One event: ``time`` in seconds, the ``record`` map and the v1.5 per-entry ``meta``."""
+
+    __slots__ = ("meta", "record", "time")
+
+    def __init__(self, time: float, record: Any, meta: dict[str, Any]) -> None:
+        self.time = time
+        self.record = record
+        self.meta = meta
+
+    def __repr__(self) -> str:
+        return f"ForwardEntry(time={self.time!r}, record={self.record!r}, meta={self.meta!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ForwardEntry):
+            return NotImplemented
+        return (self.time, self.record, self.meta) == (other.time, other.record, other.meta)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable record: not hashable
+
+
+class ForwardRequest:
+    """One decoded request, i.e. one msgpack array on the wire.
+
+    ``chunk`` is the option exactly as received (str or bytes); when it is not None the client
+    waits for ``ack_bytes(chunk)``. ``mode`` is "message", "forward", "packed" or "compressed".
+    ``size`` is the encoded size on the wire, for metrics and limits.
+    """
+
+    __slots__ = ("chunk", "entries", "mode", "options", "size", "skipped", "tag")
+
+    def __init__(
+        self,
+        tag: str,
+        entries: list[ForwardEntry],
+        chunk: bytes | str | None,
+        options: dict[str, Any],
+        skipped: int,
+        size: int,
+        mode: str,
+    ) -> None:
+        self.tag = tag
+        self.entries = entries
+        self.chunk = chunk
+        self.options = options
+        self.skipped = skipped
+        self.size = size
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return (
+            f"ForwardRequest(tag={self.tag!r}, mode={self.mode!r}, entries={len(self.entries)},"
+            f" skipped={self.skipped}, chunk={self.chunk!r}, size={self.size})"
+        )
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    """Turn EventTime (ext 0: uint32 BE seconds, uint32 BE nanoseconds) into float seconds."""
+    if code == 0 and len(data) == 8:
+        seconds, nanoseconds = _unpack_event_time(data)
+        return seconds + nanoseconds / 1e9
+    return msgpack.ExtType(code, data)
+
+
+def _unpacker(max_buffer_size: int) -> msgpack.Unpacker:
+    return msgpack.Unpacker(
+        None,
+        max_buffer_size=max_buffer_size,
+        ext_hook=_ext_hook,
+        unicode_errors="surrogateescape",
+    )
+
+
+def _raw(value: str | bytes) -> bytes:
+    """The bytes a str or bin arrived as (undoing surrogateescape)."""
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+def _unpack_error(exc: Exception, what: str) -> ForwardError:
+    # msgpack reports a str/bin/array longer than the buffer allows as ValueError("... exceeds
+    # max_..."): that is a size problem, not a syntax one, so give it the size error code.
+    if "exceeds max_" in str(exc):
+        return RequestTooLarge(f"{what}: {exc}")
+    return ForwardError(f"{what}: malformed msgpack ({exc})")
+
+
+def _decode_entries(items: Iterable[Any]) -> tuple[list[ForwardEntry], int]:
+    """Validate ``[time, record]`` pairs into entries; return them and the invalid count.
+
+    This is the per-event hot path, so it uses exact type checks and no helper calls.
+    """
+    entries: list[ForwardEntry] = []
+    append = entries.append
+    entry = ForwardEntry
+    skipped = 0
+    for item in items:
+        try:
+            t, record = item
+        except (TypeError, ValueError):
+            skipped += 1
+            continue
+        if type(record) is not dict:
+            skipped += 1
+            continue
+        kind = type(t)
+        if kind is float or kind is int:
+            meta: Any = {}
+        elif kind is list and 1 <= len(t) <= 2:  # v1.5 [time, {metadata}]
+            meta = t[1] if len(t) == 2 else {}
+            t = t[0]
+            kind = type(t)
+            if type(meta) is not dict or not (kind is float or kind is int or t is None):
+                skipped += 1
+                continue
+        elif t is None:
+            meta = {}
+        else:
+            skipped += 1
+            continue
+        if not t:
+            t = _now()
+        append(entry(t, record, meta))
+    return entries, skipped
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """Decompress concatenated gzip members, never producing more than ``limit`` bytes."""
+    parts: list[bytes] = []
+    room = limit
+    try:
+        while data:
+            inflater = zlib.decompressobj(wbits=31)
+            out = inflater.decompress(data, room + 1)  # max_length 0 would mean unlimited
+            if len(out) > room:
+                raise RequestTooLarge(f"decompressed entries exceed {limit} bytes")
+            if not inflater.eof:
+                raise ForwardError("gzip entries are truncated")
+            parts.append(out)
+            room -= len(out)
+            data = inflater.unused_data
+    except zlib.error as exc:
+        raise ForwardError(f"gzip entries are corrupt ({exc})") from exc
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _decode_packed(data: bytes) -> tuple[list[ForwardEntry], int]:
+    """Decode a MessagePackEventStream (concatenated entries) with one fresh Unpacker."""
+    if not data:
+        return [], 0
+    unpacker = _unpacker(len(data) + 1)
+    unpacker.feed(data)
+    try:
+        result = _decode_entries(unpacker)
+        # tell() also counts a half-parsed trailing entry, so probe with a nil instead: it
+        # comes back alone only if the stream ended on an entry boundary.
+        unpacker.feed(b"\xc0")
+        clean = unpacker.unpack() is None
+    except msgpack.OutOfData:
+        clean = False
+    except _UNPACK_ERRORS as exc:
+        raise _unpack_error(exc, "packed entries") from exc
+    if not clean:
+        raise ForwardError("packed entries end in the middle of an entry")
+    return result
+
+
+def _options(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        raise ForwardError(f"option is a {type(value).__name__}, not a map")
+    return value
+
+
+def decode_request(
+    msg: Any, size: int = 0, *, max_decompressed_bytes: int = 64 << 20
+) -> ForwardRequest:
+    """Decode one already-unpacked request array; the mode follows the second element's type."""
+    if type(msg) is not list:
+        raise ForwardError(f"request is a {type(msg).__name__}, not an array")
+    n = len(msg)
+    if not 2 <= n <= 4:
+        raise ForwardError(f"request array has {n} elements")
+    tag = msg[0]
+    if type(tag) is not str:
+        raise ForwardError(f"tag is a {type(tag).__name__}, not a str")
+    body = msg[1]
+    kind = type(body)
+    if kind is list or kind is bytes or kind is str:
+        if n == 4:
+            raise ForwardError("Forward/PackedForward request has 4 elements")
+        options = _options(msg[2] if n == 3 else None)
+        if kind is list:
+            mode = "forward"
+            entries, skipped = _decode_entries(body)
+        else:
+            data = body if kind is bytes else body.encode("utf-8", "surrogateescape")
+            compressed = options.get("compressed")
+            if compressed is None or compressed == "text" or compressed == b"text":
+                mode = "packed"
+            elif compressed == "gzip" or compressed == b"gzip":
+                mode = "compressed"
+                data = _gunzip(data, max_decompressed_bytes)
+            else:
+                raise ForwardError(f"unsupported compression {compressed!r}")
+            entries, skipped = _decode_packed(data)
+    else:
+        if n == 2:
+            raise ForwardError("Message request has no record")
+        options = _options(msg[3] if n == 4 else None)
+        mode = "message"
+        entries, skipped = _decode_entries(((body, msg[2]),))
+    chunk = options.get("chunk")
+    if chunk is not None and type(chunk) is not str and type(chunk) is not bytes:
+        raise ForwardError(f"chunk option is a {type(chunk).__name__}, not a str")
+    return ForwardRequest(tag, entries, chunk, options, skipped, size, mode)
+
+
+_ACK_PREFIX = b"\x81\xa3ack"  # fixmap(1), fixstr "ack"
+
+
+def ack_bytes(chunk: bytes | str) -> bytes:
+    """msgpack ``{"ack": chunk}``: str stays str and bin stays bin, byte for byte."""
+    return _ACK_PREFIX + msgpack.packb(chunk, use_bin_type=True, unicode_errors="surrogateescape")
+
+
+def _sha512_hex(*parts: bytes) -> bytes:
+    digest = hashlib.sha512()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest().encode("ascii")
+
+
+class ForwardHandshake:
+    """Server side of HELO/PING/PONG for a shared key and, optionally, user passwords.
+
+    ``users`` (username -> raw password) turns on user authentication; HELO then carries the
+    ``auth`` salt, otherwise it is empty ("authentication not required", per the spec).
+    ``nonce`` and ``auth_salt`` default to 16 random bytes; pass them only for test vectors.
+    """
+
+    __slots__ = (
+        "_shared_key",
+        "auth_salt",
+        "authenticated",
+        "failed",
+        "hostname",
+        "nonce",
+        "reason",
+        "users",
+    )
+
+    def __init__(
+        self,
+        shared_key: str,
+        *,
+        hostname: str,
+        users: dict[str, str] | None = None,
+        nonce: bytes | None = None,
+        auth_salt: bytes | None = None,
+    ) -> None:
+        self._shared_key = shared_key.encode()
+        self.hostname = hostname
+        self.users = None if users is None else dict(users)
+        self.nonce = secrets.token_bytes(16) if nonce is None else nonce
+        self.auth_salt = secrets.token_bytes(16) if auth_salt is None else auth_salt
+        self.authenticated = False
+        self.failed = False
+        self.reason = ""
+
+    def helo_bytes(self) -> bytes:
+        """HELO as Fluentd sends it: bin nonce and auth salt, keepalive allowed."""
+        auth = self.auth_salt if self.users is not None else b""
+        options = {"nonce": self.nonce, "auth": auth, "keepalive": True}
+        return msgpack.packb(["HELO", options], use_bin_type=True)
+
+    def verify_ping(self, ping: Any) -> bytes:
+        """Check a PING and return the PONG to send; on failure set ``failed`` and ``reason``."""
+        if not (type(ping) is list and len(ping) == 6 and ping[0] == "PING"):
+            return self._fail("invalid ping message")
+        _, client_hostname, salt, digest, username, password = ping
+        if not (
+            isinstance(salt, str | bytes)
+            and all(type(v) is str for v in (client_hostname, digest, username, password))
+        ):
+            return self._fail("invalid ping message")
+        salt_b = _raw(salt)
+        expected = _sha512_hex(salt_b, _raw(client_hostname), self.nonce, self._shared_key)
+        if not hmac.compare_digest(expected, _raw(digest)):
+            return self._fail("shared_key mismatch")
+        if self.users is not None:
+            stored = self.users.get(username)
+            # Hash even for unknown users so timing does not reveal which usernames exist.
+            secret = (stored if stored is not None else "\0unknown").encode()
+            expected = _sha512_hex(self.auth_salt, _raw(username), secret)
+            if not hmac.compare_digest(expected, _raw(password)) or stored is None:
+                return self._fail("username/password mismatch")
+        self.authenticated = True
+        server_digest = _sha512_hex(salt_b, self.hostname.encode(), self.nonce, self._shared_key)
+        return msgpack.packb(["PONG", True, "", self.hostname, server_digest.decode("ascii")])
+
+    def _fail(self, reason: str) -> bytes:
+        self.failed = True
+        self.reason = reason
+        return msgpack.packb(["PONG", False, reason, "", ""])
+
+
+class ForwardConnection:
+    """Incremental decoder for one connection: feed bytes, pull ``ForwardRequest``s.
+
+    The Unpacker never holds more than ``max_request_bytes`` unparsed bytes, and extra
+    received bytes wait in a queue. Many small requests in one large read are therefore fine,
+    while a request over the limit fails as soon as its prefix crosses it, even when it
+    trickles in a few bytes at a time.
+    """
+
+    __slots__ = (
+        "_error",
+        "_fed",
+        "_handshake",
+        "_max_decompressed",
+        "_max_request",
+        "_outgoing",
+        "_pending",
+        "_pending_len",
+        "_start",
+        "_unpacker",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_request_bytes: int = 8 << 20,
+        max_decompressed_bytes: int = 64 << 20,
+        handshake: ForwardHandshake | None = None,
+    ) -> None:
+        if max_request_bytes < 1:
+            raise ConfigError(f"max_request_bytes must be positive, got {max_request_bytes}")
+        if max_decompressed_bytes < 1:
+            raise ConfigError(
+                f"max_decompressed_bytes must be positive, got {max_decompressed_bytes}"
+            )
+        self._max_request = max_request_bytes
+        self._max_decompressed = max_decompressed_bytes
+        self._unpacker = _unpacker(max_request_bytes)
+        self._pending: deque[memoryview] = deque()
+        self._pending_len = 0
+        self._fed = 0  # bytes handed to the Unpacker so far
+        self._start = 0  # stream offset where the current request starts
+        self._error: ProtocolError | None = None
+        self._handshake = handshake
+        self._outgoing = bytearray(handshake.helo_bytes() if handshake is not None else b"")
+
+    @property
+    def authenticated(self) -> bool:
+        """True once requests may flow: no handshake configured, or the PING verified."""
+        return self._handshake is None or self._handshake.authenticated
+
+    @property
+    def in_request(self) -> bool:
+        """True while part of a request is buffered (EOF now would truncate it)."""
+        return self._fed + self._pending_len > self._start
+
+    def data_to_send(self) -> bytes:
+        """Bytes the protocol wants written (HELO, PONG), cleared once returned."""
+        out = bytes(self._outgoing)
+        self._outgoing.clear()
+        return out
+
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Buffer received bytes; decoding happens in ``next_request``."""
+        if not data or self._error is not None:
+            return
+        size = len(data)
+        if not self._pending and size <= self._room():
+            self._unpacker.feed(data)
+            self._fed += size
+        else:
+            self._pending.append(memoryview(bytes(data)))
+            self._pending_len += size
+
+    def next_request(self) -> ForwardRequest | None:
+        """Return the next complete request, or None if more bytes are needed.
+
+        Raises a ``ProtocolError`` subclass on malformed or oversized input and keeps raising
+        it afterwards: the connection must be closed (after flushing ``data_to_send()``).
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_request()
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
+    def __iter__(self) -> Iterator[ForwardRequest]:
+        while (request := self.next_request()) is not None:
+            yield request
+
+    def _room(self) -> int:
+        return self._max_request - (self._fed - self._unpacker.tell())
+
+    def _feed_pending(self) -> bool:
+        """Move queued bytes into the Unpacker as far as its cap allows; True if any moved."""
+        room = self._room()
+        moved = False
+        pending = self._pending
+        while pending and room > 0:
+            view = pending[0]
+            if len(view) <= room:
+                pending.popleft()
+            else:
+                pending[0] = view[room:]
+                view = view[:room]
+            self._unpacker.feed(view)
+            n = len(view)
+            self._fed += n
+            self._pending_len -= n
+            room -= n
+            moved = True
+        return moved
+
+    def _next_request(self) -> ForwardRequest | None:
+        unpacker = self._unpacker
+        while True:
+            try:
+                msg = unpacker.unpack()
+            except msgpack.OutOfData:
+                if self._feed_pending():
+                    continue
+                # Everything fed since _start belongs to the unfinished request. With bytes
+                # still queued the Unpacker is full, so the request needs more than the cap.
+                if self._pending or self._fed - self._start > self._max_request:
+                    raise RequestTooLarge(
+                        f"request exceeds max_request_bytes ({self._max_request})"
+                    ) from None
+                return None
+            except _UNPACK_ERRORS as exc:
+                raise _unpack_error(exc, "request") from exc
+            end = unpacker.tell()
+            size = end - self._start
+            self._start = end
+            if size > self._max_request:
+                raise RequestTooLarge(
+                    f"request of {size} bytes exceeds max_request_bytes ({self._max_request})"
+                )
+            if msg is None:  # heartbeat
+                continue
+            handshake = self._handshake
+            if handshake is not None and not handshake.authenticated:
+                self._outgoing += handshake.verify_ping(msg)
+                if handshake.failed:
+                    raise HandshakeFailed(handshake.reason)
+                continue
+            return decode_request(msg, size, max_decompressed_bytes=self._max_decompressed)
