@@ -17,8 +17,10 @@ warnings.filterwarnings("ignore", message=r"\s*Using fork\(\) is a bad idea")
 os.environ.setdefault("EVENTLET_NO_GREENDNS", "yes")  # dnspython's resolver: not needed here
 
 import eventlet  # noqa: E402
+import eventlet.green.socket  # noqa: E402
 import eventlet.hubs  # noqa: E402
 import eventlet.queue  # noqa: E402
+import eventlet.tpool  # noqa: E402
 
 __all__ = ["eventlet", "monkey_patch", "wake_hub_on_signals"]
 

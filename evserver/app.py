@@ -78,6 +78,23 @@ def compile_pattern(pattern: str) -> tuple[tuple[int, str], ...]:
     return tuple(out)
 
 
+def _options(
+    pattern: str, timeout: float | None, retries: int | None, backoff: float | None,
+    blocking: bool,
+) -> dict[str, Any]:
+    """Validate handler options eagerly, so a typo fails at import, not at the first event."""
+    checks = (("timeout", timeout, (int, float), 0), ("retries", retries, (int,), 0),
+              ("backoff", backoff, (int, float), 0))
+    for name, value, types, low in checks:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, types) or value < low
+        ):
+            raise RegistrationError(f"{pattern!r}: {name} must be a number >= {low}, "
+                                    f"got {value!r}")
+    return {"timeout": timeout, "retries": retries, "backoff": backoff,
+            "blocking": bool(blocking)}
+
+
 def _matches(segments: tuple[tuple[int, str], ...], parts: list[str]) -> bool:
     for i, (rank, text) in enumerate(segments):
         if rank == _DOUBLE:
@@ -115,13 +132,33 @@ class App:
 
     # ------------------------------------------------------------------ registration
 
-    def processor(self, pattern: str, **options: Any) -> Callable[[F], F]:
+    def processor(
+        self,
+        pattern: str,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        backoff: float | None = None,
+        blocking: bool = False,
+        ordered_by: str | Callable[[Event], Any] | None = None,
+    ) -> Callable[[F], F]:
         """Register the decorated function as THE processor for ``pattern``.
 
         Its return value is the reply to a request. A second processor for the same
-        pattern raises ``RegistrationError`` at import time.
+        pattern raises ``RegistrationError`` at import time. ``timeout`` (seconds),
+        ``retries`` (after the first attempt) and ``backoff`` (base delay, exponential with
+        jitter) default to the ``[handlers]`` config table; ``blocking=True`` runs the
+        handler in a native thread pool so CPU-bound or non-green code cannot stall the
+        hub; ``ordered_by`` (a field of ``event.data`` or a function of the event) makes
+        events with the same key run strictly in arrival order.
         """
         segments = compile_pattern(pattern)
+        options = _options(pattern, timeout, retries, backoff, blocking)
+        if ordered_by is not None:
+            if not (isinstance(ordered_by, str) or callable(ordered_by)):
+                raise RegistrationError(
+                    f"{pattern!r}: ordered_by must be a field name or a callable")
+            options["ordered_by"] = ordered_by
 
         def register(func: F) -> F:
             self._check_callable(func, pattern)
@@ -137,12 +174,22 @@ class App:
 
         return register
 
-    def listener(self, pattern: str, **options: Any) -> Callable[[F], F]:
+    def listener(
+        self,
+        pattern: str,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        backoff: float | None = None,
+        blocking: bool = False,
+    ) -> Callable[[F], F]:
         """Register the decorated function as a listener: it sees every matching event.
 
-        Its return value is ignored and its failure never affects the reply.
+        Its return value is ignored and its failure never changes a request's reply. Options
+        as for ``processor``.
         """
         segments = compile_pattern(pattern)
+        options = _options(pattern, timeout, retries, backoff, blocking)
 
         def register(func: F) -> F:
             self._check_callable(func, pattern)

@@ -5,14 +5,26 @@ per event (spawning costs ~30x the decode; see shared/reference/eventlet-notes.m
 queue blocks the reader that tries to add to it, so a saturated pool turns into TCP
 backpressure instead of memory growth.
 
-The dispatcher knows nothing of the wire format beyond the frame kinds: it produces response
-bytes through ``protocol.encode_*`` and hands them to the job's ``Sink``.
+Per-handler options (``timeout``, ``retries``, ``backoff``, ``blocking``) are resolved once
+into a ``Plan``; a handler with none of them is called directly, so the default per-event
+path has no ``Timeout`` object and no extra frames.
+
+``ordered_by``: events whose processor has a key get a ticket per key when the job is
+submitted (that is the arrival order). A worker runs an event only when its ticket is the
+key's next; otherwise it *parks* the event and goes on, and whoever finishes the previous
+ticket runs it. Workers never wait on each other, so ordering can never deadlock the pool;
+a job whose events are parked completes when the last of them has run.
+
+The dispatcher knows nothing of the wire format: it reports one ``Result`` per frame that
+owes a response and the job's ``Sink`` encodes it.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -20,13 +32,14 @@ from typing import Any, Protocol
 from . import protocol as p
 from ._eventlet import eventlet
 from .app import App, Handler
-from .errors import RoutingError
+from .errors import HandlerTimeout, RoutingError
 from .event import Event
 
 log = logging.getLogger("evserver.dispatch")
 
 YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot starve the hub
 _NO_HANDLER_LOG_INTERVAL = 60.0
+_BACKOFF_MAX = 30.0
 
 
 class Sink(Protocol):
@@ -38,13 +51,21 @@ class Sink(Protocol):
 
 
 class Job:
-    """Frames decoded from one read of one connection, processed in order by one worker."""
+    """Frames decoded from one read of one connection.
 
-    __slots__ = ("frames", "sink")
+    ``failures[i]`` is the first failure of frame ``i`` and ``values[i]`` a request's reply;
+    ``outstanding`` counts the holds on the job (its worker, and each parked event).
+    """
+
+    __slots__ = ("failures", "frames", "outstanding", "sink", "tickets", "values")
 
     def __init__(self, sink: Sink, frames: list[p.Frame]) -> None:
         self.sink = sink
         self.frames = frames
+        self.tickets: dict[tuple[int, int], tuple[Any, int]] | None = None
+        self.failures: list[Failure | None] = [None] * len(frames)
+        self.values: list[Any] = [None] * len(frames)
+        self.outstanding = 1
 
 
 class Result:
@@ -69,30 +90,79 @@ class Failure:
         self.message = message
 
     @classmethod
-    def from_exception(cls, exc: BaseException) -> Failure:
-        return cls(getattr(exc, "code", "handler_error"), type(exc).__name__, str(exc))
+    def from_exception(cls, exc: BaseException, note: str = "") -> Failure:
+        return cls(getattr(exc, "code", "handler_error"), type(exc).__name__, f"{note}{exc}")
+
+
+class Plan:
+    """A handler's options, resolved against the ``[handlers]`` defaults once."""
+
+    __slots__ = ("backoff", "blocking", "direct", "func", "handler", "key", "retries", "timeout")
+
+    def __init__(self, handler: Handler, defaults: dict[str, Any]) -> None:
+        opts = {**defaults, **{k: v for k, v in handler.options.items() if v is not None}}
+        self.handler = handler
+        self.func = handler.func
+        self.timeout = float(opts.get("timeout") or 0)
+        self.retries = int(opts.get("retries") or 0)
+        self.backoff = float(opts.get("backoff") or 0)
+        self.blocking = bool(opts.get("blocking"))
+        key = handler.options.get("ordered_by")
+        if isinstance(key, str):
+            field = key
+            key = lambda event: event.data[field]  # noqa: E731
+        self.key: Callable[[Event], Any] | None = key
+        self.direct = not (self.timeout or self.retries or self.blocking)
+
+
+class _KeyState:
+    """Per ``ordered_by`` key: the next ticket to hand out, the next to run, parked events."""
+
+    __slots__ = ("issued", "next", "parked")
+
+    def __init__(self) -> None:
+        self.issued = 0
+        self.next = 0
+        self.parked: dict[int, tuple[Job, int, Event]] = {}
 
 
 class Stats:
-    """Counters the server and admin views read; updated per job, not per event, where possible."""
+    """Counters the server and admin views read."""
 
     def __init__(self) -> None:
         self.events_in = 0
         self.events_processed = 0
         self.handler_errors = 0
+        self.dead_letters = 0
         self.unrouted = 0
         self.by_type: defaultdict[str, int] = defaultdict(int)
 
 
-class Dispatcher:
-    """Owns the worker green threads and the queue in front of them."""
+DeadLetterHook = Callable[[Handler, Event, BaseException, int, str], None]
 
-    def __init__(self, app: App, *, pool_size: int = 64, queue_size: int = 256) -> None:
+
+class Dispatcher:
+    """Owns the worker green threads, the queue in front of them and the ordering state."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        pool_size: int = 64,
+        queue_size: int = 256,
+        handler_defaults: dict[str, Any] | None = None,
+        dead_letter: DeadLetterHook | None = None,
+    ) -> None:
         self.app = app
         self.pool_size = pool_size
         self.queue: Any = eventlet.queue.LightQueue(queue_size)
         self.stats = Stats()
         self.busy = 0
+        self.dead_letter = dead_letter
+        defaults = handler_defaults or {}
+        self._plans = {id(h): Plan(h, defaults) for h in app.handlers}
+        self._ordered = any(plan.key is not None for plan in self._plans.values())
+        self._keys: dict[Any, _KeyState] = {}
         self._workers: list[Any] = []
         self._unrouted_logged: dict[str, float] = {}
 
@@ -103,6 +173,8 @@ class Dispatcher:
 
     def submit(self, job: Job) -> None:
         """Queue a job; blocks the calling green thread while the queue is full."""
+        if self._ordered:
+            self._issue_tickets(job)
         self.queue.put(job)
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -132,96 +204,192 @@ class Dispatcher:
         get = self.queue.get
         while (job := get()) is not None:
             self.busy += 1
-            results: list[Result] = []
             try:
-                results = self.run_job(job)
+                self.run_job(job)
             except Exception:  # a bug here must not kill the worker
                 log.exception("internal error while running a job")
             finally:
                 self.busy -= 1
-                job.sink.job_done(job, results)
+                self._release(job)
 
-    def run_job(self, job: Job) -> list[Result]:
-        """Process every frame of a job in order; return the results that owe a response."""
-        results: list[Result] = []
+    def run_job(self, job: Job) -> None:
+        """Process every frame of a job in order (parked ordered events excepted)."""
         processed = 0
-        for frame in job.frames:
-            kind = frame.kind
-            if kind == p.PING:
-                results.append(Result(frame, None))
+        tickets = job.tickets
+        for fi, frame in enumerate(job.frames):
+            if frame.kind == p.PING:
                 continue
-            if kind == p.REQUEST:
-                results.append(self._request(frame))
-                processed += 1
-                continue
-            failure = None
-            for event in frame.body:
-                f = self.process(event)
-                if f is not None and failure is None:
-                    failure = f
+            for ei, event in enumerate(frame.body):
+                ticket = tickets.get((fi, ei)) if tickets else None
+                if ticket is None or self._turn(job, fi, event, ticket):
+                    self._process(job, fi, event)
                 processed += 1
                 if processed % YIELD_EVERY == 0:
                     eventlet.sleep(0)
-            if frame.corr:
-                results.append(Result(frame, failure))
         self.stats.events_processed += processed
-        return results
 
-    def _request(self, frame: p.Frame) -> Result:
-        event = frame.body[0]
+    def _release(self, job: Job) -> None:
+        job.outstanding -= 1
+        if job.outstanding:
+            return
+        results = [
+            Result(frame, job.failures[i], job.values[i])
+            for i, frame in enumerate(job.frames) if frame.corr or frame.kind == p.PING
+        ]
+        job.sink.job_done(job, results)
+
+    def _process(self, job: Job, fi: int, event: Event) -> None:
+        frame = job.frames[fi]
         route = self.app.route(event.type)
         self.stats.by_type[event.type] += 1
-        if route.processor is None:
-            self._run_listeners(route.listeners, event)
-            self.stats.unrouted += 1
-            return Result(frame, Failure(
-                RoutingError.code, "RoutingError", f"no processor for event type {event.type!r}"
-            ))
-        value, failure = self._call(route.processor, event)
-        self._run_listeners(route.listeners, event)
-        return Result(frame, failure, value)
-
-    def process(self, event: Event) -> Failure | None:
-        """Run the processor and listeners for one event; return the first failure, if any."""
-        route = self.app.route(event.type)
-        self.stats.by_type[event.type] += 1
-        if route.empty:
-            self._unrouted(event.type)
-            return Failure(
-                RoutingError.code, "RoutingError", f"no handler for event type {event.type!r}"
-            )
         failure = None
         if route.processor is not None:
-            failure = self._call(route.processor, event)[1]
-        listener_failure = self._run_listeners(route.listeners, event)
-        return failure or listener_failure
+            value, failure = self._call(route.processor, event)
+            if frame.kind == p.REQUEST:
+                job.values[fi] = value
+        elif frame.kind == p.REQUEST or not route.listeners:
+            failure = self._unrouted(event.type, frame.kind == p.REQUEST)
+        for listener in route.listeners:
+            listener_failure = self._call(listener, event)[1]
+            # A listener never changes a request's reply, but an acked event is only
+            # acknowledged once its listeners succeeded (or were dead-lettered).
+            if failure is None and frame.kind != p.REQUEST:
+                failure = listener_failure
+        if failure is not None and job.failures[fi] is None:
+            job.failures[fi] = failure
 
-    def _run_listeners(self, listeners: tuple[Handler, ...], event: Event) -> Failure | None:
-        first = None
-        for listener in listeners:
-            failure = self._call(listener, event)[1]
-            if failure is not None and first is None:
-                first = failure
-        return first
+    def process(self, event: Event) -> Failure | None:
+        """Run one event outside any connection (tests, replays); return its failure."""
+        job = Job(_NullSink(), [p.Frame(p.EVENT, 1, [event])])
+        self._process(job, 0, event)
+        return job.failures[0]
+
+    # ------------------------------------------------------------------ calling handlers
 
     def _call(self, handler: Handler, event: Event) -> tuple[Any, Failure | None]:
-        try:
-            return handler.func(event), None
-        except Exception as exc:
-            self.stats.handler_errors += 1
-            log.error(
-                "%s %s failed on %s (id %s): %s: %s", handler.kind, handler.name,
-                event.type, event.id, type(exc).__name__, exc,
-                exc_info=log.isEnabledFor(logging.DEBUG),
-            )
-            return None, Failure.from_exception(exc)
+        plan = self._plans.get(id(handler)) or self._plan_for(handler)
+        if plan.direct:
+            try:
+                return plan.func(event), None
+            except Exception as exc:
+                return None, self._failed(plan, event, exc, 1, traceback.format_exc())
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._attempt(plan, event), None
+            except Exception as exc:
+                if attempt > plan.retries:
+                    return None, self._failed(plan, event, exc, attempt, traceback.format_exc())
+                delay = min(_BACKOFF_MAX, plan.backoff * 2 ** (attempt - 1))
+                eventlet.sleep(random.uniform(delay / 2, delay))  # jitter de-synchronises retries
 
-    def _unrouted(self, etype: str, now: Callable[[], float] = time.monotonic) -> None:
+    @staticmethod
+    def _attempt(plan: Plan, event: Event) -> Any:
+        if plan.blocking:
+            call: Callable[[], Any] = lambda: eventlet.tpool.execute(plan.func, event)  # noqa: E731
+        else:
+            call = lambda: plan.func(event)  # noqa: E731
+        if not plan.timeout:
+            return call()
+        exc = HandlerTimeout(f"{plan.handler.name} did not finish within {plan.timeout:g}s")
+        with eventlet.Timeout(plan.timeout, exc):
+            return call()
+
+    def _plan_for(self, handler: Handler) -> Plan:
+        # Handlers registered after the dispatcher was built (tests do this) get defaults.
+        plan = self._plans[id(handler)] = Plan(handler, {})
+        return plan
+
+    def _failed(
+        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str
+    ) -> Failure:
+        handler = plan.handler
+        self.stats.handler_errors += 1
+        log.error(
+            "%s %s failed on %s (id %s) after %d attempt(s): %s: %s", handler.kind, handler.name,
+            event.type, event.id, attempts, type(exc).__name__, exc,
+        )
+        if self.dead_letter is None:
+            return Failure.from_exception(exc)
+        try:
+            self.dead_letter(handler, event, exc, attempts, tb)
+        except Exception:
+            log.exception("could not store dead letter for %s", event.id)
+            return Failure.from_exception(exc)
+        self.stats.dead_letters += 1
+        return Failure.from_exception(exc, note=f"dead-lettered after {attempts} attempt(s): ")
+
+    # ------------------------------------------------------------------ ordering
+
+    def _issue_tickets(self, job: Job) -> None:
+        tickets: dict[tuple[int, int], tuple[Any, int]] = {}
+        for fi, frame in enumerate(job.frames):
+            if frame.kind == p.PING:
+                continue
+            for ei, event in enumerate(frame.body):
+                processor = self.app.route(event.type).processor
+                plan = processor and (self._plans.get(id(processor)) or self._plan_for(processor))
+                if not plan or plan.key is None:
+                    continue
+                try:
+                    key = (processor.pattern, plan.key(event))
+                    hash(key)
+                except Exception as exc:
+                    log.warning("ordered_by key of %s failed (%s: %s); processing unordered",
+                                event.id, type(exc).__name__, exc)
+                    continue
+                state = self._keys.get(key)
+                if state is None:
+                    state = self._keys[key] = _KeyState()
+                tickets[fi, ei] = (key, state.issued)
+                state.issued += 1
+        job.tickets = tickets or None
+
+    def _turn(self, job: Job, fi: int, event: Event, ticket: tuple[Any, int]) -> bool:
+        """True if the event may run now; otherwise park it with its job held open."""
+        key, number = ticket
+        state = self._keys[key]
+        if state.next != number:
+            state.parked[number] = (job, fi, event)
+            job.outstanding += 1
+            return False
+        try:
+            self._process(job, fi, event)
+        finally:
+            self._advance(key, state)
+        return False
+
+    def _advance(self, key: Any, state: _KeyState) -> None:
+        """Mark the running ticket done and run the parked ones that are now due."""
+        state.next += 1
+        while (entry := state.parked.pop(state.next, None)) is not None:
+            job, fi, event = entry
+            try:
+                self._process(job, fi, event)
+            finally:
+                state.next += 1
+                self._release(job)
+        if state.next == state.issued:
+            del self._keys[key]  # nothing outstanding: keep memory bounded by live keys
+
+    # ------------------------------------------------------------------ unrouted
+
+    def _unrouted(self, etype: str, request: bool) -> Failure:
         self.stats.unrouted += 1
-        t = now()
-        last = self._unrouted_logged.get(etype)
-        if last is None or t - last >= _NO_HANDLER_LOG_INTERVAL:
-            if len(self._unrouted_logged) > 1024:
-                self._unrouted_logged.clear()
-            self._unrouted_logged[etype] = t
-            log.warning("no processor or listener for event type %r (logged once a minute)", etype)
+        what = "processor" if request else "processor or listener"
+        if not request:
+            t = time.monotonic()
+            last = self._unrouted_logged.get(etype)
+            if last is None or t - last >= _NO_HANDLER_LOG_INTERVAL:
+                if len(self._unrouted_logged) > 1024:
+                    self._unrouted_logged.clear()
+                self._unrouted_logged[etype] = t
+                log.warning("no %s for event type %r (logged once a minute per type)",
+                            what, etype)
+        return Failure(RoutingError.code, "RoutingError", f"no {what} for event type {etype!r}")
+
+
+class _NullSink:
+    def job_done(self, job: Job, results: list[Result]) -> None:
+        pass

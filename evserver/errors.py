@@ -74,3 +74,9 @@ class ClientConnectionError(EvserverError, ConnectionError):
     """The client could not reach the server, or lost it and ran out of retries."""
 
     code = "connection_error"
+
+
+class HandlerTimeout(EvserverError, TimeoutError):
+    """A handler ran longer than its ``timeout`` option."""
+
+    code = "timeout"

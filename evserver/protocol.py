@@ -159,15 +159,19 @@ class FrameReader:
     connection holds no decoder, which is what lets one worker keep 10,000 idle peers.
     """
 
-    __slots__ = ("_accept", "_backlog", "_dead", "_fed", "_max", "_pos", "_unpacker")
+    __slots__ = ("_accept", "_backlog", "_dead", "_fed", "_max", "_pos", "_strict", "_unpacker")
 
     def __init__(
         self,
         accept: frozenset[int] = SERVER_RECEIVES,
         *,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        strict_map_key: bool | None = None,
     ) -> None:
         self._accept = accept
+        # From untrusted peers only str/bin map keys (msgpack's default): int keys hash
+        # predictably and invite hash flooding. A client trusts its server's replies.
+        self._strict = accept is not CLIENT_RECEIVES if strict_map_key is None else strict_map_key
         self._max = max_frame_bytes
         self._unpacker: msgpack.Unpacker | None = None
         self._fed = 0  # bytes fed to the current unpacker
@@ -201,7 +205,8 @@ class FrameReader:
         if self._unpacker is None:
             # Room for one partial frame plus one chunk of the frames after it.
             self._unpacker = msgpack.Unpacker(
-                max_buffer_size=self._max + _CHUNK, read_size=4096, strict_map_key=False
+                max_buffer_size=self._max + _CHUNK, read_size=4096,
+                strict_map_key=self._strict,
             )
             self._fed = self._pos = 0
         try:
@@ -228,7 +233,7 @@ class FrameReader:
             if self._pos == self._fed:
                 self._unpacker = None  # idle: release the decoder's memory
             return None
-        except (ValueError, msgpack.UnpackException) as exc:  # FormatError, StackError, ...
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:  # FormatError, ...
             self._fail()
             raise _bad(f"undecodable bytes ({type(exc).__name__}: {exc})") from None
         pos = unpacker.tell()

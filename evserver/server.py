@@ -34,7 +34,12 @@ READ_SIZE = 1 << 16
 _BUF = bytearray(READ_SIZE)
 _VIEW = memoryview(_BUF)
 _EVENT_KINDS = frozenset({p.EVENT, p.BATCH, p.REQUEST})
-_JOBS_IN_FLIGHT = 4  # per connection: enough to pipeline, few enough to push back
+# Per connection: jobs queued or running. Enough for one connection's slow handlers to run
+# in parallel, few enough that a flood turns into TCP backpressure quickly.
+_JOBS_IN_FLIGHT = 8
+# Frames of one read are split into jobs of about this many events (a BATCH is never split),
+# so a long run of single-event frames spreads over several workers.
+_JOB_EVENTS = 64
 
 
 class Connection:
@@ -101,9 +106,9 @@ class Connection:
                 except TimeoutError:
                     if self.jobs:
                         continue  # waiting on our own handlers is not idleness
+                    server.counters["idle_closed"] += 1
                     self._error(p.encode_error(0, "idle_timeout", "IdleTimeout",
                                                f"no data for {server.idle_timeout:g}s"))
-                    server.counters["idle_closed"] += 1
                     return
                 if not n:
                     return
@@ -120,18 +125,19 @@ class Connection:
                         continue
                 self.replies_pending += sum(1 for f in frames if f.corr)
                 if self.replies_pending > server.max_pending_replies:
+                    server.counters["overloaded_closed"] += 1
                     self._error(p.encode_error(
                         0, "overloaded", "TooManyPending",
                         f"more than max_pending_replies={server.max_pending_replies} "
                         "responses outstanding; read them before sending more"))
-                    server.counters["overloaded_closed"] += 1
                     return
-                self.jobs += 1
-                dispatcher.submit(Job(self, frames))
+                for job_frames in _split(frames):
+                    self.jobs += 1
+                    dispatcher.submit(Job(self, job_frames))
+                    self._wait_jobs(_JOBS_IN_FLIGHT, timeout=None)
                 # Fairness: recv only yields on EAGAIN, so a connection that always has
                 # data would otherwise never let others run.
                 eventlet.sleep(0)
-                self._wait_jobs(_JOBS_IN_FLIGHT, timeout=None)
         except ProtocolError as exc:
             server.counters["protocol_errors"] += 1
             log.info("closing %s: %s", _peer(self.addr), exc)
@@ -184,6 +190,20 @@ class Connection:
         except OSError:
             pass
         self.server.closed(self)
+
+
+def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
+    if len(frames) <= _JOB_EVENTS:
+        return [frames]
+    jobs: list[list[p.Frame]] = [[]]
+    size = 0
+    for frame in frames:
+        if size >= _JOB_EVENTS:
+            jobs.append([])
+            size = 0
+        jobs[-1].append(frame)
+        size += len(frame.body) if frame.body and frame.kind != p.HELLO else 1
+    return jobs
 
 
 def _encode_result(result: Result) -> bytes:

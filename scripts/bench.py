@@ -1,0 +1,428 @@
+"""Load generator and reporter: evserver against a minimal eventlet receiver of the same protocol.
+
+On a shared 2-vCPU VM absolute numbers swing 20-80 % from run to run (performance-notes.md), so
+one invocation measures the reference (in-process ceiling + scripts/ref_receiver.py) and the
+target (evserver serving scripts/bench_app.py) back to back and reports the target as ratios.
+Generators are separate processes that send pre-encoded bytes on blocking sockets, so they stay
+far from saturation; each reports its own CPU use to show it. Fire-and-forget runs end with a
+PING per connection: the PONG proves every earlier frame of that connection was dispatched.
+
+    python scripts/bench.py --target ref --mode all --repeat 3          # reference only
+    python scripts/bench.py --mode batch --batch 100 --json             # ref vs evserver
+    python scripts/bench.py --server-cmd "python my_launcher.py {port}" # any other server
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import resource
+import selectors
+import shlex
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+HELLO, EVENT, BATCH, REQUEST, ACK, REPLY, ERROR, PING, PONG = range(9)
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+MODES = ("single", "batch", "acked", "rr", "idle")
+CONNECTIONS = {"single": 1, "batch": 1, "acked": 8, "rr": 50, "idle": 1}
+EVENT_BODY = ["bench", {"seq": 12345, "payload": "x" * 16}]  # ~40 bytes, like the notes' 48
+IO_TIMEOUT = 30.0  # bounds every blocking socket call
+PING_FRAME = msgpack.packb([PING, 1])
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- generator side (runs in spawned processes) ---------------------------------------------
+
+
+def connect(port: int, timeout: float = IO_TIMEOUT) -> tuple[socket.socket, msgpack.Unpacker]:
+    """A blocking socket bounded by SO_RCVTIMEO/SO_SNDTIMEO (no poll per call), HELLO read."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tv = struct.pack("ll", int(timeout), int(timeout % 1 * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    unpacker = msgpack.Unpacker()
+    if (hello := next_frame(sock, unpacker))[0] != HELLO:
+        raise ConnectionError(f"expected HELLO, got {hello!r}")
+    return sock, unpacker
+
+
+def next_frame(sock: socket.socket, unpacker: msgpack.Unpacker) -> list:
+    while True:
+        with contextlib.suppress(StopIteration):
+            return next(unpacker)
+        if not (data := sock.recv(65536)):
+            raise ConnectionError("server closed the connection")
+        unpacker.feed(data)
+
+
+def fire(conns: list, chunk: bytes, per_chunk: int, deadline: float) -> tuple[int, list]:
+    """Send ``chunk`` until the deadline, then PING each connection and wait for its PONG."""
+    sent = 0
+    while time.monotonic() < deadline:
+        for sock, _ in conns:
+            sock.sendall(chunk)
+        sent += per_chunk * len(conns)
+    for sock, _ in conns:
+        sock.sendall(PING_FRAME)
+    for sock, unpacker in conns:
+        if (frame := next_frame(sock, unpacker))[0] != PONG:
+            raise RuntimeError(f"expected PONG, got {frame!r}")
+    return sent, []
+
+
+def windowed(conns: list, frames: list[bytes], per_frame: int, deadline: float) -> tuple[int, list]:
+    """Keep every frame (corr i+1) in flight on every connection; an answer resends its corr."""
+    window, lat, done = len(frames), [], 0
+    sent_at = [[0.0] * (window + 1) for _ in conns]
+    sel = None
+    if len(conns) > 1:  # one connection: block in recv, no epoll round trip on the latency path
+        sel = selectors.DefaultSelector()
+        for i, (sock, _) in enumerate(conns):
+            sel.register(sock, selectors.EVENT_READ, i)
+    for i, (sock, _) in enumerate(conns):
+        sent_at[i] = [time.monotonic()] * (window + 1)
+        sock.sendall(b"".join(frames))
+    outstanding = window * len(conns)
+    while outstanding:
+        ready = [key.data for key, _ in sel.select(IO_TIMEOUT)] if sel else [0]
+        if not ready:
+            raise TimeoutError("no answer within IO_TIMEOUT")
+        for i in ready:
+            sock, unpacker = conns[i]
+            if not (data := sock.recv(65536)):
+                raise ConnectionError("server closed the connection")
+            unpacker.feed(data)
+            now, again, times = time.monotonic(), [], sent_at[i]
+            for frame in unpacker:
+                if frame[0] not in (ACK, REPLY):
+                    raise RuntimeError(f"unexpected answer {frame!r}")
+                corr = frame[1]
+                lat.append(now - times[corr])
+                done += 1
+                if now < deadline:
+                    again.append(frames[corr - 1])
+                    times[corr] = now
+                else:
+                    outstanding -= 1
+            if again:
+                sock.sendall(b"".join(again))
+    return done * per_frame, lat
+
+
+def generator(job: dict, ready: Any, go: Any, results: Any) -> None:
+    """One generator process: connect, report ready, wait for go, drive, report."""
+    try:
+        if job["cpus"]:
+            os.sched_setaffinity(0, job["cpus"])
+        conns = [connect(job["port"]) for _ in range(job["conns"])]
+    except Exception as exc:
+        ready.put(f"{type(exc).__name__}: {exc}")
+        return
+    ready.put(None)
+    if not go.wait(60):
+        return
+    try:
+        cpu0, t0 = os.times(), time.monotonic()
+        deadline = t0 + job["duration"]
+        if job["chunk"] is not None:
+            events, lat = fire(conns, job["chunk"], job["per_chunk"], deadline)
+        else:
+            events, lat = windowed(conns, job["frames"], job["per_frame"], deadline)
+        t1, cpu1 = time.monotonic(), os.times()
+        cpu = cpu1.user + cpu1.system - cpu0.user - cpu0.system
+        results.put({"events": events, "t0": t0, "t1": t1, "cpu": cpu, "rts": len(lat),
+                     "lat": array.array("d", lat).tobytes()})
+    except Exception as exc:
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        for sock, _ in conns:
+            sock.close()
+
+
+# --- payloads: built once, in the parent ----------------------------------------------------
+
+
+def payload(mode: str, batch: int, window: int) -> dict:
+    """Pre-encoded bytes for a mode: a ~64 KiB chunk (fire-and-forget) or W corr'd frames."""
+    if mode in ("single", "batch"):
+        frame = msgpack.packb([EVENT, 0, EVENT_BODY] if mode == "single"
+                              else [BATCH, 0, [EVENT_BODY] * batch])
+        k = max(1, 65536 // len(frame))
+        return {"chunk": frame * k, "per_chunk": k * (1 if mode == "single" else batch)}
+    if mode == "acked":
+        frames = [msgpack.packb([BATCH, c, [EVENT_BODY] * batch]) for c in range(1, window + 1)]
+        return {"chunk": None, "frames": frames, "per_frame": batch}
+    return {"chunk": None, "frames": [msgpack.packb([REQUEST, 1, EVENT_BODY])], "per_frame": 1}
+
+
+def ceiling_job(mode: str, batch: int, window: int, duration: float, cpus: Any) -> dict:
+    """Spawned: the same frames through ref_receiver.process with no network."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    sys.path.insert(0, str(SCRIPTS))
+    with warnings.catch_warnings():  # eventlet's deprecation notice
+        warnings.simplefilter("ignore")
+        from ref_receiver import ceiling
+
+    p = payload(mode, batch, window)
+    unit, per = (p["chunk"], p["per_chunk"]) if p["chunk"] else (
+        b"".join(p["frames"]), p["per_frame"] * len(p["frames"]))
+    k = max(1, (1 << 20) // len(unit))
+    res = ceiling(unit * k, per * k, duration)
+    return {"events_per_s": res["events_per_s"], "srv_us_per_event": res["cpu_us_per_event"]}
+
+
+# --- server under test ----------------------------------------------------------------------
+
+
+def tree(pid: int) -> list[int]:
+    """pid and its descendants, so a forking server is measured whole."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(p := todo.pop())
+        todo.extend(children.get(p, []))
+    return out
+
+
+def server_cpu(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def server_rss(pid: int) -> int:
+    """Bytes of VmRSS over the server's process tree."""
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], port: int, cpus: Any):
+    """Start the server in its own session, wait for its HELLO, stop it afterwards."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(SCRIPTS)]),
+               PYTHONWARNINGS="ignore")
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            if cpus:
+                os.sched_setaffinity(proc.pid, cpus)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    connect(port, timeout=2)[0].close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        tail = log.read()[-2000:].decode(errors="replace")
+                        raise RuntimeError(f"server {cmd} did not start:\n{tail}") from None
+                    time.sleep(0.05)
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 15)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait(5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- driving one run ------------------------------------------------------------------------
+
+
+def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float) -> dict:
+    """Spread ``conns`` over ``gens`` spawned generators, run them, collect the figures."""
+    ctx = mp.get_context("spawn")
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    gens = max(1, min(gens, conns))
+    procs = [ctx.Process(target=generator, daemon=True, args=(
+        dict(job, port=port, duration=duration, conns=conns // gens + (g < conns % gens)),
+        ready, go, results)) for g in range(gens)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            if err := ready.get(timeout=60):
+                raise RuntimeError(f"generator failed to connect: {err}")
+        cpu0, w0 = server_cpu(pid), time.monotonic()
+        go.set()
+        outs = [results.get(timeout=duration + 90) for _ in procs]
+        cpu1, w1, rss = server_cpu(pid), time.monotonic(), server_rss(pid)
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    if errors := [o["error"] for o in outs if "error" in o]:
+        raise RuntimeError(f"generator failed: {errors}")
+    wall = max(o["t1"] for o in outs) - min(o["t0"] for o in outs)
+    events = sum(o["events"] for o in outs)
+    lat = sorted(x for o in outs for x in array.array("d", o["lat"]))
+    res = {"events_per_s": events / wall, "srv_us_per_event": (cpu1 - cpu0) / events * 1e6,
+           "srv_cpu_pct": (cpu1 - cpu0) / (w1 - w0) * 100, "srv_rss_mib": rss / 2**20,
+           "gen_cpu_pct": sum(o["cpu"] for o in outs) / wall * 100, "events": events}
+    if lat:
+        res["rt_per_s"] = len(lat) / wall
+        for name, q in (("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)):
+            res[name] = lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6
+    return res
+
+
+def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dict:
+    port = free_port()
+    if target == "ref":
+        cmd = [sys.executable, str(SCRIPTS / "ref_receiver.py"), "--port", str(port)]
+    elif args.server_cmd:
+        cmd = shlex.split(args.server_cmd.format(port=port))
+    else:
+        cmd = [sys.executable, "-m", "evserver.cli", "serve", "bench_app:app",
+               "--host", "127.0.0.1", "--port", str(port)]
+    conns = args.connections or CONNECTIONS[mode]
+    job = dict(payload("rr" if mode == "idle" else mode, args.batch, args.window),
+               cpus={1} if pin else None)
+    with server(cmd, port, {0} if pin else None) as proc:
+        if mode != "idle":
+            return drive(port, proc.pid, job, conns, args.generators, args.duration)
+        rss0, idle = server_rss(proc.pid), []
+        try:
+            for _ in range(args.idle):
+                try:
+                    idle.append(connect(port, timeout=5)[0])
+                except OSError:
+                    break  # a limit in the server; report how many it took
+            time.sleep(0.5)
+            rss1 = server_rss(proc.pid)
+            res = drive(port, proc.pid, job, conns, args.generators, args.duration)
+        finally:
+            for sock in idle:
+                sock.close()
+        return dict(res, idle_conns=len(idle), kib_per_idle_conn=(rss1 - rss0) / 1024 / max(
+            1, len(idle)))
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+COLUMNS = [("events_per_s", "events/s", "{:,.0f}"), ("rt_per_s", "rt/s", "{:,.0f}"),
+           ("p50_us", "p50 µs", "{:.0f}"), ("p99_us", "p99 µs", "{:.0f}"),
+           ("p999_us", "p99.9 µs", "{:.0f}"), ("srv_us_per_event", "srv µs/ev", "{:.3f}"),
+           ("srv_cpu_pct", "srv CPU%", "{:.0f}"), ("srv_rss_mib", "RSS MiB", "{:.1f}"),
+           ("gen_cpu_pct", "gen CPU%", "{:.0f}"), ("kib_per_idle_conn", "KiB/idle", "{:.1f}")]
+
+
+def median(runs: list[dict]) -> dict:
+    keys = {k for r in runs for k in r}
+    return {k: statistics.median(r[k] for r in runs if k in r) for k in sorted(keys)}
+
+
+def table(report: dict) -> str:
+    head = ["mode", "row"] + [c[1] for c in COLUMNS]
+    rows = [head]
+    for mode, entry in report["modes"].items():
+        for name, figs in entry.items():
+            ratio = name.endswith("ratio")
+            rows.append([mode, name] + [
+                ("" if k not in figs else f"{figs[k]:.2f}x" if ratio else fmt.format(figs[k]))
+                for k, _, fmt in COLUMNS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=[*MODES, "all"], default="all")
+    ap.add_argument("--target", choices=["evserver", "ref", "both"], default="both")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    ap.add_argument("--batch", type=int, default=100, help="events per BATCH frame")
+    ap.add_argument("--window", type=int, default=2, help="acked: batches in flight per conn")
+    ap.add_argument("--connections", type=int, help=f"default per mode: {CONNECTIONS}")
+    ap.add_argument("--generators", type=int, default=4, help="max generator processes")
+    ap.add_argument("--idle", type=int, default=5000, help="idle mode: connections to open")
+    ap.add_argument("--repeat", type=int, default=1, help="report the median of N runs")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin server/generators")
+    ap.add_argument("--server-cmd", help="evserver command override, {port} is substituted")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the server
+    pin = not args.no_pin and {0, 1} <= os.sched_getaffinity(0)
+    modes = MODES if args.mode == "all" else (args.mode,)
+    targets = ["ref", "evserver"] if args.target == "both" else [args.target]
+    ctx = mp.get_context("spawn")
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(args.repeat):
+        for mode in modes:
+            if mode != "idle":
+                with ctx.Pool(1) as pool:
+                    runs.setdefault((mode, "ceiling"), []).append(pool.apply(ceiling_job, (
+                        mode, args.batch, args.window, min(args.duration, 2.0),
+                        {0} if pin else None)))
+            for target in targets:  # interleaved, so drift hits both sides alike
+                print(f"[{rep + 1}/{args.repeat}] {mode} {target} ...", file=sys.stderr)
+                runs.setdefault((mode, target), []).append(run_once(target, mode, args, pin))
+    report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"}
+                              | {"pinned": pin}, "modes": {}}
+    for mode in modes:
+        entry = {name: median(runs[mode, name]) for name in ("ceiling", *targets)
+                 if (mode, name) in runs}
+        if "ref" in entry and "ceiling" in entry:
+            entry["ref/ceiling ratio"] = {
+                "events_per_s": entry["ref"]["events_per_s"] / entry["ceiling"]["events_per_s"]}
+        if "ref" in entry and "evserver" in entry:
+            entry["evserver/ref ratio"] = {k: entry["evserver"][k] / entry["ref"][k]
+                                           for k, *_ in COLUMNS
+                                           if entry["ref"].get(k) and k in entry["evserver"]}
+        report["modes"][mode] = entry
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    for mode, entry in report["modes"].items():
+        for name, figs in entry.items():
+            if figs.get("gen_cpu_pct", 0) > 60:
+                print(f"warning: {mode}/{name}: generators used {figs['gen_cpu_pct']:.0f}% of a "
+                      "core; they may be the limit (try --generators, --no-pin)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The native codec on bytes alone: whole, byte by byte, with trailing bytes, and garbage."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evserver import protocol as p
+from evserver.errors import FrameTooLarge, ProtocolError, UnsupportedVersion
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+types = st.from_regex(r"[a-z]{1,6}(\.[a-z]{1,6}){0,3}", fullmatch=True)
+events = st.tuples(
+    types, msgpack_values, st.none() | st.text(min_size=1, max_size=10),
+    st.none() | st.floats(0, 2e9), st.none() | st.dictionaries(st.text(max_size=5),
+                                                               st.text(max_size=5), max_size=3),
+)
+
+
+def server_reader(**kw):
+    return p.FrameReader(p.SERVER_RECEIVES, **kw)
+
+
+def feed_all(reader, data, step=None):
+    frames = []
+    step = step or len(data) or 1
+    for i in range(0, len(data), step):
+        reader.receive_data(data[i : i + step])
+        frames.extend(reader)
+    return frames
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(events, min_size=1, max_size=5), st.integers(1, 2**63 - 1),
+       st.sampled_from([1, 7, None]))
+def test_round_trip_event_batch_request(evs, corr, step):
+    wire = [p.event_wire(*e) for e in evs]
+    data = (p.encode_event(0, wire[0]) + p.encode_batch(corr, wire)
+            + p.encode_event(corr, wire[0], request=True))
+    frames = feed_all(server_reader(), data, step)
+    assert [f.kind for f in frames] == [p.EVENT, p.BATCH, p.REQUEST]
+    assert [f.corr for f in frames] == [0, corr, corr]
+    expected = [(t, d, i, tm, m or {}) for (t, d, i, tm, m) in evs]
+    for got, exp in zip(frames[1].body, expected, strict=True):
+        assert got.type == exp[0] and got.data == exp[1] and got.meta == exp[4]
+        if exp[2] is not None:
+            assert got.id == exp[2]
+        if exp[3] is not None:
+            assert got.time == exp[3]
+
+
+def test_server_assigns_id_and_time_when_missing():
+    (frame,) = feed_all(server_reader(), p.encode_event(0, ["a", 1]))
+    ev = frame.body[0]
+    assert ev.id and isinstance(ev.time, float)
+    (frame2,) = feed_all(server_reader(), p.encode_event(0, ["a", 1]))
+    assert frame2.body[0].id != ev.id
+
+
+def test_client_side_frames_round_trip():
+    data = (p.encode_hello({"server": "x"}) + p.encode_ack(3) + p.encode_reply(4, {"a": [1]})
+            + p.encode_error(5, "handler_error", "ValueError", "bad") + p.encode_pong(6))
+    for step in (1, 3, None):
+        frames = feed_all(p.FrameReader(p.CLIENT_RECEIVES), data, step)
+        assert frames == [
+            p.Frame(p.HELLO, 0, {"server": "x"}), p.Frame(p.ACK, 3),
+            p.Frame(p.REPLY, 4, {"a": [1]}),
+            p.Frame(p.ERROR, 5, ("handler_error", "ValueError", "bad")), p.Frame(p.PONG, 6),
+        ]
+
+
+def test_trailing_partial_frame_is_kept():
+    one = p.encode_event(0, ["a.b", {"x": 1}])
+    r = server_reader()
+    r.receive_data(one + one[:3])
+    assert len(list(r)) == 1
+    assert r.buffered == 3
+    r.receive_data(one[3:])
+    assert len(list(r)) == 1
+    assert r.buffered == 0
+
+
+def test_large_input_is_fed_in_chunks():
+    one = p.encode_event(0, ["a.b", {"x": "y" * 50}])
+    data = one * 50_000  # > 3 MiB in one call
+    assert len(feed_all(server_reader(), data)) == 50_000
+
+
+@pytest.mark.parametrize("limit", [1024, 4096])
+def test_max_frame_bytes_exact_boundary(limit):
+    def frame_of(size):
+        base = p.encode_event(0, ["t", b""])
+        pad = size - len(base)
+        for extra in range(pad, pad - 6, -1):  # bin header grows with the payload
+            data = p.encode_event(0, ["t", b"x" * extra])
+            if len(data) == size:
+                return data
+        raise AssertionError(size)
+
+    assert len(feed_all(server_reader(max_frame_bytes=limit), frame_of(limit))) == 1
+    with pytest.raises(FrameTooLarge):
+        feed_all(server_reader(max_frame_bytes=limit), frame_of(limit + 1))
+    # Byte by byte too: the partial frame is refused as soon as it is too large.
+    with pytest.raises(FrameTooLarge):
+        feed_all(server_reader(max_frame_bytes=limit), frame_of(limit + 1), step=1)
+
+
+def test_oversized_declared_length_fails_before_buffering_it():
+    r = server_reader(max_frame_bytes=1024)
+    header = msgpack.packb([1, 0, ["t", b"x" * 10]])[:5] + b"\xc6\x7f\xff\xff\xff"
+    with pytest.raises(ProtocolError):
+        for _ in range(100):
+            r.receive_data(header + b"\x00" * 2000)
+            list(r)
+
+
+@pytest.mark.parametrize("data", [
+    b"\xc1",                                   # never-used msgpack byte
+    msgpack.packb({"not": "a frame"}),
+    msgpack.packb([]),
+    msgpack.packb(["1", 0]),                   # kind not an int
+    msgpack.packb([99, 0]),                    # unknown kind
+    msgpack.packb([p.ACK, 1]),                 # a server does not receive ACKs
+    msgpack.packb([p.EVENT, 0]),               # missing event
+    msgpack.packb([p.EVENT, -1, ["t", 1]]),    # negative corr
+    msgpack.packb([p.REQUEST, 0, ["t", 1]]),   # request without corr
+    msgpack.packb([p.EVENT, 0, ["", 1]]),      # empty type
+    msgpack.packb([p.EVENT, 0, [5, 1]]),       # type not a string
+    msgpack.packb([p.EVENT, 0, ["t"]]),        # no data
+    msgpack.packb([p.EVENT, 0, ["t", 1, 2]]),  # id not a string
+    msgpack.packb([p.EVENT, 0, ["t", 1, None, "now"]]),
+    msgpack.packb([p.EVENT, 0, ["t", 1, None, None, [1]]]),
+    msgpack.packb([p.BATCH, 1, "nope"]),
+    msgpack.packb([p.PING]),
+])
+def test_garbage_is_a_protocol_error_and_the_reader_stays_dead(data):
+    r = server_reader()
+    with pytest.raises(ProtocolError) as info:
+        feed_all(r, data + p.encode_ping(1))
+    assert info.value.code in ("bad_frame", "frame_too_large")
+    with pytest.raises(ProtocolError):
+        r.receive_data(p.encode_ping(1))
+
+
+def test_hello_version_mismatch():
+    with pytest.raises(UnsupportedVersion) as info:
+        feed_all(server_reader(), msgpack.packb([p.HELLO, 2, {}]))
+    assert info.value.code == "unsupported_version"
+    assert feed_all(server_reader(), p.encode_hello({}))[0].kind == p.HELLO
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_raise_anything_but_protocol_error(data):
+    r = server_reader(max_frame_bytes=1024)
+    try:
+        for step in (1, None):
+            feed_all(r, data, step)
+    except ProtocolError:
+        pass
+
+
+def test_idle_reader_holds_no_decoder():
+    r = server_reader()
+    r.receive_data(p.encode_ping(1))
+    assert len(list(r)) == 1
+    assert r._unpacker is None  # the ~41 KiB Unpacker is only alive mid-frame
