@@ -309,11 +309,12 @@ class Supervisor:
         log.info("HUP: reloading; starting %d generation-%d workers", cfg.server.workers,
                  generation)
         for _ in range(cfg.server.workers):
-            self._spawn(generation, cfg)
+            self.spawn(generation, cfg)
 
     # ------------------------------------------------------------------ workers
 
-    def _spawn(self, generation: int, cfg: Config) -> WorkerProcess:
+    def spawn(self, generation: int, cfg: Config) -> WorkerProcess:
+        """Start one worker of ``generation`` serving with ``cfg``; it reports ``ready`` later."""
         parent, child = socket.socketpair()
         cmd = [sys.executable, "-m", "evserver.worker", "--fd", str(child.fileno()),
                "--master", str(os.getpid()), self.app_spec, json.dumps(cfg.as_dict())]
@@ -346,6 +347,12 @@ class Supervisor:
                 worker.error = str(msg.get("message"))
             elif t == "stats" and isinstance(msg.get("id"), int):
                 worker.stats_replies[msg["id"]] = msg.get("stats") or {}
+
+    def read_channels(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for worker messages and record them; signals stay queued."""
+        for key, _ in self._selector.select(timeout):
+            if key.data is not None:
+                self._read(key.data)
 
     def _reap(self) -> None:
         for worker in list(self.workers.values()):
@@ -403,7 +410,7 @@ class Supervisor:
         missing = self.num_workers - len(current)
         if missing > 0 and now >= self.next_spawn_at:
             for _ in range(missing if self.crashes <= 1 else 1):  # in a crash loop, one at a time
-                self._spawn(self.generation, self.cfg)
+                self.spawn(self.generation, self.cfg)
         for worker in sorted(current, key=lambda w: w.started)[:max(0, -missing)]:
             self._retire(worker)
 
@@ -517,9 +524,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         while (any(rid not in w.stats_replies for w in asked)
                and (left := deadline - time.monotonic()) > 0):
-            for key, _ in self._selector.select(left):
-                if key.data is not None:
-                    self._read(key.data)
+            self.read_channels(left)
         return {w.pid: w.stats_replies.pop(rid) for w in asked if rid in w.stats_replies}
 
 
