@@ -77,13 +77,14 @@ def children(pid: int) -> set[int]:
 class Master:
     """One ``evserver serve --workers 2`` process; its output (and its workers') in a file."""
 
-    def __init__(self, tmp_path: Path, app: Path = APP, *args: str, port: int | None = None):
+    def __init__(self, tmp_path: Path, app: Path = APP, *args: str, port: int | None = None,
+                 env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.address = ("127.0.0.1", self.port)
         self.record = tmp_path / "record.txt"
         self.log_path = tmp_path / f"master-{self.port}.log"
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1",
-                   WORKERS_APP_RECORD=str(self.record))
+                   WORKERS_APP_RECORD=str(self.record), **(env or {}))
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "evserver", "serve", f"{app}:app", "--workers", "2",
@@ -130,8 +131,9 @@ class Master:
 def start(tmp_path: Path) -> Iterator[Callable[..., Master]]:
     masters: list[Master] = []
 
-    def _start(*args: str, app: Path = APP, port: int | None = None) -> Master:
-        masters.append(Master(tmp_path, app, *args, port=port))
+    def _start(*args: str, app: Path = APP, port: int | None = None,
+               env: dict[str, str] | None = None) -> Master:
+        masters.append(Master(tmp_path, app, *args, port=port, env=env))
         return masters[-1]
 
     yield _start
@@ -277,6 +279,37 @@ def test_hup_under_acked_load_replaces_workers_without_losing_events(start, tmp_
     assert acked <= m.recorded()
     assert {request(m.address, "version") for _ in range(6)} == {2}
     assert "HUP: 2 new workers ready; retiring 2 old ones" in m.log
+
+
+def test_hup_with_a_broken_app_keeps_the_old_workers(start, tmp_path: Path) -> None:
+    app = tmp_path / "hup_bad_app.py"
+    shutil.copy(APP, app)
+    m = start(app=app)
+    old = m.wait_ready()
+    app.write_text("import no_such_module_for_evserver\n")
+    m.signal(signal.SIGHUP)
+    m.wait_log("HUP: reload aborted, keeping the current workers")
+    assert "no_such_module_for_evserver" in m.log
+    assert m.proc.poll() is None
+    assert pids_serving(m.address, 8) <= old == m.workers()
+
+
+def test_crash_loop_backs_off_and_says_so(start) -> None:
+    m = start(env={"WORKERS_APP_EXIT_AT_IMPORT": "3"})
+    m.wait_log("crash loop: 3 fast deaths in a row, next start in 1.0s")
+    assert m.log.count("died (exit code 3)") <= 4
+    assert m.proc.poll() is None  # still supervising, not spinning or gone
+
+
+def test_sd_notify_ready(start, tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(10)
+        m = start(env={"NOTIFY_SOCKET": path})
+        message = sock.recv(4096).decode()
+    assert message.startswith("READY=1") and f"MAINPID={m.proc.pid}" in message
+    assert "master ready" in m.log
 
 
 def test_term_under_load_processes_every_acked_event(start) -> None:

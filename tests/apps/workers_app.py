@@ -14,6 +14,9 @@ from evserver import App, Event
 RECORD_ENV = "WORKERS_APP_RECORD"
 VERSION = 1
 
+if os.environ.get("WORKERS_APP_EXIT_AT_IMPORT"):  # a worker that dies while booting
+    os._exit(int(os.environ["WORKERS_APP_EXIT_AT_IMPORT"]))
+
 app = App("workers-test")
 _record_fd: int | None = None
 
