@@ -159,8 +159,9 @@ class Dispatcher:
         self.stats = Stats()
         self.busy = 0
         self.dead_letter = dead_letter
-        defaults = handler_defaults or {}
-        self._plans = {id(h): Plan(h, defaults) for h in app.handlers}
+        self._defaults = handler_defaults or {}
+        self._plans = {id(h): Plan(h, self._defaults) for h in app.handlers}
+        self._entries: dict[str, tuple[Plan | None, tuple[Plan, ...]]] = {}
         self._ordered = any(plan.key is not None for plan in self._plans.values())
         self._keys: dict[Any, _KeyState] = {}
         self._workers: list[Any] = []
@@ -240,16 +241,18 @@ class Dispatcher:
 
     def _process(self, job: Job, fi: int, event: Event) -> None:
         frame = job.frames[fi]
-        route = self.app.route(event.type)
-        self.stats.by_type[event.type] += 1
+        etype = event.type
+        entry = self._entries.get(etype) or self._entry(etype)
+        processor, listeners = entry
+        self.stats.by_type[etype] += 1
         failure = None
-        if route.processor is not None:
-            value, failure = self._call(route.processor, event)
+        if processor is not None:
+            value, failure = self._call(processor, event)
             if frame.kind == p.REQUEST:
                 job.values[fi] = value
-        elif frame.kind == p.REQUEST or not route.listeners:
-            failure = self._unrouted(event.type, frame.kind == p.REQUEST)
-        for listener in route.listeners:
+        elif frame.kind == p.REQUEST or not listeners:
+            failure = self._unrouted(etype, frame.kind == p.REQUEST)
+        for listener in listeners:
             listener_failure = self._call(listener, event)[1]
             # A listener never changes a request's reply, but an acked event is only
             # acknowledged once its listeners succeeded (or were dead-lettered).
@@ -257,6 +260,18 @@ class Dispatcher:
                 failure = listener_failure
         if failure is not None and job.failures[fi] is None:
             job.failures[fi] = failure
+
+    def _entry(self, etype: str) -> tuple[Plan | None, tuple[Plan, ...]]:
+        """Resolve a type to the plans of its handlers once; bounded like the app's cache."""
+        route = self.app.route(etype)
+        entry = (
+            route.processor and self._plan(route.processor),
+            tuple(self._plan(h) for h in route.listeners),
+        )
+        if len(self._entries) >= 4096:
+            self._entries.clear()
+        self._entries[etype] = entry
+        return entry
 
     def process(self, event: Event) -> Failure | None:
         """Run one event outside any connection (tests, replays); return its failure."""
@@ -266,8 +281,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ calling handlers
 
-    def _call(self, handler: Handler, event: Event) -> tuple[Any, Failure | None]:
-        plan = self._plans.get(id(handler)) or self._plan_for(handler)
+    def _call(self, plan: Plan, event: Event) -> tuple[Any, Failure | None]:
         if plan.direct:
             try:
                 return plan.func(event), None
@@ -296,9 +310,10 @@ class Dispatcher:
         with eventlet.Timeout(plan.timeout, exc):
             return call()
 
-    def _plan_for(self, handler: Handler) -> Plan:
-        # Handlers registered after the dispatcher was built (tests do this) get defaults.
-        plan = self._plans[id(handler)] = Plan(handler, {})
+    def _plan(self, handler: Handler) -> Plan:
+        plan = self._plans.get(id(handler))
+        if plan is None:  # registered after the dispatcher was built (tests do this)
+            plan = self._plans[id(handler)] = Plan(handler, self._defaults)
         return plan
 
     def _failed(
@@ -328,12 +343,11 @@ class Dispatcher:
             if frame.kind == p.PING:
                 continue
             for ei, event in enumerate(frame.body):
-                processor = self.app.route(event.type).processor
-                plan = processor and (self._plans.get(id(processor)) or self._plan_for(processor))
-                if not plan or plan.key is None:
+                plan = (self._entries.get(event.type) or self._entry(event.type))[0]
+                if plan is None or plan.key is None:
                     continue
                 try:
-                    key = (processor.pattern, plan.key(event))
+                    key = (plan.handler.pattern, plan.key(event))
                     hash(key)
                 except Exception as exc:
                     log.warning("ordered_by key of %s failed (%s: %s); processing unordered",

@@ -113,7 +113,7 @@ class Connection:
                 if not n:
                     return
                 reader.receive_data(_VIEW[:n])
-                frames = list(reader)
+                frames = reader.frames(coalesce=_JOB_EVENTS)
                 if not frames:
                     continue
                 dispatcher.stats.events_in += sum(
@@ -193,8 +193,7 @@ class Connection:
 
 
 def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
-    if len(frames) <= _JOB_EVENTS:
-        return [frames]
+    """Group frames into jobs of about ``_JOB_EVENTS`` events (a frame is never split)."""
     jobs: list[list[p.Frame]] = [[]]
     size = 0
     for frame in frames:
@@ -202,7 +201,7 @@ def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
             jobs.append([])
             size = 0
         jobs[-1].append(frame)
-        size += len(frame.body) if frame.body and frame.kind != p.HELLO else 1
+        size += len(frame.body) if frame.kind in _EVENT_KINDS else 1
     return jobs
 
 

@@ -229,3 +229,9 @@ def test_click_options_feed_overrides() -> None:
     assert result.output == f"0 9 False 3 {os.cpu_count() or 1}\n", result.output
     help_text = CliRunner().invoke(main, ["--help"]).output
     assert "EVSERVER_SERVER_PORT" in help_text and "--dead-letters-fsync-interval" in help_text
+
+
+def test_readme_settings_table_is_current():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("<!-- settings:begin -->\n")[1].split("<!-- settings:end -->")[0]
+    assert table == settings_table_markdown(), "regenerate: python -m evserver.config --markdown"

@@ -173,3 +173,14 @@ def test_idle_reader_holds_no_decoder():
     r.receive_data(p.encode_ping(1))
     assert len(list(r)) == 1
     assert r._unpacker is None  # the ~41 KiB Unpacker is only alive mid-frame
+
+
+def test_the_documented_example_bytes_are_what_the_codec_produces():
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    request_hex, reply_hex = re.findall(r"```\n([0-9a-f ]+)\n```", doc)
+    assert bytes.fromhex(request_hex) == p.encode_event(7, ["order.created", {"id": 1}],
+                                                        request=True)
+    assert bytes.fromhex(reply_hex) == p.encode_reply(7, {"id": 1})
