@@ -284,8 +284,8 @@ class Supervisor:
 
     def handle_hup(self) -> None:
         """Zero-downtime reload: new config, new app import, new workers; then retire the old."""
-        if self.reload is not None:
-            log.warning("HUP: a reload is already in progress; ignored")
+        if self.stopping or self.reload is not None:
+            log.warning("HUP ignored: %s", "stopping" if self.stopping else "already reloading")
             return
         try:
             cfg = load_config(self.config_path, overrides=self.overrides)
