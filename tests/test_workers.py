@@ -1,4 +1,4 @@
-"""``evserve serve --workers N``: real master and worker processes on loopback.
+"""``evserver serve --workers N``: real master and worker processes on loopback.
 
 Each test starts ``python -m evserver serve`` with two workers and drives it with plain
 blocking sockets (``rawpeer``). Every wait polls a condition against a deadline; nothing
