@@ -41,6 +41,9 @@ def main() -> None:
 def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> None:
     """Serve APP (`module:attr` or `path/to/file.py:attr`) until SIGTERM/SIGINT.
 
+    With --workers N (N > 1 or "auto") a master supervises N worker processes; see
+    docs/workers.md for its signals (HUP reloads, TTIN/TTOU add/remove a worker).
+
     Settings come from defaults < config file < EVSERVER_<TABLE>_<KEY> environment
     variables < these flags.
     """
@@ -51,6 +54,10 @@ def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
     from .logs import configure_logging
 
     configure_logging(cfg.server.log_level, cfg.server.log_format)
+    if cfg.server.workers > 1:
+        from .supervisor import run_supervisor
+
+        sys.exit(run_supervisor(app_spec, cfg, config_path=config_path, overrides=overrides))
     from .runner import run_single
 
     sys.exit(run_single(app_spec, cfg))
