@@ -338,8 +338,12 @@ class Server:
 
     def install_signals(self) -> None:
         """SIGTERM/SIGINT: graceful stop. The handler only schedules; it may run in the hub."""
+        from ._eventlet import wake_hub_on_signals
+
         def handler(signum: int, frame: Any) -> None:
             eventlet.spawn_n(self.stop)
+
+        wake_hub_on_signals()  # else the scheduled stop waits for the hub's next timer
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)

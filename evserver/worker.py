@@ -75,9 +75,8 @@ class MasterLink:
 
     def ready(self, server: Server) -> None:
         """Called by ``run_single`` once listening: go green, say ready, start the link threads."""
-        from ._eventlet import eventlet, wake_hub_on_signals
+        from ._eventlet import eventlet
 
-        wake_hub_on_signals()
         self.server = server
         self.channel.sock = eventlet.greenio.GreenSocket(self.channel.sock)
         self._send_lock = eventlet.semaphore.Semaphore()  # one writer per socket (eventlet)
