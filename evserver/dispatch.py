@@ -220,14 +220,43 @@ class Dispatcher:
         for fi, frame in enumerate(job.frames):
             if frame.kind == p.PING:
                 continue
+            if tickets is None and frame.kind != p.REQUEST:
+                failure = self._run_events(frame.body)
+                if failure is not None:
+                    job.failures[fi] = failure
+                processed += len(frame.body)
+                continue
             for ei, event in enumerate(frame.body):
                 ticket = tickets.get((fi, ei)) if tickets else None
                 if ticket is None or self._turn(job, fi, event, ticket):
                     self._process(job, fi, event)
                 processed += 1
-                if processed % YIELD_EVERY == 0:
-                    eventlet.sleep(0)
         self.stats.events_processed += processed
+        eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
+
+    def _run_events(self, events: list[Event]) -> Failure | None:
+        """The hot loop for fire-and-forget and acked events; returns the first failure."""
+        entries = self._entries
+        by_type = self.stats.by_type
+        first = None
+        for n, event in enumerate(events, 1):
+            etype = event.type
+            entry = entries.get(etype) or self._entry(etype)
+            by_type[etype] += 1
+            processor, listeners = entry
+            if processor is not None and processor.direct and not listeners:
+                try:  # the common case, inlined: one direct call, nothing else
+                    processor.func(event)
+                    continue
+                except Exception as exc:
+                    failure = self._failed(processor, event, exc, 1, traceback.format_exc())
+            else:
+                failure = self._handle(entry, event, False)[1]
+            if failure is not None and first is None:
+                first = failure
+            if n % YIELD_EVERY == 0:
+                eventlet.sleep(0)
+        return first
 
     def _release(self, job: Job) -> None:
         job.outstanding -= 1
@@ -240,26 +269,32 @@ class Dispatcher:
         job.sink.job_done(job, results)
 
     def _process(self, job: Job, fi: int, event: Event) -> None:
-        frame = job.frames[fi]
         etype = event.type
-        entry = self._entries.get(etype) or self._entry(etype)
-        processor, listeners = entry
+        request = job.frames[fi].kind == p.REQUEST
         self.stats.by_type[etype] += 1
-        failure = None
+        value, failure = self._handle(self._entries.get(etype) or self._entry(etype), event,
+                                      request)
+        job.values[fi] = value
+        if failure is not None and job.failures[fi] is None:
+            job.failures[fi] = failure
+
+    def _handle(
+        self, entry: tuple[Plan | None, tuple[Plan, ...]], event: Event, request: bool
+    ) -> tuple[Any, Failure | None]:
+        """Run an event's processor, then its listeners; return (reply value, failure)."""
+        processor, listeners = entry
+        value = failure = None
         if processor is not None:
             value, failure = self._call(processor, event)
-            if frame.kind == p.REQUEST:
-                job.values[fi] = value
-        elif frame.kind == p.REQUEST or not listeners:
-            failure = self._unrouted(etype, frame.kind == p.REQUEST)
+        elif request or not listeners:
+            failure = self._unrouted(event.type, request)
         for listener in listeners:
             listener_failure = self._call(listener, event)[1]
             # A listener never changes a request's reply, but an acked event is only
             # acknowledged once its listeners succeeded (or were dead-lettered).
-            if failure is None and frame.kind != p.REQUEST:
+            if failure is None and not request:
                 failure = listener_failure
-        if failure is not None and job.failures[fi] is None:
-            job.failures[fi] = failure
+        return value, failure
 
     def _entry(self, etype: str) -> tuple[Plan | None, tuple[Plan, ...]]:
         """Resolve a type to the plans of its handlers once; bounded like the app's cache."""
