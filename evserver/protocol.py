@@ -84,8 +84,10 @@ def _bad(msg: str) -> ProtocolError:
     return ProtocolError(msg)
 
 
-def _event(raw: Any) -> Event:
+def _event(raw: Any, now: float | None = None) -> Event:
     """Build an Event from its wire form ``[type, data, id?, time?, meta?]``."""
+    if type(raw) is list and len(raw) == 2 and type(raw[0]) is str and raw[0]:
+        return Event(raw[0], raw[1], None, now)  # the common minimal form, checked cheaply
     if type(raw) is not list or not 2 <= len(raw) <= 5:
         raise _bad("an event must be an array [type, data, id?, time?, meta?]")
     etype = raw[0]
@@ -101,7 +103,7 @@ def _event(raw: Any) -> Event:
         raise _bad("event time must be a number or nil")
     if meta is not None and type(meta) is not dict:
         raise _bad("event meta must be a map or nil")
-    return Event(etype, raw[1], eid, etime, meta)
+    return Event(etype, raw[1], eid, now if etime is None else etime, meta)
 
 
 def _corr(raw: list[Any], *, required: bool) -> int:
@@ -112,7 +114,7 @@ def _corr(raw: list[Any], *, required: bool) -> int:
     return corr
 
 
-def _parse(raw: Any, accept: frozenset[int]) -> Frame:
+def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
     """Turn one unpacked msgpack value into a Frame, validating its shape."""
     if type(raw) is not list or not raw or type(raw[0]) is not int:
         raise _bad("a frame must be an array whose first element is the frame kind")
@@ -123,11 +125,11 @@ def _parse(raw: Any, accept: frozenset[int]) -> Frame:
     if kind in (EVENT, REQUEST):
         if n != 3:
             raise _bad(f"{KIND_NAMES[kind]} must be [{kind}, corr, event]")
-        return Frame(kind, _corr(raw, required=kind == REQUEST), [_event(raw[2])])
+        return Frame(kind, _corr(raw, required=kind == REQUEST), [_event(raw[2], now)])
     if kind == BATCH:
         if n != 3 or type(raw[2]) is not list:
             raise _bad("BATCH must be [2, corr, [event, ...]]")
-        return Frame(kind, _corr(raw, required=False), [_event(e) for e in raw[2]])
+        return Frame(kind, _corr(raw, required=False), [_event(e, now) for e in raw[2]])
     if kind == HELLO:
         if n != 3 or type(raw[1]) is not int or type(raw[2]) is not dict:
             raise _bad("HELLO must be [0, version, {info}]")
@@ -156,7 +158,7 @@ def _parse_fast(raw: Any, accept: frozenset[int], now: float) -> Frame:
         if (type(corr) is int and 0 <= corr <= MAX_CORR and type(ev) is list and len(ev) == 2
                 and type(ev[0]) is str and ev[0] and EVENT in accept):
             return Frame(EVENT, corr, [Event(ev[0], ev[1], None, now)])
-    return _parse(raw, accept)
+    return _parse(raw, accept, now)
 
 
 class FrameReader:
