@@ -34,10 +34,14 @@ from ._eventlet import eventlet
 from .app import App, Handler
 from .errors import HandlerTimeout, RoutingError
 from .event import Event
+from .metrics import Histogram
 
 log = logging.getLogger("evserver.dispatch")
 
 YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot starve the hub
+# One event in about this many is timed for the latency histograms: two perf_counter calls
+# per event would cost ~10% of the hot path, one compare per event costs ~2%.
+SAMPLE_EVERY = 32
 _NO_HANDLER_LOG_INTERVAL = 60.0
 _BACKOFF_MAX = 30.0
 
@@ -136,6 +140,9 @@ class Stats:
         self.dead_letters = 0
         self.unrouted = 0
         self.by_type: defaultdict[str, int] = defaultdict(int)
+        self.errors_by_type: defaultdict[str, int] = defaultdict(int)
+        # Sampled handler durations per type (see SAMPLE_EVERY); bounded by the route cache.
+        self.latency: dict[str, Histogram] = {}
 
 
 DeadLetterHook = Callable[[Handler, Event, BaseException, int, str], None]
@@ -166,6 +173,10 @@ class Dispatcher:
         self._keys: dict[Any, _KeyState] = {}
         self._workers: list[Any] = []
         self._unrouted_logged: dict[str, float] = {}
+        self._until_sample = SAMPLE_EVERY
+        # The admin's ``tail`` sampler: sees each submitted job's frames while set. It must be
+        # cheap and never block; None (the default) costs one attribute check per job.
+        self.tap: Callable[[list[p.Frame]], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,6 +187,8 @@ class Dispatcher:
         """Queue a job; blocks the calling green thread while the queue is full."""
         if self._ordered:
             self._issue_tickets(job)
+        if self.tap is not None:
+            self.tap(job.frames)
         self.queue.put(job)
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -238,13 +251,16 @@ class Dispatcher:
         """The hot loop for fire-and-forget and acked events; returns the first failure."""
         entries = self._entries
         by_type = self.stats.by_type
+        sample = self._sample_at(len(events))
         first = None
         for n, event in enumerate(events, 1):
             etype = event.type
             entry = entries.get(etype) or self._entry(etype)
             by_type[etype] += 1
             processor, listeners = entry
-            if processor is not None and processor.direct and not listeners:
+            if n == sample:
+                failure = self._timed(entry, event, False)[1]
+            elif processor is not None and processor.direct and not listeners:
                 try:  # the common case, inlined: one direct call, nothing else
                     processor.func(event)
                     continue
@@ -272,8 +288,8 @@ class Dispatcher:
         etype = event.type
         request = job.frames[fi].kind == p.REQUEST
         self.stats.by_type[etype] += 1
-        value, failure = self._handle(self._entries.get(etype) or self._entry(etype), event,
-                                      request)
+        handle = self._timed if self._sample_at(1) else self._handle
+        value, failure = handle(self._entries.get(etype) or self._entry(etype), event, request)
         job.values[fi] = value
         if failure is not None and job.failures[fi] is None:
             job.failures[fi] = failure
@@ -295,6 +311,32 @@ class Dispatcher:
             if failure is None and not request:
                 failure = listener_failure
         return value, failure
+
+    def _sample_at(self, count: int) -> int:
+        """Which of the next ``count`` events to time (1-based), or 0 for none of them."""
+        left = self._until_sample - count
+        if left > 0:
+            self._until_sample = left
+            return 0
+        at = self._until_sample
+        # A random gap (mean SAMPLE_EVERY) so periodic traffic cannot alias with the sampling.
+        self._until_sample = random.randint(1, 2 * SAMPLE_EVERY - 1)
+        return at
+
+    def _timed(
+        self, entry: tuple[Plan | None, tuple[Plan, ...]], event: Event, request: bool
+    ) -> tuple[Any, Failure | None]:
+        """``_handle``, recording its wall time (green waits included) in the type's histogram."""
+        start = time.perf_counter()
+        try:
+            return self._handle(entry, event, request)
+        finally:
+            hist = self.stats.latency.get(event.type)
+            if hist is None:
+                if len(self.stats.latency) >= 4096:  # clients choose types: stay bounded
+                    self.stats.latency.clear()
+                hist = self.stats.latency[event.type] = Histogram()
+            hist.observe(time.perf_counter() - start)
 
     def _entry(self, etype: str) -> tuple[Plan | None, tuple[Plan, ...]]:
         """Resolve a type to the plans of its handlers once; bounded like the app's cache."""
@@ -356,6 +398,7 @@ class Dispatcher:
     ) -> Failure:
         handler = plan.handler
         self.stats.handler_errors += 1
+        self.stats.errors_by_type[event.type] += 1
         log.error(
             "%s %s failed on %s (id %s) after %d attempt(s): %s: %s", handler.kind, handler.name,
             event.type, event.id, attempts, type(exc).__name__, exc,

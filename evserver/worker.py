@@ -27,9 +27,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from .admin import TAIL_FLUSH, Tap, Taps, describe_handlers, handler_defaults
 from .channel import Channel
 from .config import SETTINGS, Config
+from .errors import RegistrationError
 from .logs import configure_logging
+from .metrics import snapshot
 from .runner import EXIT_FAILURE, run_single
 
 if TYPE_CHECKING:
@@ -42,28 +45,19 @@ _PR_SET_PDEATHSIG = 1
 
 def worker_stats(server: Server) -> dict[str, Any]:
     """What the master gathers per worker (for the admin views): plain msgpack-able data."""
-    d = server.dispatcher
-    s = d.stats
-    return {
-        "pid": os.getpid(),
-        "uptime": time.time() - server.started_at,
-        "connections": len(server.connections),
-        "counters": dict(server.counters),
-        "dispatcher": {
-            "events_in": s.events_in, "events_processed": s.events_processed,
-            "handler_errors": s.handler_errors, "unrouted": s.unrouted,
-            "by_type": dict(s.by_type), "busy": d.busy, "queued": d.queue.qsize(),
-        },
-    }
+    return snapshot(server)
 
 
 class MasterLink:
     """The worker's end of the control channel."""
 
-    def __init__(self, sock: socket.socket, heartbeat_interval: float) -> None:
+    def __init__(self, sock: socket.socket, heartbeat_interval: float, cfg: Config) -> None:
         self.channel = Channel(sock)  # blocking until the hub exists (see ``ready``)
         self.interval = heartbeat_interval
+        self.cfg = cfg
         self.server: Server | None = None
+        self.taps: Taps | None = None
+        self._tail_leases: dict[int, float] = {}  # tail id -> when it ends unless renewed
         self._send_lock: Any = None
 
     def failed(self, code: int, message: str) -> None:
@@ -78,9 +72,11 @@ class MasterLink:
         from ._eventlet import eventlet
 
         self.server = server
+        self.taps = Taps(server.dispatcher)
         self.channel.sock = eventlet.greenio.GreenSocket(self.channel.sock)
         self._send_lock = eventlet.semaphore.Semaphore()  # one writer per socket (eventlet)
-        self._send("ready", pid=os.getpid(), address=list(server.address))
+        self._send("ready", pid=os.getpid(), address=list(server.address),
+                   handlers=describe_handlers(server.app, handler_defaults(self.cfg)))
         eventlet.spawn_n(self._heartbeat)
         eventlet.spawn_n(self._listen)
 
@@ -105,7 +101,47 @@ class MasterLink:
             for msg in messages:
                 if msg["t"] == "stats":
                     self._send("stats", id=msg.get("id"), stats=worker_stats(self.server))
+                elif msg["t"] == "tail":
+                    self._tail(msg)
+                elif msg["t"] == "untail":
+                    self._tail_leases[msg.get("id")] = 0.0
         self._master_gone()
+
+    def goodbye(self) -> None:
+        """After draining: the final counters, so the master's totals include them."""
+        if self.server is not None:
+            self._send("stats", id=0, stats=worker_stats(self.server))
+
+    def _tail(self, msg: dict[str, Any]) -> None:
+        """Start (or renew the lease of) a tail; it stops when the lease runs out."""
+        from ._eventlet import eventlet
+
+        tid = msg.get("id")
+        fresh = tid not in self._tail_leases
+        self._tail_leases[tid] = time.monotonic() + float(msg.get("lease") or 5.0)
+        if fresh and self.taps is not None:
+            try:
+                tap = self.taps.open(tid, str(msg.get("pattern")), int(msg.get("rate") or 1))
+            except (RegistrationError, ValueError) as exc:
+                log.warning("tail %s refused: %s", tid, exc)
+                del self._tail_leases[tid]
+                return
+            eventlet.spawn_n(self._pump, tid, tap)
+
+    def _pump(self, tid: int, tap: Tap) -> None:
+        """Send a tail's samples to the master in batches until its lease ends."""
+        from ._eventlet import eventlet
+
+        assert self.taps is not None
+        try:
+            while time.monotonic() < self._tail_leases.get(tid, 0.0):
+                eventlet.sleep(TAIL_FLUSH)
+                events = tap.drain()
+                if events and not self._send("tailed", id=tid, events=events):
+                    break
+        finally:
+            self.taps.close(tid)
+            self._tail_leases.pop(tid, None)
 
     def _master_gone(self) -> None:
         from ._eventlet import eventlet
@@ -156,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_json(args.config_json)
     configure_logging(cfg.server.log_level, cfg.server.log_format)
     _install_worker_signals()
-    link = MasterLink(sock, cfg.server.worker_timeout / 4)
-    return run_single(args.app_spec, cfg, on_ready=link.ready, on_error=link.failed,
-                      reuse_port=True)
+    link = MasterLink(sock, cfg.server.worker_timeout / 4, cfg)
+    code = run_single(args.app_spec, cfg, on_ready=link.ready, on_error=link.failed,
+                      serve_admin=False, reuse_port=True)
+    link.goodbye()
+    return code
 
 
 if __name__ == "__main__":
