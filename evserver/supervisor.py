@@ -18,16 +18,22 @@ import errno
 import json
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import metrics
+from .admin import TAIL_FLUSH, AdminApp, AdminError, ThreadedAdmin
 from .channel import Channel
 from .config import Config, load_config
 from .errors import ConfigError, EvserverError
@@ -41,6 +47,9 @@ STACK_DUMP_GRACE = 0.2  # between SIGUSR1 (dump stacks) and SIGKILL for a blocke
 CRASH_WINDOW = 2.0  # a worker that dies this soon after becoming ready counts as a crash
 BACKOFF_MAX = 30.0
 SIGNALS = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "CHLD")
+STATS_TIMEOUT = 2.0  # how long an admin stats request waits for the workers' replies
+ADMIN_CALL_TIMEOUT = 5.0  # how long an admin request waits for the main loop
+TAIL_LEASE = 5.0  # a worker stops sampling for a tail not renewed for this long
 _PKG_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -119,6 +128,8 @@ class WorkerProcess:
     kill_at: float | None = None  # set once asked to dump its stacks before SIGKILL
     error: str | None = None  # a startup failure the worker reported
     stats_replies: dict[int, dict[str, Any]] = field(default_factory=dict)
+    last_stats: dict[str, Any] | None = None  # becomes part of the totals' base at exit
+    handlers: list[dict[str, Any]] | None = None  # as reported with ``ready``
 
     @property
     def pid(self) -> int:
@@ -142,6 +153,27 @@ class Reload:
     cfg: Config
     claim: PortClaim | None  # a new address's claim, if the reload moved the port
     deadline: float
+
+
+@dataclass(eq=False)
+class _StatsWait:
+    """An admin stats request in flight: resolved once every asked worker replied."""
+
+    rid: int
+    asked: list[WorkerProcess]
+    deadline: float
+    future: Future[dict[str, Any]]
+
+
+@dataclass(eq=False)
+class _Tail:
+    """An open admin tail: workers sample into their rings and send batches here."""
+
+    pattern: str
+    rate: int
+    batches: queue.Queue[list[dict[str, Any]]]
+    polled: float  # last time its HTTP thread asked for events (set from that thread)
+    renewed: float = 0.0
 
 
 class Supervisor:
@@ -168,6 +200,16 @@ class Supervisor:
         self._selector = selectors.DefaultSelector()
         self._wakeup: tuple[int, int] | None = None
         self._stats_id = 0
+        self._stats_ids: set[int] = set()  # requests whose replies are still wanted
+        self._stats_waits: list[_StatsWait] = []
+        self.started_at = time.time()
+        self.retired = metrics.empty_base()  # exited workers' last counters
+        self.admin: ThreadedAdmin | None = None
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = (
+            collections.deque())
+        self._wakeup_lock = threading.Lock()
+        self.tails: dict[int, _Tail] = {}
+        self._tail_id = 0
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)  # only the master talks to systemd
         # Workers must run this very evserver, even when it is not installed.
@@ -192,11 +234,14 @@ class Supervisor:
             self._install_signals()
             log.info("master %d: starting %d workers for %s on %s:%d", os.getpid(),
                      self.num_workers, self.app_spec, self.claim.host, self.claim.port)
+            self._start_admin()
             while not (self.stopping and not self.workers):
                 self._tick()
             log.info("master %d: exiting with code %d", os.getpid(), self.exit_code)
             return self.exit_code
         finally:
+            if self.admin is not None:
+                self.admin.close()
             for w in list(self.workers.values()):
                 w.signal(signal.SIGKILL)
                 self._reaped(w)
@@ -215,8 +260,11 @@ class Supervisor:
             sig = self._signals.popleft()
             name = signal.Signals(sig).name[3:].lower()
             getattr(self, f"handle_{name}")()
+        self._run_calls()
         self._reap()
         now = time.monotonic()
+        self._progress_stats(now)
+        self._renew_tails(now)
         if self.stopping:
             if now >= self.stop_deadline:
                 self._kill_all("did not stop within the drain timeout")
@@ -254,12 +302,13 @@ class Supervisor:
     def _restore_signals(self) -> None:
         for name in SIGNALS:
             signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
-        if self._wakeup is not None:
-            signal.set_wakeup_fd(-1)
-            self._selector.unregister(self._wakeup[0])
-            for fd in self._wakeup:
-                os.close(fd)
-            self._wakeup = None
+        with self._wakeup_lock:  # call_soon (another thread) writes to it
+            if self._wakeup is not None:
+                signal.set_wakeup_fd(-1)
+                self._selector.unregister(self._wakeup[0])
+                for fd in self._wakeup:
+                    os.close(fd)
+                self._wakeup = None
 
     def handle_chld(self) -> None:
         """Reaping happens every tick; the signal only wakes the loop early."""
@@ -282,16 +331,20 @@ class Supervisor:
             self.num_workers -= 1
         log.info("TTOU: now %d workers", self.num_workers)
 
-    def handle_hup(self) -> None:
-        """Zero-downtime reload: new config, new app import, new workers; then retire the old."""
+    def handle_hup(self) -> str | None:
+        """Zero-downtime reload: new config, new app import, new workers; then retire the old.
+
+        Returns why it did not start (for the admin's POST /reload), None when it did.
+        """
         if self.stopping or self.reload is not None:
-            log.warning("HUP ignored: %s", "stopping" if self.stopping else "already reloading")
-            return
+            why = "stopping" if self.stopping else "already reloading"
+            log.warning("HUP ignored: %s", why)
+            return why
         try:
             cfg = load_config(self.config_path, overrides=self.overrides)
         except ConfigError as exc:
             log.error("HUP: reload aborted, keeping the current workers: %s", exc)
-            return
+            return f"reload aborted: {exc}"
         claim = None
         address = (cfg.server.host, cfg.server.port)
         if address != (self.cfg.server.host, self.cfg.server.port) and cfg.server.port != 0:
@@ -299,7 +352,7 @@ class Supervisor:
                 claim = PortClaim(*address)
             except AddressInUse as exc:
                 log.error("HUP: reload aborted, keeping the current workers: %s", exc)
-                return
+                return f"reload aborted: {exc}"
         elif cfg.server.port == 0:
             cfg = cfg.replace(**{"server.port": self.cfg.server.port})
         generation = self.generation + 1
@@ -310,6 +363,7 @@ class Supervisor:
                  generation)
         for _ in range(cfg.server.workers):
             self.spawn(generation, cfg)
+        return None
 
     # ------------------------------------------------------------------ workers
 
@@ -328,25 +382,37 @@ class Supervisor:
         worker = WorkerProcess(proc, Channel(parent), generation, now, now)
         self.workers[worker.pid] = worker
         self._selector.register(parent, selectors.EVENT_READ, worker)
-        log.debug("spawned %s", worker)
+        log.info("spawned %s", worker)
         return worker
 
-    def _read(self, worker: WorkerProcess) -> None:
+    def _read(self, worker: WorkerProcess) -> bool:
+        """Handle what the worker sent; False once its channel is closed (EOF)."""
         messages = worker.channel.receive()
         if messages is None:
             self._selector.unregister(worker.channel.sock)
             worker.channel.close()
-            return  # exited (or closed its end): the reaper takes it from here
+            return False  # exited (or closed its end): the reaper takes it from here
         worker.last_seen = time.monotonic()
         for msg in messages:
             t = msg["t"]
             if t == "ready":
                 worker.ready_at = worker.last_seen
+                worker.handlers = msg.get("handlers")
                 log.info("%s ready on %s", worker, ":".join(map(str, msg.get("address", ()))))
+                for tid, tail in self.tails.items():  # a new worker joins the open tails
+                    self._send_tail(worker, tid, tail)
             elif t == "error":
                 worker.error = str(msg.get("message"))
             elif t == "stats" and isinstance(msg.get("id"), int):
-                worker.stats_replies[msg["id"]] = msg.get("stats") or {}
+                worker.last_stats = msg.get("stats") or {}
+                if msg["id"] in self._stats_ids:
+                    worker.stats_replies[msg["id"]] = worker.last_stats
+            elif t == "tailed" and (tail := self.tails.get(msg.get("id"))) is not None:
+                try:
+                    tail.batches.put_nowait(msg.get("events") or [])
+                except queue.Full:
+                    pass  # the HTTP reader is behind: drop, never block the loop
+        return bool(messages)
 
     def read_channels(self, timeout: float) -> None:
         """Wait up to ``timeout`` for worker messages and record them; signals stay queued."""
@@ -363,8 +429,14 @@ class Supervisor:
     def _reaped(self, worker: WorkerProcess) -> None:
         self.workers.pop(worker.pid, None)
         if worker.channel.sock.fileno() != -1:
-            self._selector.unregister(worker.channel.sock)
-            worker.channel.close()
+            while self._read(worker):  # its goodbye (final stats) may still be unread
+                pass
+            if worker.channel.sock.fileno() != -1:
+                self._selector.unregister(worker.channel.sock)
+                worker.channel.close()
+        if worker.last_stats:
+            metrics.retire(self.retired, worker.last_stats)
+            worker.last_stats = None
         if worker.proc.returncode is None:
             worker.proc.wait()
 
@@ -510,8 +582,18 @@ class Supervisor:
         Only the control channels are read meanwhile (queued signals wait for the loop), so
         this is safe to call from a loop handler such as a future admin command.
         """
+        rid, asked = self._ask_stats()
+        deadline = time.monotonic() + timeout
+        while (any(rid not in w.stats_replies for w in asked)
+               and (left := deadline - time.monotonic()) > 0):
+            self.read_channels(left)
+        self._stats_ids.discard(rid)
+        return {w.pid: w.stats_replies.pop(rid) for w in asked if rid in w.stats_replies}
+
+    def _ask_stats(self) -> tuple[int, list[WorkerProcess]]:
         self._stats_id += 1
         rid = self._stats_id
+        self._stats_ids.add(rid)
         asked = []
         for worker in self.workers.values():
             if worker.ready_at is None or worker.retire_deadline is not None:
@@ -521,11 +603,195 @@ class Supervisor:
                 asked.append(worker)
             except OSError:
                 continue
-        deadline = time.monotonic() + timeout
-        while (any(rid not in w.stats_replies for w in asked)
-               and (left := deadline - time.monotonic()) > 0):
-            self.read_channels(left)
-        return {w.pid: w.stats_replies.pop(rid) for w in asked if rid in w.stats_replies}
+        return rid, asked
+
+    # ------------------------------------------------------------------ admin
+    #
+    # The admin HTTP server runs in threads (``admin.ThreadedAdmin``); everything it asks
+    # for runs here, on the main loop, through ``call_soon``: the loop alone touches the
+    # workers, their channels and the supervisor's state.
+
+    def _start_admin(self) -> None:
+        admin = self.cfg.admin
+        if not admin.enabled:
+            return
+        app = AdminApp(MasterAdmin(self), token=admin.token)
+        try:
+            self.admin = ThreadedAdmin(app, admin.host, admin.port)
+        except OSError as exc:
+            log.error("admin listener disabled: cannot listen on %s:%d: %s", admin.host,
+                      admin.port, exc.strerror or exc)
+            return
+        log.info("admin listening on http://%s:%d", *self.admin.address)
+
+    def call_soon(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the main loop (from any thread); its result arrives in the future."""
+        future: Future[Any] = Future()
+        self._calls.append((fn, future))
+        with self._wakeup_lock:
+            if self._wakeup is not None:
+                try:
+                    os.write(self._wakeup[1], b"\0")
+                except OSError:
+                    pass  # the pipe is full: the loop is awake anyway
+        return future
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def begin_stats(self, future: Future[dict[str, Any]], timeout: float) -> None:
+        """Ask the workers for stats; ``future`` gets the /stats document (``_progress_stats``)."""
+        rid, asked = self._ask_stats()
+        self._stats_waits.append(_StatsWait(rid, asked, time.monotonic() + timeout, future))
+        self._progress_stats(time.monotonic())
+
+    def _progress_stats(self, now: float) -> None:
+        for wait in list(self._stats_waits):
+            live = [w for w in wait.asked if w.pid in self.workers]  # exited: in the base now
+            if now < wait.deadline and any(wait.rid not in w.stats_replies for w in live):
+                continue
+            self._stats_waits.remove(wait)
+            self._stats_ids.discard(wait.rid)
+            snaps = [w.stats_replies.pop(wait.rid) for w in live if wait.rid in w.stats_replies]
+            for w in wait.asked:
+                w.stats_replies.pop(wait.rid, None)
+            wait.future.set_result(metrics.aggregate(
+                snaps, mode="master", uptime=time.time() - self.started_at, base=self.retired))
+
+    def readiness(self) -> tuple[bool, str]:
+        current = [w for w in self.workers.values()
+                   if w.generation == self.generation and w.retire_deadline is None]
+        listening = sum(1 for w in current if w.ready_at is not None)
+        detail = f"{listening}/{self.num_workers} workers listening"
+        if self.stopping:
+            return False, f"stopping; {detail}"
+        return self.booted and listening >= self.num_workers, detail
+
+    def handler_list(self) -> list[dict[str, Any]]:
+        for worker in sorted(self.workers.values(), key=lambda w: -w.generation):
+            if worker.handlers is not None and worker.retire_deadline is None:
+                return worker.handlers
+        raise AdminError(503, "no worker is ready yet")
+
+    def admin_reload(self) -> dict[str, Any]:
+        why = self.handle_hup()
+        if why is not None:
+            raise AdminError(409, why)
+        assert self.reload is not None
+        return {"reloading": True, "generation": self.reload.generation}
+
+    def admin_stop(self, now: bool) -> dict[str, Any]:
+        log.info("admin: %s stop requested", "immediate" if now else "graceful")
+        self.stop(graceful=not now)
+        return {"stopping": self.stopping, "pid": os.getpid()}
+
+    def admin_scale(self, n: int) -> dict[str, Any]:
+        if self.stopping:
+            raise AdminError(409, "stopping")
+        previous, self.num_workers = self.num_workers, n
+        log.info("admin: now %d workers (was %d)", n, previous)
+        return {"workers": n, "previous": previous}
+
+    def open_tail(self, pattern: str, rate: int) -> tuple[int, _Tail]:
+        self._tail_id += 1
+        tail = _Tail(pattern, rate, queue.Queue(maxsize=64), time.monotonic())
+        self.tails[self._tail_id] = tail
+        self._renew_tails(time.monotonic())
+        return self._tail_id, tail
+
+    def close_tail(self, tid: int) -> None:
+        if self.tails.pop(tid, None) is None:
+            return
+        for worker in self.workers.values():
+            try:
+                worker.channel.send("untail", id=tid)
+            except OSError:
+                pass
+
+    def _renew_tails(self, now: float) -> None:
+        """Keep the workers' leases of open tails; close tails whose reader stopped polling."""
+        for tid, tail in list(self.tails.items()):
+            if now - tail.polled > TAIL_LEASE:
+                self.close_tail(tid)
+            elif now - tail.renewed >= TAIL_LEASE / 3:
+                tail.renewed = now
+                for worker in self.workers.values():
+                    if worker.ready_at is not None and worker.retire_deadline is None:
+                        self._send_tail(worker, tid, tail)
+
+    @staticmethod
+    def _send_tail(worker: WorkerProcess, tid: int, tail: _Tail) -> None:
+        try:
+            worker.channel.send("tail", id=tid, pattern=tail.pattern, rate=tail.rate,
+                                lease=TAIL_LEASE)
+        except OSError:
+            pass
+
+
+class MasterAdmin:
+    """The admin backend of the master: each call waits for the main loop to run it."""
+
+    mode = "master"
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        return self.sup.call_soon(fn).result(ADMIN_CALL_TIMEOUT)
+
+    def stats(self) -> dict[str, Any]:
+        future: Future[dict[str, Any]] = Future()
+        self.sup.call_soon(lambda: self.sup.begin_stats(future, STATS_TIMEOUT))
+        return future.result(ADMIN_CALL_TIMEOUT + STATS_TIMEOUT)
+
+    def ready(self) -> tuple[bool, str]:
+        return self._call(self.sup.readiness)  # type: ignore[no-any-return]
+
+    def handlers(self) -> list[dict[str, Any]]:
+        return self._call(self.sup.handler_list)  # type: ignore[no-any-return]
+
+    def reload(self) -> dict[str, Any]:
+        return self._call(self.sup.admin_reload)  # type: ignore[no-any-return]
+
+    def stop(self, now: bool) -> dict[str, Any]:
+        return self._call(lambda: self.sup.admin_stop(now))  # type: ignore[no-any-return]
+
+    def scale(self, n: int) -> dict[str, Any]:
+        return self._call(lambda: self.sup.admin_scale(n))  # type: ignore[no-any-return]
+
+    def tail(self, pattern: str, rate: int) -> _MasterTail:
+        tid, tail = self._call(lambda: self.sup.open_tail(pattern, rate))
+        return _MasterTail(self.sup, tid, tail)
+
+
+class _MasterTail:
+    """The HTTP thread's end of a tail: batches the workers sent, via the main loop."""
+
+    def __init__(self, sup: Supervisor, tid: int, tail: _Tail) -> None:
+        self.sup = sup
+        self.tid = tid
+        self.tail = tail
+
+    def next_batch(self) -> list[dict[str, Any]]:
+        self.tail.polled = time.monotonic()
+        try:
+            events = self.tail.batches.get(timeout=TAIL_FLUSH)
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                events += self.tail.batches.get_nowait()
+            except queue.Empty:
+                return events
+
+    def close(self) -> None:
+        self.sup.call_soon(lambda: self.sup.close_tail(self.tid))
 
 
 def _drain(fd: int) -> None:
