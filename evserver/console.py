@@ -58,6 +58,8 @@ class AdminClient:
         except (TimeoutError, OSError) as exc:
             raise AdminFailure(f"cannot reach the evserver admin at {self.url}: "
                                f"{exc}") from None
+        except ValueError as exc:  # http.client.InvalidURL and friends
+            raise AdminFailure(f"bad admin URL {self.url!r}: {exc}") from None
 
     def call(self, method: str, path: str, **params: Any) -> Any:
         """One request; the decoded JSON answer."""
