@@ -115,18 +115,34 @@ def http(method: str, url: str, token: str | None = None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def send_traffic(address: tuple[str, int], connections: int = 4) -> None:
-    """TRAFFIC over several connections (so both workers get some), each event acked."""
+def send_traffic(address: tuple[str, int], workers: int = 1) -> dict[str, int]:
+    """TRAFFIC, each event acked, over connections that reach ``workers`` distinct workers.
+
+    Connections are spread by the kernel's SO_REUSEPORT hash, so a "whoami" request tells
+    which worker each one reached; returns the expected per-type counts (whoami included).
+    """
+    peers: dict[int, RawPeer] = {}
+    asked = 0
+    while len(peers) < workers:
+        assert asked < 64, f"64 connections reached only {len(peers)} worker(s)"
+        peer = RawPeer(address)
+        asked += 1
+        pid = peer.request(asked, "whoami").body
+        if pid in peers:
+            peer.close()
+        else:
+            peers[pid] = peer
+    conns = list(peers.values())
     events = [t for t, n in TRAFFIC.items() for _ in range(n)]
-    peers = [RawPeer(address) for _ in range(connections)]
     try:
         for i, etype in enumerate(events):
-            peers[i % connections].send(p.encode_event(i + 1, p.event_wire(etype, i, None)))
-        for i, peer in enumerate(peers):
-            peer.recv_frames(len(events[i::connections]))
+            conns[i % len(conns)].send(p.encode_event(i + 1, p.event_wire(etype, i, None)))
+        for i, peer in enumerate(conns):
+            peer.recv_frames(len(events[i::len(conns)]))
     finally:
-        for peer in peers:
+        for peer in conns:
             peer.close()
+    return {**TRAFFIC, "whoami": asked}
 
 
 @pytest.fixture
@@ -151,17 +167,18 @@ def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     return out
 
 
-def assert_exact_counts(stats: dict[str, Any], metrics_text: str, *, exited: bool = False) -> None:
-    """TRAFFIC, exactly, in /stats and /metrics (per worker too, unless a worker ``exited``)."""
-    total = sum(TRAFFIC.values())
+def assert_exact_counts(stats: dict[str, Any], metrics_text: str, expected: dict[str, int], *,
+                        exited: bool = False) -> None:
+    """``expected``, exactly, in /stats and /metrics (per worker too, unless one ``exited``)."""
+    total = sum(expected.values())
     t = stats["totals"]
     assert (t["events_in"], t["events_out"]) == (total, total)
     assert t["errors"] == TRAFFIC["fail"] and t["unrouted"] == TRAFFIC["nobody.home"]
-    assert {k: v["events"] for k, v in stats["types"].items()} == TRAFFIC
+    assert {k: v["events"] for k, v in stats["types"].items()} == expected
     assert stats["types"]["fail"]["errors"] == TRAFFIC["fail"]
     m = metric_values(metrics_text)
     if not exited:
-        for etype, n in TRAFFIC.items():  # per worker adds up to the total
+        for etype, n in expected.items():  # per worker adds up to the total
             assert sum(stats["types"][etype]["by_worker"].values()) == n
         assert sum(w["events_out"] for w in stats["workers"]) == total
         assert sum(v for (name, _), v in m.items() if name == "evserver_worker_events_total") \
@@ -169,7 +186,7 @@ def assert_exact_counts(stats: dict[str, Any], metrics_text: str, *, exited: boo
     assert m["evserver_events_received_total", ()] == total
     assert m["evserver_events_processed_total", ()] == total
     assert m["evserver_unrouted_events_total", ()] == TRAFFIC["nobody.home"]
-    for etype, n in TRAFFIC.items():
+    for etype, n in expected.items():
         assert m["evserver_events_total", (("type", etype),)] == n
     assert m["evserver_handler_errors_total", (("type", "fail"),)] == TRAFFIC["fail"]
 
@@ -300,13 +317,13 @@ def test_http_access_from_a_remote_peer(token: str | None) -> None:
 
 def test_two_workers_report_exact_counts(serve) -> None:
     s = serve("--workers", "2")
-    send_traffic(s.address)
+    expected = send_traffic(s.address, workers=2)
     stats = s.stats()
     assert len(stats["workers"]) == 2
     assert all(w["events_out"] for w in stats["workers"]), "expected both workers to serve"
     status, text = s.get("/metrics")
     assert status == 200
-    assert_exact_counts(stats, text.decode())
+    assert_exact_counts(stats, text.decode(), expected)
     result = s.cli("stats", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["totals"] == stats["totals"]
@@ -316,16 +333,16 @@ def test_two_workers_report_exact_counts(serve) -> None:
     assert s.cli("scale", "1").output.strip() == "workers: 2 -> 1"
     wait_for(lambda: len(s.stats()["workers"]) == 1 and s.stats()["retired_workers"] == 1,
              15, "one worker left")
-    assert_exact_counts(s.stats(), s.get("/metrics")[1].decode(), exited=True)
+    assert_exact_counts(s.stats(), s.get("/metrics")[1].decode(), expected, exited=True)
 
 
 def test_single_process_stats_metrics_and_readiness(serve) -> None:
     s = serve()
     assert s.get("/readyz")[0] == 200
-    send_traffic(s.address, connections=2)
+    expected = send_traffic(s.address)
     stats = s.stats()
     assert stats["mode"] == "single" and len(stats["workers"]) == 1
-    assert_exact_counts(stats, s.get("/metrics")[1].decode())
+    assert_exact_counts(stats, s.get("/metrics")[1].decode(), expected)
     lat = stats["types"]["order.created"]["latency"]
     assert set(lat) >= {"samples", "p50", "p90", "p99", "mean"}
 
@@ -345,7 +362,7 @@ def test_token_is_enforced_live(serve) -> None:
 
 def test_cli_admin_commands(serve) -> None:
     s = serve("--workers", "2")
-    send_traffic(s.address)
+    expected = send_traffic(s.address)
 
     result = s.cli("stats")
     assert result.exit_code == 0, result.output
@@ -354,16 +371,17 @@ def test_cli_admin_commands(serve) -> None:
     result = s.cli("workers", "--interval", "0", "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert len(rows) == 2 and sum(r["events"] for r in rows) == sum(TRAFFIC.values())
+    assert len(rows) == 2 and sum(r["events"] for r in rows) == sum(expected.values())
     assert "EVENTS/S" in s.cli("workers", "--interval", "0").output
 
     result = s.cli("handlers", "--json")
     handlers = {(h["kind"], h["pattern"]): h for h in json.loads(result.output)["handlers"]}
     assert set(handlers) == {("processor", "order.created"), ("processor", "order.*"),
-                             ("processor", "fail"), ("listener", "order.**")}
+                             ("processor", "fail"), ("processor", "whoami"),
+                             ("listener", "order.**")}
     assert handlers["processor", "order.*"]["options"]["retries"] == 1
     assert handlers["listener", "order.**"]["options"]["timeout"] == 5
-    assert "tests.apps" in s.cli("handlers").output or "admin_app" in s.cli("handlers").output
+    assert "admin_app.other_order" in s.cli("handlers").output
 
     result = s.cli("reload")
     assert result.exit_code == 0 and "generation 2" in result.output, result.output

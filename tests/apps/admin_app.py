@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from evserver import App, Event
 
 app = App("admin-test")
@@ -25,3 +27,8 @@ def fail(event: Event) -> None:
 @app.listener("order.**", timeout=5)
 def audit(event: Event) -> None:
     pass
+
+
+@app.processor("whoami")
+def whoami(event: Event) -> int:
+    return os.getpid()
