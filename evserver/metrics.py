@@ -225,7 +225,7 @@ class _StatsCollector:
                                      labels=["type"])
         latency = HistogramMetricFamily(
             "evserver_handler_latency_seconds",
-            "Handler wall time per event, sampled (about one event in 32), by event type.",
+            "Handler wall time per event, sampled (about one event in 128), by event type.",
             labels=["type"])
         bounds = [*(repr(float(b)) for b in st["latency_buckets"]), "+Inf"]
         for etype, t in st["types"].items():
