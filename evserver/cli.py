@@ -6,6 +6,8 @@ remote error), 2 usage or configuration error.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import sys
 from typing import Any
@@ -61,6 +63,103 @@ def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
     from .runner import run_single
 
     sys.exit(run_single(app_spec, cfg))
+
+
+# ---------------------------------------------------------------------- client commands
+
+_CLI_RETRIES = 2  # a person at a shell wants a quick answer, not a minute of backoff
+
+
+class _Json(click.ParamType):
+    name = "json"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            self.fail(f"not valid JSON ({exc}): {value!r}", param, ctx)
+
+
+def _meta(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    pairs = [v.partition("=") for v in values]
+    bad = [v for v, (_, eq, _) in zip(values, pairs, strict=True) if not eq]
+    if bad:
+        raise click.BadParameter(f"expected KEY=VALUE, got {bad[0]!r}")
+    return {key: value for key, _, value in pairs}
+
+
+def _client_command(func: Any) -> Any:
+    """The options every client command shares, and one way of reporting failures."""
+    from .errors import ClientConnectionError, RemoteError
+
+    @functools.wraps(func)
+    def command(host: str, port: int, timeout: float, **kwargs: Any) -> None:
+        from .client import Client
+
+        try:
+            with Client(host, port, timeout, retries=_CLI_RETRIES) as client:
+                func(client, **kwargs)
+        except RemoteError as exc:
+            _fail(f"remote error: {exc.type}: {exc.message}")
+        except (ClientConnectionError, TimeoutError, ValueError) as exc:
+            _fail(str(exc))
+
+    for decorator in reversed((
+        click.option("--host", envvar="EVSERVER_HOST", default="127.0.0.1", show_default=True,
+                     help="Server address [env EVSERVER_HOST]."),
+        click.option("--port", envvar="EVSERVER_PORT", type=int, default=7878,
+                     show_default=True, help="Server port [env EVSERVER_PORT]."),
+        click.option("--timeout", type=float, default=10.0, show_default=True,
+                     help="Seconds to wait for the server."),
+    )):
+        command = decorator(command)
+    return command
+
+
+_type_arg = click.argument("type")
+_data_arg = click.argument("data", type=_Json(), required=False, metavar="[JSON]")
+_meta_opt = click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=_meta,
+                         help="Event metadata; repeatable.")
+
+
+@main.command()
+@_type_arg
+@_data_arg
+@click.option("--ack", is_flag=True, help="Wait until the event was processed.")
+@_meta_opt
+@_client_command
+def send(client: Any, type: str, data: Any, ack: bool, meta: dict[str, str]) -> None:
+    """Send one event of TYPE with JSON data (default null); print its id with --ack."""
+    event_id = client.send(type, data, meta=meta, ack=ack)
+    if ack:
+        click.echo(event_id)
+
+
+@main.command()
+@_type_arg
+@_data_arg
+@_meta_opt
+@_client_command
+def request(client: Any, type: str, data: Any, meta: dict[str, str]) -> None:
+    """Send a request of TYPE with JSON data (default null); print the reply as JSON."""
+    click.echo(json.dumps(client.request(type, data, meta=meta), default=_jsonable))
+
+
+@main.command()
+@_client_command
+def ping(client: Any) -> None:
+    """Measure one round trip to the server."""
+    rtt = client.ping()
+    click.echo(f"pong from {client.address} in {rtt * 1000:.2f} ms")
+
+
+def _jsonable(value: Any) -> Any:
+    """msgpack has bin and ext types JSON lacks: show bytes as text, the rest as repr."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return repr(value)
 
 
 if __name__ == "__main__":
