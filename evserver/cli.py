@@ -155,6 +155,71 @@ def ping(client: Any) -> None:
     click.echo(f"pong from {client.address} in {rtt * 1000:.2f} ms")
 
 
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Inspect and replay events whose handlers failed after their retries."""
+
+
+def _store(config_path: str | None) -> Any:
+    from .deadletters import DeadLetterStore
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    return DeadLetterStore(cfg.dead_letters.path, fsync_interval=cfg.dead_letters.fsync_interval)
+
+
+_config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                           help="The config file `serve` uses (for [dead_letters] path).")
+_pattern_opt = click.option("--type", "pattern", metavar="PATTERN",
+                            help="Only event types matching PATTERN (`*`, `**` allowed).")
+
+
+@dead_letters.command("list")
+@_config_opt
+@_pattern_opt
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def dead_letters_list(config_path: str | None, pattern: str | None, as_json: bool) -> None:
+    """List stored dead letters, oldest first."""
+    import dataclasses
+    import time
+
+    for record in _store(config_path).read(pattern):
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(record), default=_jsonable))
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.failed_at))
+        click.echo(f"{when}  {record.event_type}  {record.event_id}  {record.handler}  "
+                   f"{record.error_type}: {record.message} ({record.attempts} attempts)")
+
+
+@dead_letters.command("replay")
+@_config_opt
+@_pattern_opt
+@_client_command
+def dead_letters_replay(client: Any, config_path: str | None, pattern: str | None) -> None:
+    """Re-send dead letters with ack=True (same event ids); remove those acknowledged."""
+    from .errors import RemoteError
+
+    store = _store(config_path)
+    acked: list[str] = []
+    failed = 0
+    try:
+        for record in store.read(pattern):
+            try:
+                client.send(record.event_type, record.data, meta=record.meta, ack=True,
+                            id=record.event_id)
+                acked.append(record.event_id)
+            except RemoteError:
+                failed += 1
+    finally:
+        store.remove(acked)  # even when interrupted: what was acked must not be replayed
+    click.echo(f"replayed {len(acked)}, failed {failed}")
+    if failed:
+        sys.exit(1)
+
+
 def _jsonable(value: Any) -> Any:
     """msgpack has bin and ext types JSON lacks: show bytes as text, the rest as repr."""
     if isinstance(value, bytes):
