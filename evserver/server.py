@@ -35,9 +35,6 @@ READ_SIZE = 1 << 16
 _BUF = bytearray(READ_SIZE)
 _VIEW = memoryview(_BUF)
 _EVENT_KINDS = frozenset({p.EVENT, p.BATCH, p.REQUEST})
-# Per connection: jobs queued or running. Enough for one connection's slow handlers to run
-# in parallel, few enough that a flood turns into TCP backpressure quickly.
-_JOBS_IN_FLIGHT = 8
 # Frames of one read are split into jobs of about this many events (a BATCH is never split),
 # so a long run of single-event frames spreads over several workers.
 _JOB_EVENTS = 64
@@ -135,7 +132,7 @@ class Connection:
                 for job_frames in _split(frames):
                     self.jobs += 1
                     dispatcher.submit(Job(self, job_frames))
-                    self._wait_jobs(_JOBS_IN_FLIGHT, timeout=None)
+                    self._wait_jobs(server.jobs_per_connection, timeout=None)
                 # Fairness: recv only yields on EAGAIN, so a connection that always has
                 # data would otherwise never let others run.
                 eventlet.sleep(0)
@@ -261,6 +258,10 @@ class Server:
         self.reuse_port = reuse_port
         self.backlog = backlog
         self.dead_letters = dead_letters
+        # Jobs one connection may have queued or running: half the pool, so one busy
+        # connection can keep many slow handlers running while others still find workers;
+        # the bounded queue caps the total whatever the number of connections.
+        self.jobs_per_connection = max(4, pool_size // 2)
         self.dispatcher = Dispatcher(app, pool_size=pool_size, queue_size=queue_size,
                                      handler_defaults=handler_defaults,
                                      dead_letters=dead_letters)
