@@ -220,6 +220,22 @@ def dead_letters_replay(client: Any, config_path: str | None, pattern: str | Non
         sys.exit(1)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run scripts/bench.py (needs a source checkout); `evserver bench --help` for options."""
+    import runpy
+    from pathlib import Path
+
+    candidates = [Path.cwd() / "scripts" / "bench.py",
+                  Path(__file__).resolve().parent.parent / "scripts" / "bench.py"]
+    script = next((c for c in candidates if c.is_file()), None)
+    if script is None:
+        _fail("evserver bench runs scripts/bench.py from a source checkout; none found here")
+    sys.argv = [str(script), *args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
 def _jsonable(value: Any) -> Any:
     """msgpack has bin and ext types JSON lacks: show bytes as text, the rest as repr."""
     if isinstance(value, bytes):
