@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from . import protocol as p
 from ._eventlet import eventlet
 from .app import App, Handler
+from .deadletters import DeadLetter, DeadLetterStore
 from .errors import HandlerTimeout, RoutingError
 from .event import Event
 from .metrics import Histogram
@@ -145,9 +146,6 @@ class Stats:
         self.latency: dict[str, Histogram] = {}
 
 
-DeadLetterHook = Callable[[Handler, Event, BaseException, int, str], None]
-
-
 class Dispatcher:
     """Owns the worker green threads, the queue in front of them and the ordering state."""
 
@@ -158,14 +156,14 @@ class Dispatcher:
         pool_size: int = 64,
         queue_size: int = 256,
         handler_defaults: dict[str, Any] | None = None,
-        dead_letter: DeadLetterHook | None = None,
+        dead_letters: DeadLetterStore | None = None,
     ) -> None:
         self.app = app
         self.pool_size = pool_size
         self.queue: Any = eventlet.queue.LightQueue(queue_size)
         self.stats = Stats()
         self.busy = 0
-        self.dead_letter = dead_letter
+        self.dead_letters = dead_letters
         self._defaults = handler_defaults or {}
         self._plans = {id(h): Plan(h, self._defaults) for h in app.handlers}
         self._entries: dict[str, tuple[Plan | None, tuple[Plan, ...]]] = {}
@@ -408,10 +406,13 @@ class Dispatcher:
             "%s %s failed on %s (id %s) after %d attempt(s): %s: %s", handler.kind, handler.name,
             event.type, event.id, attempts, type(exc).__name__, exc,
         )
-        if self.dead_letter is None:
+        if self.dead_letters is None:
             return Failure.from_exception(exc)
         try:
-            self.dead_letter(handler, event, exc, attempts, tb)
+            self.dead_letters.append(DeadLetter(
+                event.type, event.data, event.id, event.time, event.meta, handler.name,
+                handler.kind, type(exc).__name__, str(exc), tb, attempts, time.time(),
+            ))
         except Exception:
             log.exception("could not store dead letter for %s", event.id)
             return Failure.from_exception(exc)

@@ -1,0 +1,136 @@
+"""Shared fixtures: real ``evserver serve`` processes on loopback.
+
+``server_factory(app_spec, *extra_args, env=None, port=None)`` starts
+``python -m evserver serve APP --host 127.0.0.1 --port PORT *extra_args`` in a temporary
+directory (so no ``config/evserver.toml`` or ``EVSERVER_*`` variable of the developer leaks
+in), waits until the server's HELLO arrives (bounded by ``START_TIMEOUT``) and returns a
+``ServerProcess`` (``.host``, ``.port``, ``.address``, ``.proc``, ``.stop()``, ``.log()``).
+Pass ``port=`` to restart a server where a killed one listened. Every server a test started
+is stopped (SIGTERM, then SIGKILL) at teardown, and a failing test's report shows each
+server's stderr. ``APPS`` is the folder of test apps (``tests/apps``), e.g.
+``server_factory(f"{APPS}/basic.py:app")``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from evserver import protocol as p
+
+REPO = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bind port 0, close): racy but fine on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """One ``evserver serve`` subprocess; stderr goes to ``log_path``."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], host: str, port: int,
+                 log_path: Path) -> None:
+        self.proc = proc
+        self.host = host
+        self.port = port
+        self.log_path = log_path
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def log(self) -> str:
+        """Everything the server wrote to stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send ``sig`` (SIGKILL to simulate a crash), wait, kill if needed; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until a connection gets the server's HELLO; fail early if the process exits."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(self.address, timeout=1.0) as sock:
+                    reader = p.FrameReader(p.CLIENT_RECEIVES)
+                    while (frame := reader.next_frame()) is None:
+                        data = sock.recv(4096)
+                        if not data:
+                            raise ConnectionError("closed before HELLO")
+                        reader.receive_data(data)
+                    if frame.kind == p.HELLO:
+                        return
+                    raise RuntimeError(f"first frame is not HELLO: {frame}")
+            except OSError as exc:  # not listening yet
+                last = exc
+                time.sleep(0.02)
+        self.stop(signal.SIGKILL)
+        raise TimeoutError(f"server not ready after {timeout}s ({last}):\n{self.log()}")
+
+
+ServerFactory = Callable[..., ServerProcess]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for server in getattr(item, "_evserver_servers", ()):
+            report.sections.append((f"evserver stderr (port {server.port})", server.log()))
+
+
+@pytest.fixture
+def server_factory(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    servers: list[ServerProcess] = []
+    request.node._evserver_servers = servers
+    workdir = tmp_path_factory.mktemp("server")
+
+    def start(app_spec: str, *extra_args: str, env: dict[str, str] | None = None,
+              port: int | None = None) -> ServerProcess:
+        port = free_port() if port is None else port
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
+        environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO), environ.get("PYTHONPATH")]))
+        environ.update(env or {})
+        log_path = workdir / f"server-{len(servers)}-{port}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "evserver", "serve", app_spec,
+                 "--host", "127.0.0.1", "--port", str(port), *extra_args],
+                cwd=workdir, env=environ, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )
+        server = ServerProcess(proc, "127.0.0.1", port, log_path)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
