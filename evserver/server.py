@@ -38,14 +38,19 @@ _EVENT_KINDS = frozenset({p.EVENT, p.BATCH, p.REQUEST})
 # Frames of one read are split into jobs of about this many events (a BATCH is never split),
 # so a long run of single-event frames spreads over several workers.
 _JOB_EVENTS = 64
+# A reader runs its own job when the pool is idle (no hand-off: the request/reply fast path).
+# A job that took longer than this means slow handlers: hand this connection's next jobs to
+# the pool, where they run in parallel, and try inline again after that many jobs.
+_INLINE_MAX_SECONDS = 0.002
+_INLINE_BACKOFF_JOBS = 256
 
 
 class Connection:
     """One accepted socket: its reader green thread, its pending jobs and its writer state."""
 
     __slots__ = (
-        "addr", "closing", "jobs", "out", "reader", "replies_pending", "server", "sock",
-        "waiter", "writing",
+        "addr", "closing", "inline_skip", "jobs", "out", "reader", "replies_pending", "server",
+        "sock", "waiter", "writing",
     )
 
     def __init__(self, server: Server, sock: Any, addr: Any) -> None:
@@ -57,6 +62,7 @@ class Connection:
         self.writing = False
         self.closing = False
         self.jobs = 0  # jobs queued or running
+        self.inline_skip = 0  # jobs to hand to the pool before running one inline again
         self.replies_pending = 0  # frames that still owe the peer a response
         self.waiter: tuple[int, Any] | None = None  # (below, Event) for _wait_jobs
 
@@ -131,7 +137,16 @@ class Connection:
                     return
                 for job_frames in _split(frames):
                     self.jobs += 1
-                    dispatcher.submit(Job(self, job_frames))
+                    job = Job(self, job_frames)
+                    if self.inline_skip:
+                        self.inline_skip -= 1
+                    else:
+                        started = time.perf_counter()
+                        if dispatcher.run_inline(job):
+                            if time.perf_counter() - started > _INLINE_MAX_SECONDS:
+                                self.inline_skip = _INLINE_BACKOFF_JOBS
+                            continue
+                    dispatcher.submit(job)
                     self._wait_jobs(server.jobs_per_connection, timeout=None)
                 # Fairness: recv only yields on EAGAIN, so a connection that always has
                 # data would otherwise never let others run.
