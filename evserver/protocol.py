@@ -280,17 +280,29 @@ class FrameReader:
             now = _time.time()
             tell = unpacker.tell
             pos = self._pos
+            batch: list[Event] | None = None  # the open coalesced fire-and-forget batch
             try:
                 for raw in unpacker:
-                    frame = _parse_fast(raw, accept, now)
                     pos = tell()  # after a partial frame tell() counts its bytes too
+                    # Inlined shortcut for the commonest frame, [1, 0, [type, data]] (a
+                    # fire-and-forget minimal event): no Frame per event when coalescing.
+                    if (coalesce and type(raw) is list and len(raw) == 3 and raw[0] == EVENT
+                            and raw[1] == 0 and type(ev := raw[2]) is list and len(ev) == 2
+                            and type(ev[0]) is str and ev[0] and EVENT in accept
+                            and type(raw[1]) is int):
+                        if batch is None or len(batch) >= coalesce:
+                            batch = []
+                            out.append(Frame(BATCH, 0, batch))
+                        batch.append(Event(ev[0], ev[1], None, now))
+                        continue
+                    frame = _parse_fast(raw, accept, now)
                     if coalesce and frame.kind == EVENT and not frame.corr:
-                        last = out[-1] if out else None
-                        if (last is not None and last.kind == BATCH and not last.corr
-                                and len(last.body) < coalesce):
-                            last.body.append(frame.body[0])
-                            continue
-                        frame.kind = BATCH
+                        if batch is None or len(batch) >= coalesce:
+                            batch = []
+                            out.append(Frame(BATCH, 0, batch))
+                        batch.append(frame.body[0])
+                        continue
+                    batch = None  # keep frames in order: a later event starts a new batch
                     out.append(frame)
             except ProtocolError:
                 self._fail()
