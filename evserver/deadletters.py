@@ -107,26 +107,30 @@ class DeadLetterStore:
     def append(self, record: DeadLetter) -> None:
         """Write one record to this store's file (to the OS now, to disk per fsync_interval)."""
         frame = _encode(record)
-        fd = self._fd
-        if fd is not None:
-            _flock(fd, fcntl.LOCK_EX, poll=True)
-            if not _names(self.file, fd):  # a replay rewrote or emptied our file
-                self._fd = None
-                os.close(fd)  # also drops the lock
-                fd = None
-        if fd is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-            fd = _open_locked(self.file, flags, fcntl.LOCK_EX, poll=True)
-            assert fd is not None  # O_CREAT
-            self._fd = fd
-            _fsync_dir(self.dir)  # the new name must survive a crash as well as its bytes
+        fd = self._lock_own_file()
         try:
             _write_all(fd, frame)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         self._dirty = True
         self.maybe_sync()
+
+    def _lock_own_file(self) -> int:
+        """This store's file, open and exclusively locked; reopened if a replay replaced it."""
+        fd = self._fd
+        if fd is not None:
+            _flock(fd, fcntl.LOCK_EX, poll=True)
+            if _names(self.file, fd):
+                return fd
+            self._fd = None  # a replay rewrote or emptied our file
+            os.close(fd)  # also drops the lock
+        self.dir.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        fd = _open_locked(self.file, flags, fcntl.LOCK_EX, poll=True)
+        assert fd is not None  # O_CREAT
+        self._fd = fd
+        _fsync_dir(self.dir)  # the new name must survive a crash as well as its bytes
+        return fd
 
     def maybe_sync(self) -> None:
         """fsync if something was appended and the last fsync is ``fsync_interval`` old."""
@@ -171,6 +175,7 @@ class DeadLetterStore:
         return self.read()
 
     def count(self) -> int:
+        """How many records are stored (reads every file)."""
         return sum(1 for _ in self.read())
 
     def remove(self, ids: Iterable[str]) -> int:
