@@ -7,6 +7,7 @@ adapters that use it, ``server`` and ``dispatch``) keeps a later move to another
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 
 # Since 0.40.4 eventlet warns on every import; its message starts with a newline, so the
@@ -17,10 +18,11 @@ os.environ.setdefault("EVENTLET_NO_GREENDNS", "yes")  # dnspython's resolver: no
 
 import eventlet  # noqa: E402
 import eventlet.green.socket  # noqa: E402
+import eventlet.hubs  # noqa: E402
 import eventlet.queue  # noqa: E402
 import eventlet.tpool  # noqa: E402
 
-__all__ = ["eventlet", "monkey_patch"]
+__all__ = ["eventlet", "monkey_patch", "wake_hub_on_signals"]
 
 
 def monkey_patch() -> None:
@@ -29,3 +31,28 @@ def monkey_patch() -> None:
     Must run before the user's app is imported, or locks and sockets it creates stay real.
     """
     eventlet.monkey_patch()
+
+
+def wake_hub_on_signals() -> None:
+    """Make green work scheduled by a Python signal handler run now, not at the next timer.
+
+    The handler runs while the hub sits in ``epoll_wait``, which PEP 475 then retries with
+    the same timeout: a ``spawn_n(server.stop)`` from a SIGTERM handler would wait for the
+    hub's next timer (seconds, or never when idle). ``set_wakeup_fd`` makes the interrupted
+    poll see a readable pipe and return. Call once, from the main thread, before serving.
+    """
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w)
+
+    def drain() -> None:
+        while True:
+            eventlet.hubs.trampoline(r, read=True)
+            try:
+                while os.read(r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    eventlet.spawn_n(drain)

@@ -31,7 +31,9 @@ def main() -> None:
     """evserver: a greenlet-based concurrent event server.
 
     Serve an app with `evserver serve module:app`; send events with `evserver send`,
-    `evserver request` and `evserver ping`.
+    `evserver request` and `evserver ping`; watch and control a running server through its
+    admin listener with `stats`, `workers`, `handlers`, `top`, `tail`, `reload`, `scale` and
+    `stop`.
     """
 
 
@@ -43,6 +45,9 @@ def main() -> None:
 def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> None:
     """Serve APP (`module:attr` or `path/to/file.py:attr`) until SIGTERM/SIGINT.
 
+    With --workers N (N > 1 or "auto") a master supervises N worker processes; see
+    docs/workers.md for its signals (HUP reloads, TTIN/TTOU add/remove a worker).
+
     Settings come from defaults < config file < EVSERVER_<TABLE>_<KEY> environment
     variables < these flags.
     """
@@ -53,9 +58,193 @@ def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
     from .logs import configure_logging
 
     configure_logging(cfg.server.log_level, cfg.server.log_format)
+    if cfg.server.workers > 1:
+        from .supervisor import run_supervisor
+
+        sys.exit(run_supervisor(app_spec, cfg, config_path=config_path, overrides=overrides))
     from .runner import run_single
 
     sys.exit(run_single(app_spec, cfg))
+
+
+# --------------------------------------------------------------------------- admin commands
+
+
+def admin_options(func: Any) -> Any:
+    """--admin URL, --token and --json for the commands that talk to the admin listener."""
+    func = click.option("--json", "as_json", is_flag=True,
+                        help="Print the server's JSON answer instead of a table.")(func)
+    func = click.option("--token", envvar="EVSERVER_ADMIN_TOKEN", default=None,
+                        help="Admin bearer token [env EVSERVER_ADMIN_TOKEN; default: "
+                             "[admin] token].")(func)
+    return click.option("--admin", "admin_url", metavar="URL", default=None,
+                        help="Admin listener URL [default: http://<[admin] host>:<[admin] "
+                             "port> from the config, http://127.0.0.1:7879].")(func)
+
+
+def _client(admin_url: str | None, token: str | None) -> Any:
+    from .console import AdminClient
+
+    if admin_url is None or token is None:
+        try:
+            cfg = load_config()
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        admin_url = admin_url or f"http://{cfg.admin.host}:{cfg.admin.port}"
+        token = token or cfg.admin.token
+    return AdminClient(admin_url, token)
+
+
+def _admin(func: Any) -> Any:
+    """Turn an AdminFailure into one line on stderr and exit code 1."""
+    import functools
+
+    @functools.wraps(func)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        from .console import AdminFailure
+
+        try:
+            return func(*args, **kwargs)
+        except AdminFailure as exc:
+            _fail(str(exc))
+
+    return command
+
+
+def _print_json(doc: Any) -> None:
+    import json
+
+    click.echo(json.dumps(doc, indent=2))
+
+
+@main.command()
+@admin_options
+@_admin
+def stats(admin_url: str | None, token: str | None, as_json: bool) -> None:
+    """Counters per worker and per event type, with handler latency percentiles."""
+    from .console import format_stats
+
+    doc = _client(admin_url, token).call("GET", "/stats")
+    _print_json(doc) if as_json else click.echo(format_stats(doc))
+
+
+@main.command()
+@click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds between the two samples events/s is measured over; 0 = the "
+                   "lifetime average.")
+@admin_options
+@_admin
+def workers(interval: float, admin_url: str | None, token: str | None, as_json: bool) -> None:
+    """Worker processes: pid, uptime, connections, events and events/s."""
+    import time
+
+    from .console import format_workers, worker_rates
+
+    client = _client(admin_url, token)
+    before = client.call("GET", "/stats") if interval else None
+    start = time.monotonic()
+    if interval:
+        time.sleep(interval)  # the measuring window of events/s
+    after = client.call("GET", "/stats")
+    rates = worker_rates(before, after, time.monotonic() - start)
+    if as_json:
+        _print_json([{"pid": w["pid"], "uptime": w["uptime"], "connections": w["connections"],
+                      "events": w["events_out"], "events_per_second": rates[w["pid"]]}
+                     for w in after["workers"]])
+    else:
+        click.echo(format_workers(after, rates))
+
+
+@main.command()
+@admin_options
+@_admin
+def handlers(admin_url: str | None, token: str | None, as_json: bool) -> None:
+    """Registered processors and listeners with their patterns and options."""
+    from .console import format_handlers
+
+    doc = _client(admin_url, token).call("GET", "/handlers")
+    _print_json(doc) if as_json else click.echo(format_handlers(doc["handlers"]))
+
+
+@main.command()
+@admin_options
+@_admin
+def reload(admin_url: str | None, token: str | None, as_json: bool) -> None:
+    """Zero-downtime reload (like SIGHUP to the master): new config, app and workers."""
+    doc = _client(admin_url, token).call("POST", "/reload")
+    _print_json(doc) if as_json else click.echo(
+        f"reloading: generation {doc['generation']} is starting")
+
+
+@main.command()
+@click.option("--now", is_flag=True, help="Do not drain: stop immediately (like SIGQUIT).")
+@admin_options
+@_admin
+def stop(now: bool, admin_url: str | None, token: str | None, as_json: bool) -> None:
+    """Stop the server: gracefully (drain in-flight events) unless --now."""
+    doc = _client(admin_url, token).call("POST", "/stop", now=1 if now else None)
+    _print_json(doc) if as_json else click.echo(f"stopping ({doc['stopping']}): "
+                                                f"pid {doc['pid']}")
+
+
+@main.command()
+@click.argument("n", type=click.IntRange(min=1))
+@admin_options
+@_admin
+def scale(n: int, admin_url: str | None, token: str | None, as_json: bool) -> None:
+    """Run N worker processes (multi-worker mode; a reload resets it to the config's)."""
+    doc = _client(admin_url, token).call("POST", "/workers", n=n)
+    _print_json(doc) if as_json else click.echo(f"workers: {doc['previous']} -> {doc['workers']}")
+
+
+@main.command()
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="Quit after this many screens.")
+@click.option("--admin", "admin_url", metavar="URL", default=None,
+              help="Admin listener URL [default: from the config].")
+@click.option("--token", envvar="EVSERVER_ADMIN_TOKEN", default=None,
+              help="Admin bearer token [env EVSERVER_ADMIN_TOKEN].")
+@_admin
+def top(interval: float, iterations: int | None, admin_url: str | None,
+        token: str | None) -> None:
+    """A live view of rates, latencies and errors; q or Ctrl-C quits."""
+    from .console import run_top
+
+    run_top(_client(admin_url, token), interval, iterations=iterations)
+
+
+@main.command()
+@click.argument("pattern", default="**")
+@click.option("--rate", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Most events a second to show (the server samples; it never slows down).")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=None,
+              help="Exit after this many events.")
+@click.option("--admin", "admin_url", metavar="URL", default=None,
+              help="Admin listener URL [default: from the config].")
+@click.option("--token", envvar="EVSERVER_ADMIN_TOKEN", default=None,
+              help="Admin bearer token [env EVSERVER_ADMIN_TOKEN].")
+@_admin
+def tail(pattern: str, rate: int, count: int | None, admin_url: str | None,
+         token: str | None) -> None:
+    """Print events matching PATTERN (default: all) as JSON lines as they pass through."""
+    import json
+
+    from .app import compile_pattern
+    from .errors import RegistrationError
+
+    try:
+        compile_pattern(pattern)
+    except RegistrationError as exc:
+        raise click.BadParameter(str(exc), param_hint="PATTERN") from None
+    client = _client(admin_url, token)
+    client.timeout = 30.0  # the server writes a keep-alive line every second
+    try:
+        for event in client.stream("/tail", pattern=pattern, rate=rate, limit=count):
+            click.echo(json.dumps(event))
+    except KeyboardInterrupt:
+        pass
 
 
 # ---------------------------------------------------------------------- client commands
@@ -146,6 +335,87 @@ def ping(client: Any) -> None:
     """Measure one round trip to the server."""
     rtt = client.ping()
     click.echo(f"pong from {client.address} in {rtt * 1000:.2f} ms")
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Inspect and replay events whose handlers failed after their retries."""
+
+
+def _store(config_path: str | None) -> Any:
+    from .deadletters import DeadLetterStore
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    return DeadLetterStore(cfg.dead_letters.path, fsync_interval=cfg.dead_letters.fsync_interval)
+
+
+_config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                           help="The config file `serve` uses (for [dead_letters] path).")
+_pattern_opt = click.option("--type", "pattern", metavar="PATTERN",
+                            help="Only event types matching PATTERN (`*`, `**` allowed).")
+
+
+@dead_letters.command("list")
+@_config_opt
+@_pattern_opt
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def dead_letters_list(config_path: str | None, pattern: str | None, as_json: bool) -> None:
+    """List stored dead letters, oldest first."""
+    import dataclasses
+    import time
+
+    for record in _store(config_path).read(pattern):
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(record), default=_jsonable))
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.failed_at))
+        click.echo(f"{when}  {record.event_type}  {record.event_id}  {record.handler}  "
+                   f"{record.error_type}: {record.message} ({record.attempts} attempts)")
+
+
+@dead_letters.command("replay")
+@_config_opt
+@_pattern_opt
+@_client_command
+def dead_letters_replay(client: Any, config_path: str | None, pattern: str | None) -> None:
+    """Re-send dead letters with ack=True (same event ids); remove those acknowledged."""
+    from .errors import RemoteError
+
+    store = _store(config_path)
+    acked: list[str] = []
+    failed = 0
+    try:
+        for record in store.read(pattern):
+            try:
+                client.send(record.event_type, record.data, meta=record.meta, ack=True,
+                            id=record.event_id)
+                acked.append(record.event_id)
+            except RemoteError:
+                failed += 1
+    finally:
+        store.remove(acked)  # even when interrupted: what was acked must not be replayed
+    click.echo(f"replayed {len(acked)}, failed {failed}")
+    if failed:
+        sys.exit(1)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run scripts/bench.py (needs a source checkout); `evserver bench --help` for options."""
+    import runpy
+    from pathlib import Path
+
+    candidates = [Path.cwd() / "scripts" / "bench.py",
+                  Path(__file__).resolve().parent.parent / "scripts" / "bench.py"]
+    script = next((c for c in candidates if c.is_file()), None)
+    if script is None:
+        _fail("evserver bench runs scripts/bench.py from a source checkout; none found here")
+    sys.argv = [str(script), *args]
+    runpy.run_path(str(script), run_name="__main__")
 
 
 def _jsonable(value: Any) -> Any:

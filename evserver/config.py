@@ -163,6 +163,14 @@ SETTINGS: tuple[Setting, ...] = (
       Check("a non-empty string", bool)),
     S("dead_letters", "fsync_interval", float, 1.0,
       "Seconds between fsyncs of dead letters; 0 = after every write.", _number()),
+    S("admin", "enabled", bool, True,
+      "Serve the HTTP admin listener (health, stats, metrics, control)."),
+    S("admin", "host", str, "127.0.0.1", "Address of the admin listener; keep it private."),
+    S("admin", "port", int, 7879, "Port of the admin listener (never shared); 0 picks one.",
+      Check("an integer 0-65535", lambda v: 0 <= v <= 65535)),
+    S("admin", "token", str, None,
+      "Bearer token for admin actions; without one they are allowed from loopback only.",
+      optional=True),
 )
 del S
 _BY_NAME: Mapping[str, Setting] = MappingProxyType({s.name: s for s in SETTINGS})

@@ -32,12 +32,17 @@ from typing import Any, Protocol
 from . import protocol as p
 from ._eventlet import eventlet
 from .app import App, Handler
+from .deadletters import DeadLetter, DeadLetterStore
 from .errors import HandlerTimeout, RoutingError
 from .event import Event
+from .metrics import Histogram
 
 log = logging.getLogger("evserver.dispatch")
 
 YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot starve the hub
+# One event in about this many is timed for the latency histograms: timing every event
+# would cost ~25% of the dispatch path; sampling costs one compare per event (~3%).
+SAMPLE_EVERY = 128
 _NO_HANDLER_LOG_INTERVAL = 60.0
 _BACKOFF_MAX = 30.0
 
@@ -136,9 +141,9 @@ class Stats:
         self.dead_letters = 0
         self.unrouted = 0
         self.by_type: defaultdict[str, int] = defaultdict(int)
-
-
-DeadLetterHook = Callable[[Handler, Event, BaseException, int, str], None]
+        self.errors_by_type: defaultdict[str, int] = defaultdict(int)
+        # Sampled handler durations per type (see SAMPLE_EVERY); bounded by the route cache.
+        self.latency: dict[str, Histogram] = {}
 
 
 class Dispatcher:
@@ -151,20 +156,25 @@ class Dispatcher:
         pool_size: int = 64,
         queue_size: int = 256,
         handler_defaults: dict[str, Any] | None = None,
-        dead_letter: DeadLetterHook | None = None,
+        dead_letters: DeadLetterStore | None = None,
     ) -> None:
         self.app = app
         self.pool_size = pool_size
         self.queue: Any = eventlet.queue.LightQueue(queue_size)
         self.stats = Stats()
         self.busy = 0
-        self.dead_letter = dead_letter
-        defaults = handler_defaults or {}
-        self._plans = {id(h): Plan(h, defaults) for h in app.handlers}
+        self.dead_letters = dead_letters
+        self._defaults = handler_defaults or {}
+        self._plans = {id(h): Plan(h, self._defaults) for h in app.handlers}
+        self._entries: dict[str, tuple[Plan | None, tuple[Plan, ...]]] = {}
         self._ordered = any(plan.key is not None for plan in self._plans.values())
         self._keys: dict[Any, _KeyState] = {}
         self._workers: list[Any] = []
         self._unrouted_logged: dict[str, float] = {}
+        self._until_sample = SAMPLE_EVERY
+        # The admin's ``tail`` sampler: sees each submitted job's frames while set. It must be
+        # cheap and never block; None (the default) costs one attribute check per job.
+        self.tap: Callable[[list[p.Frame]], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,6 +185,8 @@ class Dispatcher:
         """Queue a job; blocks the calling green thread while the queue is full."""
         if self._ordered:
             self._issue_tickets(job)
+        if self.tap is not None:
+            self.tap(job.frames)
         self.queue.put(job)
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -219,14 +231,51 @@ class Dispatcher:
         for fi, frame in enumerate(job.frames):
             if frame.kind == p.PING:
                 continue
+            if tickets is None and frame.kind != p.REQUEST:
+                failure = self._run_events(frame.body)
+                if failure is not None:
+                    job.failures[fi] = failure
+                processed += len(frame.body)
+                continue
             for ei, event in enumerate(frame.body):
                 ticket = tickets.get((fi, ei)) if tickets else None
                 if ticket is None or self._turn(job, fi, event, ticket):
                     self._process(job, fi, event)
                 processed += 1
-                if processed % YIELD_EVERY == 0:
-                    eventlet.sleep(0)
         self.stats.events_processed += processed
+        eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
+
+    def _run_events(self, events: list[Event]) -> Failure | None:
+        """The hot loop for fire-and-forget and acked events; returns the first failure."""
+        entries = self._entries
+        by_type = self.stats.by_type
+        until = self._until_sample - len(events)
+        if until > 0:  # the common case, inlined: no event of this frame is timed
+            self._until_sample = until
+            sample = 0
+        else:
+            sample = self._sample_at(len(events))
+        first = None
+        for n, event in enumerate(events, 1):
+            etype = event.type
+            entry = entries.get(etype) or self._entry(etype)
+            by_type[etype] += 1
+            processor, listeners = entry
+            if n == sample:
+                failure = self._timed(entry, event, False)[1]
+            elif processor is not None and processor.direct and not listeners:
+                try:  # the common case, inlined: one direct call, nothing else
+                    processor.func(event)
+                    continue
+                except Exception as exc:
+                    failure = self._failed(processor, event, exc, 1, traceback.format_exc())
+            else:
+                failure = self._handle(entry, event, False)[1]
+            if failure is not None and first is None:
+                first = failure
+            if n % YIELD_EVERY == 0:
+                eventlet.sleep(0)
+        return first
 
     def _release(self, job: Job) -> None:
         job.outstanding -= 1
@@ -239,24 +288,70 @@ class Dispatcher:
         job.sink.job_done(job, results)
 
     def _process(self, job: Job, fi: int, event: Event) -> None:
-        frame = job.frames[fi]
-        route = self.app.route(event.type)
-        self.stats.by_type[event.type] += 1
-        failure = None
-        if route.processor is not None:
-            value, failure = self._call(route.processor, event)
-            if frame.kind == p.REQUEST:
-                job.values[fi] = value
-        elif frame.kind == p.REQUEST or not route.listeners:
-            failure = self._unrouted(event.type, frame.kind == p.REQUEST)
-        for listener in route.listeners:
+        etype = event.type
+        request = job.frames[fi].kind == p.REQUEST
+        self.stats.by_type[etype] += 1
+        handle = self._timed if self._sample_at(1) else self._handle
+        value, failure = handle(self._entries.get(etype) or self._entry(etype), event, request)
+        job.values[fi] = value
+        if failure is not None and job.failures[fi] is None:
+            job.failures[fi] = failure
+
+    def _handle(
+        self, entry: tuple[Plan | None, tuple[Plan, ...]], event: Event, request: bool
+    ) -> tuple[Any, Failure | None]:
+        """Run an event's processor, then its listeners; return (reply value, failure)."""
+        processor, listeners = entry
+        value = failure = None
+        if processor is not None:
+            value, failure = self._call(processor, event)
+        elif request or not listeners:
+            failure = self._unrouted(event.type, request)
+        for listener in listeners:
             listener_failure = self._call(listener, event)[1]
             # A listener never changes a request's reply, but an acked event is only
             # acknowledged once its listeners succeeded (or were dead-lettered).
-            if failure is None and frame.kind != p.REQUEST:
+            if failure is None and not request:
                 failure = listener_failure
-        if failure is not None and job.failures[fi] is None:
-            job.failures[fi] = failure
+        return value, failure
+
+    def _sample_at(self, count: int) -> int:
+        """Which of the next ``count`` events to time (1-based), or 0 for none of them."""
+        left = self._until_sample - count
+        if left > 0:
+            self._until_sample = left
+            return 0
+        at = self._until_sample
+        # A random gap (mean SAMPLE_EVERY) so periodic traffic cannot alias with the sampling.
+        self._until_sample = 1 + int(random.random() * (2 * SAMPLE_EVERY - 1))
+        return at
+
+    def _timed(
+        self, entry: tuple[Plan | None, tuple[Plan, ...]], event: Event, request: bool
+    ) -> tuple[Any, Failure | None]:
+        """``_handle``, recording its wall time (green waits included) in the type's histogram."""
+        start = time.perf_counter()
+        try:
+            return self._handle(entry, event, request)
+        finally:
+            hist = self.stats.latency.get(event.type)
+            if hist is None:
+                if len(self.stats.latency) >= 4096:  # clients choose types: stay bounded
+                    self.stats.latency.clear()
+                hist = self.stats.latency[event.type] = Histogram()
+            hist.observe(time.perf_counter() - start)
+
+    def _entry(self, etype: str) -> tuple[Plan | None, tuple[Plan, ...]]:
+        """Resolve a type to the plans of its handlers once; bounded like the app's cache."""
+        route = self.app.route(etype)
+        entry = (
+            route.processor and self._plan(route.processor),
+            tuple(self._plan(h) for h in route.listeners),
+        )
+        if len(self._entries) >= 4096:
+            self._entries.clear()
+        self._entries[etype] = entry
+        return entry
 
     def process(self, event: Event) -> Failure | None:
         """Run one event outside any connection (tests, replays); return its failure."""
@@ -266,8 +361,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ calling handlers
 
-    def _call(self, handler: Handler, event: Event) -> tuple[Any, Failure | None]:
-        plan = self._plans.get(id(handler)) or self._plan_for(handler)
+    def _call(self, plan: Plan, event: Event) -> tuple[Any, Failure | None]:
         if plan.direct:
             try:
                 return plan.func(event), None
@@ -296,9 +390,10 @@ class Dispatcher:
         with eventlet.Timeout(plan.timeout, exc):
             return call()
 
-    def _plan_for(self, handler: Handler) -> Plan:
-        # Handlers registered after the dispatcher was built (tests do this) get defaults.
-        plan = self._plans[id(handler)] = Plan(handler, {})
+    def _plan(self, handler: Handler) -> Plan:
+        plan = self._plans.get(id(handler))
+        if plan is None:  # registered after the dispatcher was built (tests do this)
+            plan = self._plans[id(handler)] = Plan(handler, self._defaults)
         return plan
 
     def _failed(
@@ -306,14 +401,18 @@ class Dispatcher:
     ) -> Failure:
         handler = plan.handler
         self.stats.handler_errors += 1
+        self.stats.errors_by_type[event.type] += 1
         log.error(
             "%s %s failed on %s (id %s) after %d attempt(s): %s: %s", handler.kind, handler.name,
             event.type, event.id, attempts, type(exc).__name__, exc,
         )
-        if self.dead_letter is None:
+        if self.dead_letters is None:
             return Failure.from_exception(exc)
         try:
-            self.dead_letter(handler, event, exc, attempts, tb)
+            self.dead_letters.append(DeadLetter(
+                event.type, event.data, event.id, event.time, event.meta, handler.name,
+                handler.kind, type(exc).__name__, str(exc), tb, attempts, time.time(),
+            ))
         except Exception:
             log.exception("could not store dead letter for %s", event.id)
             return Failure.from_exception(exc)
@@ -328,12 +427,11 @@ class Dispatcher:
             if frame.kind == p.PING:
                 continue
             for ei, event in enumerate(frame.body):
-                processor = self.app.route(event.type).processor
-                plan = processor and (self._plans.get(id(processor)) or self._plan_for(processor))
-                if not plan or plan.key is None:
+                plan = (self._entries.get(event.type) or self._entry(event.type))[0]
+                if plan is None or plan.key is None:
                     continue
                 try:
-                    key = (processor.pattern, plan.key(event))
+                    key = (plan.handler.pattern, plan.key(event))
                     hash(key)
                 except Exception as exc:
                     log.warning("ordered_by key of %s failed (%s: %s); processing unordered",

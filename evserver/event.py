@@ -32,7 +32,7 @@ class Event:
     otherwise assigned by the server the first time it is read.
     """
 
-    __slots__ = ("_id", "data", "meta", "time", "type")
+    __slots__ = ("_id", "_meta", "data", "time", "type")
 
     def __init__(
         self,
@@ -46,7 +46,7 @@ class Event:
         self.data = data
         self._id = id
         self.time = _time.time() if time is None else time
-        self.meta = {} if meta is None else meta
+        self._meta = meta  # the empty dict is made on first use: most events have no meta
 
     @property
     def id(self) -> str:
@@ -57,6 +57,16 @@ class Event:
     @id.setter
     def id(self, value: str) -> None:
         self._id = value
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = {}
+        return self._meta
+
+    @meta.setter
+    def meta(self, value: dict[str, Any]) -> None:
+        self._meta = value
 
     def __repr__(self) -> str:
         return f"Event(type={self.type!r}, id={self.id!r}, data={self.data!r})"

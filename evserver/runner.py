@@ -7,7 +7,11 @@ anything it imports) creates locks or sockets.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .server import Server
 
 log = logging.getLogger("evserver")
 
@@ -16,8 +20,22 @@ EXIT_FAILURE = 1
 EXIT_APP_LOAD_ERROR = 4  # the supervisor stops the fleet instead of respawning on this
 
 
-def run_single(app_spec: str, cfg: Any, **server_overrides: Any) -> int:
-    """Serve ``app_spec`` in this process until a stop signal; return the exit code."""
+def run_single(
+    app_spec: str,
+    cfg: Any,
+    *,
+    on_ready: Callable[[Server], None] | None = None,
+    on_error: Callable[[int, str], None] | None = None,
+    serve_admin: bool = True,
+    **server_overrides: Any,
+) -> int:
+    """Serve ``app_spec`` in this process until a stop signal; return the exit code.
+
+    A worker process passes ``on_ready`` (called once listening, with signals installed) and
+    ``on_error`` (called with the exit code and message of a startup failure) to report to
+    its supervisor; everything else is the same code path as single-process mode. Workers
+    pass ``serve_admin=False``: their master serves the admin listener for all of them.
+    """
     from ._eventlet import monkey_patch
 
     if cfg.server.monkey_patch:
@@ -25,19 +43,46 @@ def run_single(app_spec: str, cfg: Any, **server_overrides: Any) -> int:
     from .loader import AppLoadError, load_app
     from .server import Server
 
+    def fail(code: int, message: str) -> int:
+        log.error("%s", message)
+        if on_error is not None:
+            on_error(code, message)
+        return code
+
     try:
         app = load_app(app_spec)
     except AppLoadError as exc:
-        log.error("%s", exc)
-        return EXIT_APP_LOAD_ERROR
+        return fail(EXIT_APP_LOAD_ERROR, str(exc))
     server = Server.from_config(app, cfg, **server_overrides)
     try:
         server.start()
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", cfg.server.host, cfg.server.port, exc.strerror
-                  or exc)
-        return EXIT_FAILURE
+        return fail(EXIT_FAILURE, f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
+                                  f"{exc.strerror or exc}")
     server.install_signals()
     log.info("evserver ready: serving %s on %s:%d", app_spec, *server.address)
+    admin = start_admin(server, cfg) if serve_admin and cfg.admin.enabled else None
+    if on_ready is not None:
+        on_ready(server)
     server.serve_forever()
+    if admin is not None:
+        admin.kill()
     return EXIT_OK
+
+
+def start_admin(server: Server, cfg: Any) -> Any:
+    """The admin listener on the server's hub; None (and an error logged) if it cannot bind.
+
+    A busy admin port does not stop event traffic from being served: that is the job.
+    """
+    from .admin import AdminApp, LocalBackend, handler_defaults, serve_green
+
+    app = AdminApp(LocalBackend(server, handler_defaults(cfg)), token=cfg.admin.token)
+    try:
+        gt, address = serve_green(app, cfg.admin.host, cfg.admin.port)
+    except OSError as exc:
+        log.error("admin listener disabled: cannot listen on %s:%d: %s", cfg.admin.host,
+                  cfg.admin.port, exc.strerror or exc)
+        return None
+    log.info("admin listening on http://%s:%d", *address)
+    return gt

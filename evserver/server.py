@@ -25,6 +25,7 @@ from . import __version__
 from . import protocol as p
 from ._eventlet import eventlet
 from .app import App
+from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher, Job, Result
 from .errors import ProtocolError
 
@@ -34,9 +35,6 @@ READ_SIZE = 1 << 16
 _BUF = bytearray(READ_SIZE)
 _VIEW = memoryview(_BUF)
 _EVENT_KINDS = frozenset({p.EVENT, p.BATCH, p.REQUEST})
-# Per connection: jobs queued or running. Enough for one connection's slow handlers to run
-# in parallel, few enough that a flood turns into TCP backpressure quickly.
-_JOBS_IN_FLIGHT = 8
 # Frames of one read are split into jobs of about this many events (a BATCH is never split),
 # so a long run of single-event frames spreads over several workers.
 _JOB_EVENTS = 64
@@ -113,7 +111,7 @@ class Connection:
                 if not n:
                     return
                 reader.receive_data(_VIEW[:n])
-                frames = list(reader)
+                frames = reader.frames(coalesce=_JOB_EVENTS)
                 if not frames:
                     continue
                 dispatcher.stats.events_in += sum(
@@ -134,7 +132,7 @@ class Connection:
                 for job_frames in _split(frames):
                     self.jobs += 1
                     dispatcher.submit(Job(self, job_frames))
-                    self._wait_jobs(_JOBS_IN_FLIGHT, timeout=None)
+                    self._wait_jobs(server.jobs_per_connection, timeout=None)
                 # Fairness: recv only yields on EAGAIN, so a connection that always has
                 # data would otherwise never let others run.
                 eventlet.sleep(0)
@@ -193,8 +191,7 @@ class Connection:
 
 
 def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
-    if len(frames) <= _JOB_EVENTS:
-        return [frames]
+    """Group frames into jobs of about ``_JOB_EVENTS`` events (a frame is never split)."""
     jobs: list[list[p.Frame]] = [[]]
     size = 0
     for frame in frames:
@@ -202,7 +199,7 @@ def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
             jobs.append([])
             size = 0
         jobs[-1].append(frame)
-        size += len(frame.body) if frame.body and frame.kind != p.HELLO else 1
+        size += len(frame.body) if frame.kind in _EVENT_KINDS else 1
     return jobs
 
 
@@ -247,6 +244,8 @@ class Server:
         max_pending_replies: int = 1024,
         reuse_port: bool = False,
         backlog: int = 1024,
+        handler_defaults: dict[str, Any] | None = None,
+        dead_letters: DeadLetterStore | None = None,
     ) -> None:
         self.app = app
         self.host = host
@@ -258,7 +257,14 @@ class Server:
         self.max_pending_replies = max_pending_replies
         self.reuse_port = reuse_port
         self.backlog = backlog
-        self.dispatcher = Dispatcher(app, pool_size=pool_size, queue_size=queue_size)
+        self.dead_letters = dead_letters
+        # Jobs one connection may have queued or running: half the pool, so one busy
+        # connection can keep many slow handlers running while others still find workers;
+        # the bounded queue caps the total whatever the number of connections.
+        self.jobs_per_connection = max(4, pool_size // 2)
+        self.dispatcher = Dispatcher(app, pool_size=pool_size, queue_size=queue_size,
+                                     handler_defaults=handler_defaults,
+                                     dead_letters=dead_letters)
         self.connections: set[Connection] = set()
         self.counters: dict[str, int] = {
             "connections_total": 0, "protocol_errors": 0, "idle_closed": 0,
@@ -283,6 +289,10 @@ class Server:
             max_frame_bytes=srv.max_frame_bytes, drain_timeout=srv.drain_timeout,
             max_connections=srv.max_connections, idle_timeout=srv.idle_timeout,
             max_pending_replies=srv.max_pending_replies,
+            handler_defaults={"timeout": cfg.handlers.timeout, "retries": cfg.handlers.retries,
+                              "backoff": cfg.handlers.backoff},
+            dead_letters=DeadLetterStore(cfg.dead_letters.path,
+                                         fsync_interval=cfg.dead_letters.fsync_interval),
         )
         kwargs.update(overrides)
         return cls(app, **kwargs)
@@ -301,6 +311,8 @@ class Server:
         self.started_at = time.time()
         self.dispatcher.start()
         self._accepter = eventlet.spawn(self._accept_loop)
+        if self.dead_letters is not None and self.dead_letters.fsync_interval > 0:
+            eventlet.spawn_n(self._sync_dead_letters, self.dead_letters)
         log.info("listening on %s:%d (pool %d)", *self.address, self.dispatcher.pool_size)
 
     def _accept_loop(self) -> None:
@@ -327,6 +339,15 @@ class Server:
             self.connections.add(conn)
             eventlet.spawn_n(conn.serve)
 
+    def _sync_dead_letters(self, store: DeadLetterStore) -> None:
+        """Batched fsync: appends reach the OS at once, the disk within ``fsync_interval``."""
+        while not self.stopping:
+            eventlet.sleep(store.fsync_interval)
+            try:
+                store.maybe_sync()
+            except OSError as exc:
+                log.error("cannot fsync dead letters: %s", exc)
+
     def closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if self.stopping and not self.connections and not self._drained.ready():
@@ -339,8 +360,12 @@ class Server:
 
     def install_signals(self) -> None:
         """SIGTERM/SIGINT: graceful stop. The handler only schedules; it may run in the hub."""
+        from ._eventlet import wake_hub_on_signals
+
         def handler(signum: int, frame: Any) -> None:
             eventlet.spawn_n(self.stop)
+
+        wake_hub_on_signals()  # else the scheduled stop waits for the hub's next timer
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
@@ -374,6 +399,8 @@ class Server:
         if not ok:
             log.warning("drain timeout (%gs) reached; abandoned unfinished work",
                         self.drain_timeout)
+        if self.dead_letters is not None:
+            self.dead_letters.close()
         log.info("stopped")
         self._stopped.send(ok)
 

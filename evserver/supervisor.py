@@ -1,0 +1,823 @@
+"""The master process for ``evserver serve --workers N``: supervises, never serves.
+
+gunicorn's arbiter model, with uvicorn's fresh interpreters: the master imports no eventlet,
+runs no hub and binds no event socket. Each worker (``evserver.worker``) is a new
+``python -m evserver.worker`` process that binds its own ``SO_REUSEPORT`` listener, so the
+kernel spreads connections over the workers and a worker can be replaced while the others
+keep serving. See docs/workers.md for the process model and the signals.
+
+Signal handlers only enqueue; the loop (``_tick``) dispatches ``handle_<name>``, reads the
+workers' control channels (``evserver.channel``), reaps, enforces heartbeats and keeps the
+worker count, one bounded ``select`` at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import metrics
+from .admin import TAIL_FLUSH, AdminApp, AdminError, ThreadedAdmin
+from .channel import Channel
+from .config import Config, load_config
+from .errors import ConfigError, EvserverError
+from .runner import EXIT_APP_LOAD_ERROR, EXIT_FAILURE, EXIT_OK
+
+log = logging.getLogger("evserver.supervisor")
+
+TICK = 0.25  # longest the loop sleeps without a signal or a message
+QUIT_GRACE = 2.0  # seconds a worker gets after SIGQUIT before SIGKILL
+STACK_DUMP_GRACE = 0.2  # between SIGUSR1 (dump stacks) and SIGKILL for a blocked worker
+CRASH_WINDOW = 2.0  # a worker that dies this soon after becoming ready counts as a crash
+BACKOFF_MAX = 30.0
+SIGNALS = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "CHLD")
+STATS_TIMEOUT = 2.0  # how long an admin stats request waits for the workers' replies
+ADMIN_CALL_TIMEOUT = 5.0  # how long an admin request waits for the main loop
+TAIL_LEASE = 5.0  # a worker stops sampling for a tail not renewed for this long
+_PKG_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class AddressInUse(EvserverError, OSError):
+    """Another process (evserver or not) already owns host:port."""
+
+    code = "address_in_use"
+
+
+class PortClaim:
+    """Exclusive ownership of host:port for one master, across reloads.
+
+    SO_REUSEPORT lets any same-user process join the workers' port silently, so before any
+    worker binds: (1) an abstract unix socket named after the address is bound (an evserver
+    lock the kernel releases when the master dies, so no stale files), then (2) the port is
+    bound *without* SO_REUSEPORT, which fails if anything already listens there. On HUP the
+    old workers still listen; the master keeps its claim and does not probe again.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            probe.bind((host, port))
+            self.host, self.port = host, probe.getsockname()[1]  # port 0: pick one for all
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"{host}:{port} is already in use by another process") from None
+            raise AddressInUse(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
+        finally:
+            probe.close()
+        self._lock: socket.socket | None = None
+        if sys.platform.startswith("linux"):
+            lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                lock.bind(f"\0evserver:{self.host}:{self.port}")
+            except OSError:
+                lock.close()
+                raise AddressInUse(
+                    f"another evserver is already serving {self.host}:{self.port}") from None
+            self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about ``state`` when NOTIFY_SOCKET is set; never fails."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.debug("sd_notify(%r) failed: %s", state, exc)
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """The master's view of one worker: its process, channel and lifecycle deadlines."""
+
+    proc: subprocess.Popen[bytes]
+    channel: Channel
+    generation: int
+    started: float
+    last_seen: float
+    ready_at: float | None = None
+    retire_deadline: float | None = None  # set once asked to stop
+    kill_at: float | None = None  # set once asked to dump its stacks before SIGKILL
+    error: str | None = None  # a startup failure the worker reported
+    stats_replies: dict[int, dict[str, Any]] = field(default_factory=dict)
+    last_stats: dict[str, Any] | None = None  # becomes part of the totals' base at exit
+    handlers: list[dict[str, Any]] | None = None  # as reported with ``ready``
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        try:
+            self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    def __str__(self) -> str:
+        return f"worker {self.pid} (gen {self.generation})"
+
+
+@dataclass
+class Reload:
+    """A HUP in progress: the new generation boots while the old one keeps serving."""
+
+    generation: int
+    cfg: Config
+    claim: PortClaim | None  # a new address's claim, if the reload moved the port
+    deadline: float
+
+
+@dataclass(eq=False)
+class _StatsWait:
+    """An admin stats request in flight: resolved once every asked worker replied."""
+
+    rid: int
+    asked: list[WorkerProcess]
+    deadline: float
+    future: Future[dict[str, Any]]
+
+
+@dataclass(eq=False)
+class _Tail:
+    """An open admin tail: workers sample into their rings and send batches here."""
+
+    pattern: str
+    rate: int
+    batches: queue.Queue[list[dict[str, Any]]]
+    polled: float  # last time its HTTP thread asked for events (set from that thread)
+    renewed: float = 0.0
+
+
+class Supervisor:
+    """Start, watch and replace worker processes; see the module docstring."""
+
+    def __init__(self, app_spec: str, cfg: Config, *, config_path: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> None:
+        self.app_spec = app_spec
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.num_workers = cfg.server.workers
+        self.generation = 1
+        self.workers: dict[int, WorkerProcess] = {}
+        self.claim: PortClaim | None = None
+        self.reload: Reload | None = None
+        self.booted = False
+        self.stopping: str | None = None  # "graceful" | "quick"
+        self.stop_deadline = 0.0
+        self.exit_code = EXIT_OK
+        self.crashes = 0  # consecutive fast deaths; drives the backoff
+        self.next_spawn_at = 0.0
+        self._signals: collections.deque[int] = collections.deque()
+        self._selector = selectors.DefaultSelector()
+        self._wakeup: tuple[int, int] | None = None
+        self._stats_id = 0
+        self._stats_ids: set[int] = set()  # requests whose replies are still wanted
+        self._stats_waits: list[_StatsWait] = []
+        self.started_at = time.time()
+        self.retired = metrics.empty_base()  # exited workers' last counters
+        self.admin: ThreadedAdmin | None = None
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = (
+            collections.deque())
+        self._wakeup_lock = threading.Lock()
+        self.tails: dict[int, _Tail] = {}
+        self._tail_id = 0
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)  # only the master talks to systemd
+        # Workers must run this very evserver, even when it is not installed.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_ROOT, env.get("PYTHONPATH")]))
+        self._worker_env = env
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> int:
+        """Claim the port, boot the workers and supervise until stopped; the exit code."""
+        try:
+            self.claim = PortClaim(self.cfg.server.host, self.cfg.server.port)
+        except AddressInUse as exc:
+            log.error("evserver: refusing to start: %s", exc)
+            return EXIT_FAILURE
+        if self.claim.port != self.cfg.server.port:
+            self.cfg = self.cfg.replace(**{"server.port": self.claim.port})
+        pid_file = self.cfg.server.pid_file
+        try:
+            if pid_file:
+                _write_pid_file(pid_file)
+            self._install_signals()
+            log.info("master %d: starting %d workers for %s on %s:%d", os.getpid(),
+                     self.num_workers, self.app_spec, self.claim.host, self.claim.port)
+            self._start_admin()
+            while not (self.stopping and not self.workers):
+                self._tick()
+            log.info("master %d: exiting with code %d", os.getpid(), self.exit_code)
+            return self.exit_code
+        finally:
+            if self.admin is not None:
+                self.admin.close()
+            for w in list(self.workers.values()):
+                w.signal(signal.SIGKILL)
+                self._reaped(w)
+            self._restore_signals()
+            if pid_file:
+                _remove_pid_file(pid_file)
+            self.claim.release()
+
+    def _tick(self) -> None:
+        for key, _ in self._selector.select(self._sleep_time()):
+            if key.data is None:
+                _drain(key.fd)
+            else:
+                self._read(key.data)
+        while self._signals:
+            sig = self._signals.popleft()
+            name = signal.Signals(sig).name[3:].lower()
+            getattr(self, f"handle_{name}")()
+        self._run_calls()
+        self._reap()
+        now = time.monotonic()
+        self._progress_stats(now)
+        self._renew_tails(now)
+        if self.stopping:
+            if now >= self.stop_deadline:
+                self._kill_all("did not stop within the drain timeout")
+            return
+        self._enforce_deadlines(now)
+        self._progress_reload(now)
+        self._manage_workers(now)
+        if not self.booted and self._all_ready():
+            self.booted = True
+            log.info("master ready: %d workers serving %s on %s:%d", len(self.workers),
+                     self.app_spec, self.cfg.server.host, self.cfg.server.port)
+            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+
+    def _sleep_time(self) -> float:
+        if self.stopping or self.crashes == 0:
+            return TICK
+        return min(TICK, max(0.0, self.next_spawn_at - time.monotonic()))
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signals(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wakeup = (r, w)
+        self._selector.register(r, selectors.EVENT_READ, None)
+        signal.set_wakeup_fd(w)
+        for name in SIGNALS:
+            signal.signal(getattr(signal, f"SIG{name}"), self._enqueue)
+
+    def _enqueue(self, signum: int, frame: Any) -> None:
+        """No logging, no work: the loop dispatches (gunicorn's rule for handlers)."""
+        self._signals.append(signum)
+
+    def _restore_signals(self) -> None:
+        for name in SIGNALS:
+            signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
+        with self._wakeup_lock:  # call_soon (another thread) writes to it
+            if self._wakeup is not None:
+                signal.set_wakeup_fd(-1)
+                self._selector.unregister(self._wakeup[0])
+                for fd in self._wakeup:
+                    os.close(fd)
+                self._wakeup = None
+
+    def handle_chld(self) -> None:
+        """Reaping happens every tick; the signal only wakes the loop early."""
+
+    def handle_term(self) -> None:
+        """Graceful: workers stop accepting, finish in-flight events, write replies, exit."""
+        self.stop(graceful=True)
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        self.stop(graceful=False)
+
+    def handle_ttin(self) -> None:
+        self.num_workers += 1
+        log.info("TTIN: now %d workers", self.num_workers)
+
+    def handle_ttou(self) -> None:
+        if self.num_workers > 1:
+            self.num_workers -= 1
+        log.info("TTOU: now %d workers", self.num_workers)
+
+    def handle_hup(self) -> str | None:
+        """Zero-downtime reload: new config, new app import, new workers; then retire the old.
+
+        Returns why it did not start (for the admin's POST /reload), None when it did.
+        """
+        if self.stopping or self.reload is not None:
+            why = "stopping" if self.stopping else "already reloading"
+            log.warning("HUP ignored: %s", why)
+            return why
+        try:
+            cfg = load_config(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            log.error("HUP: reload aborted, keeping the current workers: %s", exc)
+            return f"reload aborted: {exc}"
+        claim = None
+        address = (cfg.server.host, cfg.server.port)
+        if address != (self.cfg.server.host, self.cfg.server.port) and cfg.server.port != 0:
+            try:
+                claim = PortClaim(*address)
+            except AddressInUse as exc:
+                log.error("HUP: reload aborted, keeping the current workers: %s", exc)
+                return f"reload aborted: {exc}"
+        elif cfg.server.port == 0:
+            cfg = cfg.replace(**{"server.port": self.cfg.server.port})
+        generation = self.generation + 1
+        self.reload = Reload(generation, cfg, claim,
+                             time.monotonic() + cfg.server.worker_timeout)
+        sd_notify("RELOADING=1")
+        log.info("HUP: reloading; starting %d generation-%d workers", cfg.server.workers,
+                 generation)
+        for _ in range(cfg.server.workers):
+            self.spawn(generation, cfg)
+        return None
+
+    # ------------------------------------------------------------------ workers
+
+    def spawn(self, generation: int, cfg: Config) -> WorkerProcess:
+        """Start one worker of ``generation`` serving with ``cfg``; it reports ``ready`` later."""
+        parent, child = socket.socketpair()
+        cmd = [sys.executable, "-m", "evserver.worker", "--fd", str(child.fileno()),
+               "--master", str(os.getpid()), self.app_spec, json.dumps(cfg.as_dict())]
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=self._worker_env,
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        parent.setblocking(False)
+        now = time.monotonic()
+        worker = WorkerProcess(proc, Channel(parent), generation, now, now)
+        self.workers[worker.pid] = worker
+        self._selector.register(parent, selectors.EVENT_READ, worker)
+        log.info("spawned %s", worker)
+        return worker
+
+    def _read(self, worker: WorkerProcess) -> bool:
+        """Handle what the worker sent; False once its channel is closed (EOF)."""
+        messages = worker.channel.receive()
+        if messages is None:
+            self._selector.unregister(worker.channel.sock)
+            worker.channel.close()
+            return False  # exited (or closed its end): the reaper takes it from here
+        worker.last_seen = time.monotonic()
+        for msg in messages:
+            t = msg["t"]
+            if t == "ready":
+                worker.ready_at = worker.last_seen
+                worker.handlers = msg.get("handlers")
+                log.info("%s ready on %s", worker, ":".join(map(str, msg.get("address", ()))))
+                for tid, tail in self.tails.items():  # a new worker joins the open tails
+                    self._send_tail(worker, tid, tail)
+            elif t == "error":
+                worker.error = str(msg.get("message"))
+            elif t == "stats" and isinstance(msg.get("id"), int):
+                worker.last_stats = msg.get("stats") or {}
+                if msg["id"] in self._stats_ids:
+                    worker.stats_replies[msg["id"]] = worker.last_stats
+            elif t == "tailed" and (tail := self.tails.get(msg.get("id"))) is not None:
+                try:
+                    tail.batches.put_nowait(msg.get("events") or [])
+                except queue.Full:
+                    pass  # the HTTP reader is behind: drop, never block the loop
+        return bool(messages)
+
+    def read_channels(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for worker messages and record them; signals stay queued."""
+        for key, _ in self._selector.select(timeout):
+            if key.data is not None:
+                self._read(key.data)
+
+    def _reap(self) -> None:
+        for worker in list(self.workers.values()):
+            if worker.proc.poll() is not None:
+                self._reaped(worker)
+                self._exited(worker)
+
+    def _reaped(self, worker: WorkerProcess) -> None:
+        self.workers.pop(worker.pid, None)
+        if worker.channel.sock.fileno() != -1:
+            while self._read(worker):  # its goodbye (final stats) may still be unread
+                pass
+            if worker.channel.sock.fileno() != -1:
+                self._selector.unregister(worker.channel.sock)
+                worker.channel.close()
+        if worker.last_stats:
+            metrics.retire(self.retired, worker.last_stats)
+            worker.last_stats = None
+        if worker.proc.returncode is None:
+            worker.proc.wait()
+
+    def _exited(self, worker: WorkerProcess) -> None:
+        """Log why a worker ended and decide: nothing, replace, abort a reload, or halt."""
+        code = worker.proc.returncode
+        how = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+        if self.stopping or worker.retire_deadline is not None:
+            log.info("%s exited (%s)", worker, how)
+            return
+        reason = f": {worker.error}" if worker.error else ""
+        if self.reload is not None and worker.generation == self.reload.generation:
+            log.error("HUP: reload aborted, keeping the current workers: new %s failed (%s)%s",
+                      worker, how, reason)
+            self._abort_reload()
+            return
+        if code == EXIT_APP_LOAD_ERROR or (not self.booted and worker.error):
+            log.error("cannot start workers: %s failed (%s)%s; stopping", worker, how, reason)
+            self.exit_code = EXIT_APP_LOAD_ERROR if code == EXIT_APP_LOAD_ERROR else EXIT_FAILURE
+            self.stop(graceful=True)
+            return
+        now = time.monotonic()
+        if worker.ready_at is None or now - worker.ready_at < CRASH_WINDOW:
+            self.crashes += 1
+        else:
+            self.crashes = 0
+        delay = 0.0 if self.crashes <= 1 else min(BACKOFF_MAX, 0.5 * 2 ** (self.crashes - 2))
+        self.next_spawn_at = now + delay
+        if delay:
+            log.error("%s died (%s)%s; crash loop: %d fast deaths in a row, next start in "
+                      "%.1fs", worker, how, reason, self.crashes, delay)
+        else:
+            log.warning("%s died (%s)%s; replacing it", worker, how, reason)
+
+    def _all_ready(self) -> bool:
+        current = [w for w in self.workers.values() if w.generation == self.generation]
+        return len(current) >= self.num_workers and all(w.ready_at for w in current)
+
+    def _manage_workers(self, now: float) -> None:
+        """Keep ``num_workers`` of the current generation: spawn the missing, retire extras."""
+        current = [w for w in self.workers.values()
+                   if w.generation == self.generation and w.retire_deadline is None]
+        missing = self.num_workers - len(current)
+        if missing > 0 and now >= self.next_spawn_at:
+            for _ in range(missing if self.crashes <= 1 else 1):  # in a crash loop, one at a time
+                self.spawn(self.generation, self.cfg)
+        for worker in sorted(current, key=lambda w: w.started)[:max(0, -missing)]:
+            self._retire(worker)
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        """SIGTERM: the worker closes its listener, drains its connections and exits."""
+        worker.retire_deadline = time.monotonic() + self.cfg.server.drain_timeout + 1.0
+        worker.signal(signal.SIGTERM)
+
+    def _enforce_deadlines(self, now: float) -> None:
+        timeout = self.cfg.server.worker_timeout
+        for worker in list(self.workers.values()):
+            if worker.kill_at is not None:
+                if now >= worker.kill_at:
+                    worker.signal(signal.SIGKILL)
+            elif worker.retire_deadline is not None:
+                if now >= worker.retire_deadline:
+                    log.warning("%s did not drain within the drain timeout; killing it", worker)
+                    worker.signal(signal.SIGKILL)
+            elif worker.ready_at is None and now - worker.started > timeout:
+                log.error("%s not ready within worker_timeout=%gs; killing it", worker, timeout)
+                worker.signal(signal.SIGKILL)
+            elif worker.ready_at is not None and now - worker.last_seen > timeout:
+                log.error("%s silent for %.1fs (worker_timeout=%gs): its hub is blocked; "
+                          "dumping its stacks, killing and replacing it", worker,
+                          now - worker.last_seen, timeout)
+                worker.signal(signal.SIGUSR1)  # faulthandler in the worker prints the stacks
+                worker.kill_at = now + STACK_DUMP_GRACE
+
+    # ------------------------------------------------------------------ reload
+
+    def _progress_reload(self, now: float) -> None:
+        reload = self.reload
+        if reload is None:
+            return
+        new = [w for w in self.workers.values() if w.generation == reload.generation]
+        if len(new) >= reload.cfg.server.workers and all(w.ready_at for w in new):
+            old = [w for w in self.workers.values() if w.generation < reload.generation]
+            log.info("HUP: %d new workers ready; retiring %d old ones", len(new), len(old))
+            self.reload = None
+            self.generation = reload.generation
+            self.cfg = reload.cfg
+            self.num_workers = reload.cfg.server.workers
+            self.crashes = 0
+            for worker in old:
+                if worker.retire_deadline is None:
+                    self._retire(worker)
+            if reload.claim is not None and self.claim is not None:
+                self.claim.release()
+                self.claim = reload.claim
+            sd_notify("READY=1")
+        elif now >= reload.deadline:
+            log.error("HUP: reload aborted, keeping the current workers: new workers not "
+                      "ready within worker_timeout=%gs", reload.cfg.server.worker_timeout)
+            self._abort_reload()
+
+    def _abort_reload(self) -> None:
+        reload = self.reload
+        if reload is None:
+            return
+        self.reload = None
+        for worker in self.workers.values():
+            if worker.generation == reload.generation and worker.retire_deadline is None:
+                worker.retire_deadline = time.monotonic() + QUIT_GRACE
+                worker.signal(signal.SIGQUIT)
+        if reload.claim is not None:
+            reload.claim.release()
+        sd_notify("READY=1")
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self, *, graceful: bool) -> None:
+        """Stop every worker (TERM: drain; QUIT: now); a QUIT escalates a graceful stop."""
+        if self.stopping == "quick" or (self.stopping and graceful):
+            return
+        self.stopping = "graceful" if graceful else "quick"
+        sd_notify("STOPPING=1")
+        sig = signal.SIGTERM if graceful else signal.SIGQUIT
+        grace = self.cfg.server.drain_timeout + 1.0 if graceful else QUIT_GRACE
+        self.stop_deadline = time.monotonic() + grace
+        log.info("master %d: %s stop of %d workers", os.getpid(),
+                 "graceful" if graceful else "immediate", len(self.workers))
+        for worker in self.workers.values():
+            worker.signal(sig)
+
+    def _kill_all(self, why: str) -> None:
+        for worker in self.workers.values():
+            log.warning("%s %s; killing it", worker, why)
+            worker.signal(signal.SIGKILL)
+            self.exit_code = self.exit_code or EXIT_FAILURE
+        self.stop_deadline = time.monotonic() + QUIT_GRACE
+
+    # ------------------------------------------------------------------ stats
+
+    def request_stats(self, timeout: float = 1.0) -> dict[int, dict[str, Any]]:
+        """Ask every ready worker for ``worker.worker_stats`` and wait up to ``timeout``.
+
+        Only the control channels are read meanwhile (queued signals wait for the loop), so
+        this is safe to call from a loop handler such as a future admin command.
+        """
+        rid, asked = self._ask_stats()
+        deadline = time.monotonic() + timeout
+        while (any(rid not in w.stats_replies for w in asked)
+               and (left := deadline - time.monotonic()) > 0):
+            self.read_channels(left)
+        self._stats_ids.discard(rid)
+        return {w.pid: w.stats_replies.pop(rid) for w in asked if rid in w.stats_replies}
+
+    def _ask_stats(self) -> tuple[int, list[WorkerProcess]]:
+        self._stats_id += 1
+        rid = self._stats_id
+        self._stats_ids.add(rid)
+        asked = []
+        for worker in self.workers.values():
+            if worker.ready_at is None or worker.retire_deadline is not None:
+                continue
+            try:
+                worker.channel.send("stats", id=rid)
+                asked.append(worker)
+            except OSError:
+                continue
+        return rid, asked
+
+    # ------------------------------------------------------------------ admin
+    #
+    # The admin HTTP server runs in threads (``admin.ThreadedAdmin``); everything it asks
+    # for runs here, on the main loop, through ``call_soon``: the loop alone touches the
+    # workers, their channels and the supervisor's state.
+
+    def _start_admin(self) -> None:
+        admin = self.cfg.admin
+        if not admin.enabled:
+            return
+        app = AdminApp(MasterAdmin(self), token=admin.token)
+        try:
+            self.admin = ThreadedAdmin(app, admin.host, admin.port)
+        except OSError as exc:
+            log.error("admin listener disabled: cannot listen on %s:%d: %s", admin.host,
+                      admin.port, exc.strerror or exc)
+            return
+        log.info("admin listening on http://%s:%d", *self.admin.address)
+
+    def call_soon(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the main loop (from any thread); its result arrives in the future."""
+        future: Future[Any] = Future()
+        self._calls.append((fn, future))
+        with self._wakeup_lock:
+            if self._wakeup is not None:
+                try:
+                    os.write(self._wakeup[1], b"\0")
+                except OSError:
+                    pass  # the pipe is full: the loop is awake anyway
+        return future
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def begin_stats(self, future: Future[dict[str, Any]], timeout: float) -> None:
+        """Ask the workers for stats; ``future`` gets the /stats document (``_progress_stats``)."""
+        rid, asked = self._ask_stats()
+        self._stats_waits.append(_StatsWait(rid, asked, time.monotonic() + timeout, future))
+        self._progress_stats(time.monotonic())
+
+    def _progress_stats(self, now: float) -> None:
+        for wait in list(self._stats_waits):
+            live = [w for w in wait.asked if w.pid in self.workers]  # exited: in the base now
+            if now < wait.deadline and any(wait.rid not in w.stats_replies for w in live):
+                continue
+            self._stats_waits.remove(wait)
+            self._stats_ids.discard(wait.rid)
+            snaps = [w.stats_replies.pop(wait.rid) for w in live if wait.rid in w.stats_replies]
+            for w in wait.asked:
+                w.stats_replies.pop(wait.rid, None)
+            wait.future.set_result(metrics.aggregate(
+                snaps, mode="master", uptime=time.time() - self.started_at, base=self.retired))
+
+    def readiness(self) -> tuple[bool, str]:
+        current = [w for w in self.workers.values()
+                   if w.generation == self.generation and w.retire_deadline is None]
+        listening = sum(1 for w in current if w.ready_at is not None)
+        detail = f"{listening}/{self.num_workers} workers listening"
+        if self.stopping:
+            return False, f"stopping; {detail}"
+        return self.booted and listening >= self.num_workers, detail
+
+    def handler_list(self) -> list[dict[str, Any]]:
+        for worker in sorted(self.workers.values(), key=lambda w: -w.generation):
+            if worker.handlers is not None and worker.retire_deadline is None:
+                return worker.handlers
+        raise AdminError(503, "no worker is ready yet")
+
+    def admin_reload(self) -> dict[str, Any]:
+        why = self.handle_hup()
+        if why is not None:
+            raise AdminError(409, why)
+        assert self.reload is not None
+        return {"reloading": True, "generation": self.reload.generation}
+
+    def admin_stop(self, now: bool) -> dict[str, Any]:
+        log.info("admin: %s stop requested", "immediate" if now else "graceful")
+        self.stop(graceful=not now)
+        return {"stopping": self.stopping, "pid": os.getpid()}
+
+    def admin_scale(self, n: int) -> dict[str, Any]:
+        if self.stopping:
+            raise AdminError(409, "stopping")
+        previous, self.num_workers = self.num_workers, n
+        log.info("admin: now %d workers (was %d)", n, previous)
+        return {"workers": n, "previous": previous}
+
+    def open_tail(self, pattern: str, rate: int) -> tuple[int, _Tail]:
+        self._tail_id += 1
+        tail = _Tail(pattern, rate, queue.Queue(maxsize=64), time.monotonic())
+        self.tails[self._tail_id] = tail
+        self._renew_tails(time.monotonic())
+        return self._tail_id, tail
+
+    def close_tail(self, tid: int) -> None:
+        if self.tails.pop(tid, None) is None:
+            return
+        for worker in self.workers.values():
+            try:
+                worker.channel.send("untail", id=tid)
+            except OSError:
+                pass
+
+    def _renew_tails(self, now: float) -> None:
+        """Keep the workers' leases of open tails; close tails whose reader stopped polling."""
+        for tid, tail in list(self.tails.items()):
+            if now - tail.polled > TAIL_LEASE:
+                self.close_tail(tid)
+            elif now - tail.renewed >= TAIL_LEASE / 3:
+                tail.renewed = now
+                for worker in self.workers.values():
+                    if worker.ready_at is not None and worker.retire_deadline is None:
+                        self._send_tail(worker, tid, tail)
+
+    @staticmethod
+    def _send_tail(worker: WorkerProcess, tid: int, tail: _Tail) -> None:
+        try:
+            worker.channel.send("tail", id=tid, pattern=tail.pattern, rate=tail.rate,
+                                lease=TAIL_LEASE)
+        except OSError:
+            pass
+
+
+class MasterAdmin:
+    """The admin backend of the master: each call waits for the main loop to run it."""
+
+    mode = "master"
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        return self.sup.call_soon(fn).result(ADMIN_CALL_TIMEOUT)
+
+    def stats(self) -> dict[str, Any]:
+        future: Future[dict[str, Any]] = Future()
+        self.sup.call_soon(lambda: self.sup.begin_stats(future, STATS_TIMEOUT))
+        return future.result(ADMIN_CALL_TIMEOUT + STATS_TIMEOUT)
+
+    def ready(self) -> tuple[bool, str]:
+        return self._call(self.sup.readiness)  # type: ignore[no-any-return]
+
+    def handlers(self) -> list[dict[str, Any]]:
+        return self._call(self.sup.handler_list)  # type: ignore[no-any-return]
+
+    def reload(self) -> dict[str, Any]:
+        return self._call(self.sup.admin_reload)  # type: ignore[no-any-return]
+
+    def stop(self, now: bool) -> dict[str, Any]:
+        return self._call(lambda: self.sup.admin_stop(now))  # type: ignore[no-any-return]
+
+    def scale(self, n: int) -> dict[str, Any]:
+        return self._call(lambda: self.sup.admin_scale(n))  # type: ignore[no-any-return]
+
+    def tail(self, pattern: str, rate: int) -> _MasterTail:
+        tid, tail = self._call(lambda: self.sup.open_tail(pattern, rate))
+        return _MasterTail(self.sup, tid, tail)
+
+
+class _MasterTail:
+    """The HTTP thread's end of a tail: batches the workers sent, via the main loop."""
+
+    def __init__(self, sup: Supervisor, tid: int, tail: _Tail) -> None:
+        self.sup = sup
+        self.tid = tid
+        self.tail = tail
+
+    def next_batch(self) -> list[dict[str, Any]]:
+        self.tail.polled = time.monotonic()
+        try:
+            events = self.tail.batches.get(timeout=TAIL_FLUSH)
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                events += self.tail.batches.get_nowait()
+            except queue.Empty:
+                return events
+
+    def close(self) -> None:
+        self.sup.call_soon(lambda: self.sup.close_tail(self.tid))
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _write_pid_file(path: str) -> None:
+    """Write atomically, so a reader never sees an empty or partial pid."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Path(tmp).write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _remove_pid_file(path: str) -> None:
+    """Remove it only if it is still ours (another master may have taken it over)."""
+    try:
+        if Path(path).read_text().strip() == str(os.getpid()):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def run_supervisor(app_spec: str, cfg: Config, *, config_path: str | None = None,
+                   overrides: dict[str, Any] | None = None) -> int:
+    return Supervisor(app_spec, cfg, config_path=config_path, overrides=overrides).run()
