@@ -183,11 +183,27 @@ class Dispatcher:
 
     def submit(self, job: Job) -> None:
         """Queue a job; blocks the calling green thread while the queue is full."""
+        self._admit(job)
+        self.queue.put(job)
+
+    def run_inline(self, job: Job) -> bool:
+        """Run a job in the calling green thread (a connection's reader) if a pool slot is
+        free and nobody is queued; False otherwise (then ``submit`` it).
+
+        This skips the hand-off to a worker, which costs more than a small job itself; the
+        pool bound still holds because an inline run takes one of the ``pool_size`` slots.
+        """
+        if self.busy >= self.pool_size or self.queue.qsize():
+            return False
+        self._admit(job)
+        self._run(job)
+        return True
+
+    def _admit(self, job: Job) -> None:
         if self._ordered:
             self._issue_tickets(job)
         if self.tap is not None:
             self.tap(job.frames)
-        self.queue.put(job)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Let the workers finish every queued job, then end them. True if all ended in time.
@@ -215,14 +231,18 @@ class Dispatcher:
     def _work(self) -> None:
         get = self.queue.get
         while (job := get()) is not None:
-            self.busy += 1
-            try:
-                self.run_job(job)
-            except Exception:  # a bug here must not kill the worker
-                log.exception("internal error while running a job")
-            finally:
-                self.busy -= 1
-                self._release(job)
+            self._run(job)
+            eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
+
+    def _run(self, job: Job) -> None:
+        self.busy += 1
+        try:
+            self.run_job(job)
+        except Exception:  # a bug here must not kill the worker
+            log.exception("internal error while running a job")
+        finally:
+            self.busy -= 1
+            self._release(job)
 
     def run_job(self, job: Job) -> None:
         """Process every frame of a job in order (parked ordered events excepted)."""
@@ -243,7 +263,6 @@ class Dispatcher:
                     self._process(job, fi, event)
                 processed += 1
         self.stats.events_processed += processed
-        eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
 
     def _run_events(self, events: list[Event]) -> Failure | None:
         """The hot loop for fire-and-forget and acked events; returns the first failure."""

@@ -32,7 +32,7 @@ from .errors import ConfigError, ProtocolError, RoutingError
 from .event import Event
 from .forward import ForwardConnection as ForwardDecoder
 from .forward import ForwardHandshake, ForwardRequest, HandshakeFailed, ack_bytes
-from .server import READ_SIZE, Server, StreamConnection, _peer, _split
+from .server import READ_SIZE, Server, StreamConnection, _peer
 
 log = logging.getLogger("evserver.forward")
 
@@ -214,7 +214,7 @@ class ForwardConnection(StreamConnection):
             self._finish()
 
     def _submit(self, requests: list[ForwardRequest]) -> None:
-        """Turn requests into BATCH frames (acked ones numbered) and queue them as jobs."""
+        """Turn requests into BATCH frames (acked ones numbered) and run them as jobs."""
         server = self.server
         frames = []
         events = skipped = 0
@@ -240,10 +240,7 @@ class ForwardConnection(StreamConnection):
             counters["forward_skipped"] += skipped
             log.info("Forward %s: skipped %d invalid event(s)", _peer(self.addr), skipped)
         server.dispatcher.stats.events_in += events
-        for job_frames in _split(frames):
-            self.jobs += 1
-            server.dispatcher.submit(Job(self, job_frames))
-            self._wait_jobs(server.jobs_per_connection, timeout=None)
+        self._dispatch(frames)
 
     def job_done(self, job: Job, results: list[Result]) -> None:
         for result in results:

@@ -41,6 +41,11 @@ _EVENT_KINDS = frozenset({p.EVENT, p.BATCH, p.REQUEST})
 # Frames of one read are split into jobs of about this many events (a BATCH is never split),
 # so a long run of single-event frames spreads over several workers.
 _JOB_EVENTS = 64
+# A reader runs its own job when the pool is idle (no hand-off: the request/reply fast path).
+# A job that took longer than this means slow handlers: hand this connection's next jobs to
+# the pool, where they run in parallel, and try inline again after that many jobs.
+_INLINE_MAX_SECONDS = 0.002
+_INLINE_BACKOFF_JOBS = 256
 
 
 class StreamConnection:
@@ -50,7 +55,9 @@ class StreamConnection:
     ``Sink``), calling ``_job_finished`` so a reader waiting for pipeline room wakes up.
     """
 
-    __slots__ = ("addr", "closing", "jobs", "out", "server", "sock", "waiter", "writing")
+    __slots__ = (
+        "addr", "closing", "inline_skip", "jobs", "out", "server", "sock", "waiter", "writing",
+    )
 
     def __init__(self, server: Server, sock: Any, addr: Any) -> None:
         self.server = server
@@ -60,6 +67,7 @@ class StreamConnection:
         self.writing = False
         self.closing = False
         self.jobs = 0  # jobs queued or running
+        self.inline_skip = 0  # jobs to hand to the pool before running one inline again
         self.waiter: tuple[int, Any] | None = None  # (below, Event) for _wait_jobs
 
     # ------------------------------------------------------------------ writing
@@ -89,6 +97,25 @@ class StreamConnection:
     def refuse(sock: Any, limit: int) -> None:
         """Turn away a socket accepted beyond ``max_connections`` (close it, at least)."""
         sock.close()
+
+    def _dispatch(self, frames: list[p.Frame]) -> None:
+        """Run a read's frames as jobs: inline while the pool is idle, else through the
+        queue, holding the reader while this connection has too many jobs in flight."""
+        server = self.server
+        dispatcher = server.dispatcher
+        for job_frames in _split(frames):
+            self.jobs += 1
+            job = Job(self, job_frames)
+            if self.inline_skip:
+                self.inline_skip -= 1
+            else:
+                started = time.perf_counter()
+                if dispatcher.run_inline(job):
+                    if time.perf_counter() - started > _INLINE_MAX_SECONDS:
+                        self.inline_skip = _INLINE_BACKOFF_JOBS
+                    continue
+            dispatcher.submit(job)
+            self._wait_jobs(server.jobs_per_connection, timeout=None)
 
     def _job_finished(self) -> None:
         self.jobs -= 1
@@ -198,10 +225,7 @@ class Connection(StreamConnection):
                         f"more than max_pending_replies={server.max_pending_replies} "
                         "responses outstanding; read them before sending more"))
                     return
-                for job_frames in _split(frames):
-                    self.jobs += 1
-                    dispatcher.submit(Job(self, job_frames))
-                    self._wait_jobs(server.jobs_per_connection, timeout=None)
+                self._dispatch(frames)
                 # Fairness: recv only yields on EAGAIN, so a connection that always has
                 # data would otherwise never let others run.
                 eventlet.sleep(0)
