@@ -344,7 +344,7 @@ def test_a_server_that_keeps_hanging_up_exhausts_the_retries() -> None:
         client = Client("127.0.0.1", fake.port, retries=3, backoff=0.01)
         # A close may reach the client as EOF or, if its write crossed the close, as a reset.
         with pytest.raises(ClientConnectionError,
-                           match="lost: (the server closed|Connection reset)"):
+                           match=r"lost: (the server closed|Connection reset)"):
             client.request("x")
     assert fake.connections == 4
 
