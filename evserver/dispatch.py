@@ -171,6 +171,7 @@ class Dispatcher:
         self._keys: dict[Any, _KeyState] = {}
         self._workers: list[Any] = []
         self._unrouted_logged: dict[str, float] = {}
+        self._error_log = _LogBudget()
         self._until_sample = SAMPLE_EVERY
         # The admin's ``tail`` sampler: sees each submitted job's frames while set. It must be
         # cheap and never block; None (the default) costs one attribute check per job.
@@ -323,7 +324,9 @@ class Dispatcher:
         processor, listeners = entry
         value = failure = None
         if processor is not None:
-            value, failure = self._call(processor, event)
+            # A failed request is answered with the error, so its caller owns the retry:
+            # only failures nobody hears of (events, listeners) are dead-lettered.
+            value, failure = self._call(processor, event, dead_letter=not request)
         elif request or not listeners:
             failure = self._unrouted(event.type, request)
         for listener in listeners:
@@ -380,12 +383,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ calling handlers
 
-    def _call(self, plan: Plan, event: Event) -> tuple[Any, Failure | None]:
+    def _call(
+        self, plan: Plan, event: Event, dead_letter: bool = True
+    ) -> tuple[Any, Failure | None]:
         if plan.direct:
             try:
                 return plan.func(event), None
             except Exception as exc:
-                return None, self._failed(plan, event, exc, 1, traceback.format_exc())
+                return None, self._failed(plan, event, exc, 1, traceback.format_exc(),
+                                          dead_letter)
         attempt = 0
         while True:
             attempt += 1
@@ -393,7 +399,8 @@ class Dispatcher:
                 return self._attempt(plan, event), None
             except Exception as exc:
                 if attempt > plan.retries:
-                    return None, self._failed(plan, event, exc, attempt, traceback.format_exc())
+                    return None, self._failed(plan, event, exc, attempt,
+                                              traceback.format_exc(), dead_letter)
                 delay = min(_BACKOFF_MAX, plan.backoff * 2 ** (attempt - 1))
                 eventlet.sleep(random.uniform(delay / 2, delay))  # jitter de-synchronises retries
 
@@ -416,16 +423,19 @@ class Dispatcher:
         return plan
 
     def _failed(
-        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str
+        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
+        dead_letter: bool = True,
     ) -> Failure:
         handler = plan.handler
         self.stats.handler_errors += 1
         self.stats.errors_by_type[event.type] += 1
-        log.error(
-            "%s %s failed on %s (id %s) after %d attempt(s): %s: %s", handler.kind, handler.name,
-            event.type, event.id, attempts, type(exc).__name__, exc,
-        )
-        if self.dead_letters is None:
+        if self._error_log.allow(handler.name):
+            log.error(
+                "%s %s failed on %s (id %s) after %d attempt(s): %s: %s%s", handler.kind,
+                handler.name, event.type, event.id, attempts, type(exc).__name__, exc,
+                self._error_log.suppressed_note(handler.name),
+            )
+        if self.dead_letters is None or not dead_letter:
             return Failure.from_exception(exc)
         try:
             self.dead_letters.append(DeadLetter(
@@ -505,6 +515,35 @@ class Dispatcher:
                 log.warning("no %s for event type %r (logged once a minute per type)",
                             what, etype)
         return Failure(RoutingError.code, "RoutingError", f"no {what} for event type {etype!r}")
+
+
+class _LogBudget:
+    """At most ``per_second`` log lines per key and second, so a handler failing on every
+    event of a flood cannot turn the log into the bottleneck; the next line says how many
+    were suppressed."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self._windows: dict[str, list[float]] = {}  # key -> [window start, lines, suppressed]
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= 1.0:
+            if len(self._windows) > 1024:
+                self._windows.clear()
+            suppressed = window[2] if window else 0
+            window = self._windows[key] = [now, 0, suppressed]
+        if window[1] >= self.per_second:
+            window[2] += 1
+            return False
+        window[1] += 1
+        return True
+
+    def suppressed_note(self, key: str) -> str:
+        window = self._windows[key]
+        n, window[2] = int(window[2]), 0
+        return f" ({n} similar failures not logged)" if n else ""
 
 
 class _NullSink:

@@ -129,7 +129,14 @@ def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
     if kind == BATCH:
         if n != 3 or type(raw[2]) is not list:
             raise _bad("BATCH must be [2, corr, [event, ...]]")
-        return Frame(kind, _corr(raw, required=False), [_event(e, now) for e in raw[2]])
+        body = []
+        append = body.append
+        for e in raw[2]:  # the minimal form inlined: this loop is the batch hot path
+            if type(e) is list and len(e) == 2 and type(e[0]) is str and e[0]:
+                append(Event(e[0], e[1], None, now))
+            else:
+                append(_event(e, now))
+        return Frame(kind, _corr(raw, required=False), body)
     if kind == HELLO:
         if n != 3 or type(raw[1]) is not int or type(raw[2]) is not dict:
             raise _bad("HELLO must be [0, version, {info}]")
