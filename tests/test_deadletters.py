@@ -365,14 +365,14 @@ def test_failures_are_dead_lettered_then_listed_and_replayed(flaky):
         with pytest.raises(RemoteError):
             client.send("notify.mail", {"n": 2}, ack=True, id="evt-2")
         with pytest.raises(RemoteError):
-            client.request("pay.bank", {"n": 3})  # a request is dead-lettered too
+            client.request("pay.bank", {"n": 3})  # its caller heard: not dead-lettered
         assert client.request("ok") == "ok"
 
     listed = CliRunner().invoke(main, ["dead-letters", "list", "--config", flaky.config,
                                        "--json"])
     assert listed.exit_code == 0, listed.output
     by_id = {r["event_id"]: r for r in map(json.loads, listed.output.splitlines())}
-    assert len(by_id) == 3 and {"evt-1", "evt-2"} <= set(by_id)
+    assert set(by_id) == {"evt-1", "evt-2"}
     assert by_id["evt-1"]["attempts"] == 2 and by_id["evt-1"]["kind"] == "processor"
     assert by_id["evt-1"]["handler"].endswith("pay") and "Traceback" in by_id["evt-1"]["traceback"]
     assert by_id["evt-2"]["kind"] == "listener" and by_id["evt-2"]["error_type"] == "RuntimeError"
@@ -380,7 +380,7 @@ def test_failures_are_dead_lettered_then_listed_and_replayed(flaky):
     flaky.fixed.touch()
     replayed = replay(flaky, "--type", "notify.**")
     assert replayed.exit_code == 0 and "replayed 1, failed 0" in replayed.output
-    assert {r.event_id for r in DeadLetterStore(flaky.dl).read()} == set(by_id) - {"evt-2"}
+    assert [r.event_id for r in DeadLetterStore(flaky.dl).read()] == ["evt-1"]
 
 
 def test_replay_without_a_server_is_one_line_and_exit_1(tmp_path):
