@@ -35,6 +35,7 @@ from .app import App, Handler
 from .deadletters import DeadLetter, DeadLetterStore
 from .errors import HandlerTimeout, RoutingError
 from .event import Event
+from .logs import LogBudget
 from .metrics import Histogram
 
 log = logging.getLogger("evserver.dispatch")
@@ -171,7 +172,7 @@ class Dispatcher:
         self._keys: dict[Any, _KeyState] = {}
         self._workers: list[Any] = []
         self._unrouted_logged: dict[str, float] = {}
-        self._error_log = _LogBudget()
+        self._error_log = LogBudget()
         self._until_sample = SAMPLE_EVERY
         # The admin's ``tail`` sampler: sees each submitted job's frames while set. It must be
         # cheap and never block; None (the default) costs one attribute check per job.
@@ -515,35 +516,6 @@ class Dispatcher:
                 log.warning("no %s for event type %r (logged once a minute per type)",
                             what, etype)
         return Failure(RoutingError.code, "RoutingError", f"no {what} for event type {etype!r}")
-
-
-class _LogBudget:
-    """At most ``per_second`` log lines per key and second, so a handler failing on every
-    event of a flood cannot turn the log into the bottleneck; the next line says how many
-    were suppressed."""
-
-    def __init__(self, per_second: int = 10) -> None:
-        self.per_second = per_second
-        self._windows: dict[str, list[float]] = {}  # key -> [window start, lines, suppressed]
-
-    def allow(self, key: str) -> bool:
-        now = time.monotonic()
-        window = self._windows.get(key)
-        if window is None or now - window[0] >= 1.0:
-            if len(self._windows) > 1024:
-                self._windows.clear()
-            suppressed = window[2] if window else 0
-            window = self._windows[key] = [now, 0, suppressed]
-        if window[1] >= self.per_second:
-            window[2] += 1
-            return False
-        window[1] += 1
-        return True
-
-    def suppressed_note(self, key: str) -> str:
-        window = self._windows[key]
-        n, window[2] = int(window[2]), 0
-        return f" ({n} similar failures not logged)" if n else ""
 
 
 class _NullSink:

@@ -28,6 +28,7 @@ from .app import App
 from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher, Job, Result
 from .errors import ProtocolError
+from .logs import LogBudget
 
 if TYPE_CHECKING:
     from .forward_server import ForwardListener, ForwardSettings
@@ -201,6 +202,8 @@ class Connection(StreamConnection):
                     if self.jobs:
                         continue  # waiting on our own handlers is not idleness
                     server.counters["idle_closed"] += 1
+                    server.limit_log("idle_timeout", "closing idle connection %s after %gs",
+                                     _peer(self.addr), server.idle_timeout)
                     self._error(p.encode_error(0, "idle_timeout", "IdleTimeout",
                                                f"no data for {server.idle_timeout:g}s"))
                     return
@@ -220,6 +223,8 @@ class Connection(StreamConnection):
                 self.replies_pending += sum(1 for f in frames if f.corr)
                 if self.replies_pending > server.max_pending_replies:
                     server.counters["overloaded_closed"] += 1
+                    server.limit_log("overloaded", "closing %s: more than %d responses pending",
+                                     _peer(self.addr), server.max_pending_replies)
                     self._error(p.encode_error(
                         0, "overloaded", "TooManyPending",
                         f"more than max_pending_replies={server.max_pending_replies} "
@@ -231,7 +236,7 @@ class Connection(StreamConnection):
                 eventlet.sleep(0)
         except ProtocolError as exc:
             server.counters["protocol_errors"] += 1
-            log.info("closing %s: %s", _peer(self.addr), exc)
+            server.limit_log("protocol", "closing %s: %s", _peer(self.addr), exc)
             self._error(p.encode_error(0, exc.code, type(exc).__name__, str(exc)))
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
@@ -332,6 +337,7 @@ class Server:
             "overloaded_closed": 0, "refused_connections": 0,
         }
         self.stopping = False
+        self._peer_log = LogBudget()
         self.started_at = 0.0
         self.hello = p.encode_hello({"server": f"evserver/{__version__}",
                                      "max_frame_bytes": max_frame_bytes})
@@ -401,6 +407,8 @@ class Server:
             self.counters["connections_total"] += 1
             if len(self.connections) >= self.max_connections:
                 self.counters["refused_connections"] += 1
+                self.limit_log("max_connections", "refusing %s: at max_connections=%d",
+                               _peer(addr), self.max_connections)
                 eventlet.spawn_n(conn_type.refuse, sock, self.max_connections)
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -418,6 +426,12 @@ class Server:
                 store.maybe_sync()
             except OSError as exc:
                 log.error("cannot fsync dead letters: %s", exc)
+
+    def limit_log(self, kind: str, msg: str, *args: Any) -> None:
+        """A warning about a misbehaving peer, at most a few per second per kind: a flood of
+        bad connections must not become a flood of log lines."""
+        if self._peer_log.allow(kind):
+            log.warning(msg + "%s", *args, self._peer_log.suppressed_note(kind))
 
     def closed(self, conn: StreamConnection) -> None:
         self.connections.discard(conn)

@@ -158,7 +158,7 @@ def test_oversized_frame_is_refused(app):
         assert ok.request(1, "echo", b"y" * 4000).body == b"y" * 4000
 
 
-def test_max_connections_refuses_with_an_error(app):
+def test_max_connections_refuses_with_an_error(app, caplog):
     with serve_in_thread(app, max_connections=2) as server:
         a, b = RawPeer(server.address), RawPeer(server.address)
         c = RawPeer.__new__(RawPeer)
@@ -170,14 +170,16 @@ def test_max_connections_refuses_with_an_error(app):
         assert error.kind == p.ERROR and error.body[0] == "overloaded"
         assert a.request(1, "echo", 1).body == 1 and b.request(1, "echo", 2).body == 2
         assert server.counters["refused_connections"] == 1
+        assert "at max_connections=2" in caplog.text
 
 
-def test_idle_timeout_closes_silent_connections(app):
+def test_idle_timeout_closes_silent_connections(app, caplog):
     with serve_in_thread(app, idle_timeout=0.3) as server:
         peer = RawPeer(server.address)
         error = peer.recv_frames(1)[0]
         assert error.body[0] == "idle_timeout"
         assert peer.read_until_eof() == b""
+        assert "closing idle connection" in caplog.text
 
 
 def test_idle_timeout_does_not_cut_a_slow_request(app):
