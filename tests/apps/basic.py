@@ -31,10 +31,25 @@ def fail(event: Event) -> None:
     raise ValueError(event.data or "bad id")
 
 
+started: Counter[str] = Counter()
+
+
 @app.processor("sleep")
 def sleep(event: Event) -> Any:
+    started["sleep"] += 1
     time.sleep(event.data)  # green: the server monkey-patches
     return event.data
+
+
+@app.processor("started")
+def report_started(event: Event) -> dict[str, int]:
+    """How many ``sleep`` handlers have started; with ``{"sleep": n}``, first wait (<= 10 s)
+    until n have, so a test can act while they are surely in flight."""
+    want = event.data or {}
+    deadline = time.monotonic() + 10
+    while any(started[t] < n for t, n in want.items()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return dict(started)
 
 
 @app.processor("pid")
