@@ -38,6 +38,7 @@ from .channel import Channel
 from .config import Config, load_config
 from .errors import ConfigError, EvserverError
 from .runner import EXIT_APP_LOAD_ERROR, EXIT_FAILURE, EXIT_OK
+from .worker import CONFIG_ENV, CONFIG_FROM_ENV
 
 log = logging.getLogger("evserver.supervisor")
 
@@ -371,9 +372,12 @@ class Supervisor:
         """Start one worker of ``generation`` serving with ``cfg``; it reports ``ready`` later."""
         parent, child = socket.socketpair()
         cmd = [sys.executable, "-m", "evserver.worker", "--fd", str(child.fileno()),
-               "--master", str(os.getpid()), self.app_spec, json.dumps(cfg.as_dict())]
+               "--master", str(os.getpid()), self.app_spec, CONFIG_FROM_ENV]
+        # The config holds secrets (keys, admin token): the environment, unlike argv, is
+        # readable by this user only.
+        env = {**self._worker_env, CONFIG_ENV: json.dumps(cfg.as_dict())}
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=self._worker_env,
+            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env,
                                     stdin=subprocess.DEVNULL)
         finally:
             child.close()
