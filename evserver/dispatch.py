@@ -396,7 +396,17 @@ class Dispatcher:
             plan = self._plans[id(handler)] = Plan(handler, self._defaults)
         return plan
 
+    debug = False  # [security] debug: send tracebacks (paths and all) to clients
+
     def _failed(
+        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str
+    ) -> Failure:
+        failure = self._record_failure(plan, event, exc, attempts, tb)
+        if self.debug:
+            failure.message = f"{failure.message}\n{tb}"
+        return failure
+
+    def _record_failure(
         self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str
     ) -> Failure:
         handler = plan.handler
