@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -60,6 +61,12 @@ def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
         _fail(str(exc), 2)
     if problem:
         _fail(problem, 2)
+    try:
+        from .tls import context_from_config
+
+        context_from_config(cfg.tls, green=False)  # bad files: a clear error, not a traceback
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot use the [tls] certificate/key: {exc}", 2)
     from .logs import configure_logging
 
     configure_logging(cfg.server.log_level, cfg.server.log_format)
@@ -90,14 +97,24 @@ def admin_options(func: Any) -> Any:
 def _client(admin_url: str | None, token: str | None) -> Any:
     from .console import AdminClient
 
-    if admin_url is None or token is None:
-        try:
-            cfg = load_config()
-        except ConfigError as exc:
+    try:
+        cfg = load_config()
+    except ConfigError as exc:
+        if admin_url is None or token is None:
             _fail(str(exc), 2)
-        admin_url = admin_url or f"http://{cfg.admin.host}:{cfg.admin.port}"
+        cfg = None
+    if cfg is not None:
+        scheme = "https" if cfg.tls.cert else "http"  # the admin port shares [tls]
+        admin_url = admin_url or f"{scheme}://{cfg.admin.host}:{cfg.admin.port}"
         token = token or cfg.admin.token
-    return AdminClient(admin_url, token)
+    assert admin_url is not None
+    context = None
+    if admin_url.startswith("https://"):
+        from .tls import client_context
+
+        ca = os.environ.get("EVSERVER_ADMIN_CA") or (cfg.tls.ca if cfg is not None else None)
+        context = client_context(ca)
+    return AdminClient(admin_url, token, ssl_context=context)
 
 
 def _admin(func: Any) -> Any:

@@ -362,8 +362,8 @@ class Client:
         try:
             sock.settimeout(wait)
             n = sock.recv_into(self._buf)
-        except (TimeoutError, BlockingIOError):
-            return
+        except (TimeoutError, BlockingIOError, _ssl.SSLWantReadError, _ssl.SSLWantWriteError):
+            return  # (non-blocking TLS reports "nothing yet" as SSLWantRead)
         except OSError as exc:
             raise _Lost(_reason(exc)) from None
         if not n:

@@ -48,6 +48,8 @@ def open_connection(conn: Connection) -> bytes | None:
             raise
         server.counters["handshake_timeouts"] += 1
         log.info("closing %s: no handshake within %gs", _peer(conn), server.handshake_timeout)
+        if server.ssl_context is not None and conn.sock.version() is None:
+            return None  # no TLS session to send an ERROR frame through
         conn._error(p.encode_error(0, "handshake_timeout", "HandshakeTimeout",
                                    f"handshake not completed within "
                                    f"{server.handshake_timeout:g}s"))

@@ -621,12 +621,16 @@ class Supervisor:
             return
         app = AdminApp(MasterAdmin(self), token=admin.token)
         try:
-            self.admin = ThreadedAdmin(app, admin.host, admin.port)
+            from .tls import context_from_config
+
+            ssl_context = context_from_config(self.cfg.tls, green=False)  # threads, no hub
+            self.admin = ThreadedAdmin(app, admin.host, admin.port, ssl_context)
         except OSError as exc:
             log.error("admin listener disabled: cannot listen on %s:%d: %s", admin.host,
                       admin.port, exc.strerror or exc)
             return
-        log.info("admin listening on http://%s:%d", *self.admin.address)
+        log.info("admin listening on %s://%s:%d", "https" if ssl_context else "http",
+                 *self.admin.address)
 
     def call_soon(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on the main loop (from any thread); its result arrives in the future."""

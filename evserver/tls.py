@@ -40,6 +40,10 @@ def server_context(
     else:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Graceful stop half-closes each connection (``shutdown_read``) and then still writes the
+    # in-flight replies; OpenSSL 3 would treat that EOF as fatal and fail those writes. Frames
+    # are self-delimiting, so a truncated stream cannot pass for a complete one anyway.
+    ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     ctx.load_cert_chain(os.fspath(cert), os.fspath(key) if key else None)
     if ca:
         ctx.load_verify_locations(cafile=os.fspath(ca))
