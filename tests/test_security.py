@@ -340,3 +340,34 @@ def test_serve_with_shared_key_end_to_end(server_factory) -> None:
         capture_output=True, text=True, timeout=30, cwd=REPO,
         env={k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")})
     assert result.returncode == 1 and "authentication failed" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                status = open(f"/proc/{entry}/status").read()
+            except OSError:
+                continue
+            if f"\nPPid:\t{pid}\n" in status:
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_share_the_keys_and_keep_them_off_the_command_line(server_factory) -> None:
+    server = server_factory(f"{APPS}/basic.py:app", "--workers", "2", "--no-admin-enabled",
+                            env={"EVSERVER_SHARED_KEY": KEY})
+    pids = set()
+    for _ in range(8):  # SO_REUSEPORT spreads connections; every worker must know the key
+        with Client(*server.address, timeout=5, shared_key=KEY) as client:
+            pids.add(client.request("pid"))
+        with pytest.raises(AuthError), Client(*server.address, timeout=5, shared_key="z" * 32,
+                                              retries=0) as client:
+            client.request("pid")
+    workers = _children(server.proc.pid)
+    assert pids <= set(workers) and len(workers) == 2
+    for pid in [server.proc.pid, *workers]:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        assert KEY.encode() not in cmdline
