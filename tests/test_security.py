@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import APPS, REPO
@@ -347,7 +348,7 @@ def _children(pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                status = open(f"/proc/{entry}/status").read()
+                status = Path(f"/proc/{entry}/status").read_text()
             except OSError:
                 continue
             if f"\nPPid:\t{pid}\n" in status:
@@ -369,5 +370,13 @@ def test_workers_share_the_keys_and_keep_them_off_the_command_line(server_factor
     workers = _children(server.proc.pid)
     assert pids <= set(workers) and len(workers) == 2
     for pid in [server.proc.pid, *workers]:
-        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         assert KEY.encode() not in cmdline
+
+
+def test_protocol_doc_test_vector() -> None:
+    """docs/protocol.md's test vector, for other-language clients, stays true."""
+    key, snonce, cnonce = b"0123456789abcdef", b"\0" * 16, b"\xff" * 16
+    doc = (REPO / "docs" / "protocol.md").read_text()
+    assert a.client_proof(key, snonce, cnonce).hex() in doc
+    assert a.server_proof(key, snonce, cnonce).hex() in doc
