@@ -436,6 +436,7 @@ class Server:
 
 def _refuse(sock: Any, limit: int) -> None:
     try:
+        sock.settimeout(5.0)  # a TLS peer must not pin this green thread in its handshake
         sock.sendall(p.encode_error(0, "overloaded", "TooManyConnections",
                                     f"server is at max_connections={limit}"))
     except OSError:

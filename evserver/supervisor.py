@@ -343,6 +343,10 @@ class Supervisor:
             return why
         try:
             cfg = load_config(self.config_path, overrides=self.overrides)
+            from .security import exposure_problem
+
+            if problem := exposure_problem(cfg):  # a reload must not expose what serve refused
+                raise ConfigError(problem)
         except ConfigError as exc:
             log.error("HUP: reload aborted, keeping the current workers: %s", exc)
             return f"reload aborted: {exc}"
