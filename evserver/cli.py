@@ -382,7 +382,11 @@ def ping(client: Any) -> None:
 
 @main.group("dead-letters")
 def dead_letters() -> None:
-    """Inspect and replay events whose handlers failed after their retries."""
+    """Inspect and replay events whose handlers failed after their retries.
+
+    Both commands read `[dead_letters] path` from the same --config (and EVSERVER_* env)
+    as `serve`, so they see the files the server wrote.
+    """
 
 
 def _store(config_path: str | None) -> Any:
@@ -395,10 +399,23 @@ def _store(config_path: str | None) -> Any:
     return DeadLetterStore(cfg.dead_letters.path, fsync_interval=cfg.dead_letters.fsync_interval)
 
 
+def _pattern(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Reject a bad --type pattern as a usage error (exit 2) before touching any file."""
+    from .app import compile_pattern
+    from .errors import RegistrationError
+
+    if value is not None:
+        try:
+            compile_pattern(value)
+        except RegistrationError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 _config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                            help="The config file `serve` uses (for [dead_letters] path).")
-_pattern_opt = click.option("--type", "pattern", metavar="PATTERN",
-                            help="Only event types matching PATTERN (`*`, `**` allowed).")
+_pattern_opt = click.option("--type", "pattern", metavar="PATTERN", callback=_pattern,
+                            help="Only event types matching PATTERN (exact, `*`, `**`).")
 
 
 @dead_letters.command("list")
@@ -406,17 +423,27 @@ _pattern_opt = click.option("--type", "pattern", metavar="PATTERN",
 @_pattern_opt
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def dead_letters_list(config_path: str | None, pattern: str | None, as_json: bool) -> None:
-    """List stored dead letters, oldest first."""
-    import dataclasses
+    """List stored dead letters, oldest failure first."""
     import time
 
-    for record in _store(config_path).read(pattern):
+    from .console import table
+
+    store = _store(config_path)
+    rows = []
+    for record in store.read(pattern):
         if as_json:
-            click.echo(json.dumps(dataclasses.asdict(record), default=_jsonable))
+            click.echo(json.dumps(record.as_dict(), default=_jsonable))
             continue
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.failed_at))
-        click.echo(f"{when}  {record.event_type}  {record.event_id}  {record.handler}  "
-                   f"{record.error_type}: {record.message} ({record.attempts} attempts)")
+        error = f"{record.error_type}: {record.message}".splitlines()[0]
+        rows.append([time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.failed_at)),
+                     record.event_type, record.event_id, f"{record.kind} {record.handler}",
+                     record.attempts, error[:100]])
+    if as_json:
+        return
+    if not rows:
+        click.echo(f"no dead letters in {store.dir}", err=True)
+        return
+    click.echo(table(["TIME", "TYPE", "ID", "HANDLER", "ATTEMPTS", "ERROR"], rows))
 
 
 @dead_letters.command("replay")
@@ -424,20 +451,28 @@ def dead_letters_list(config_path: str | None, pattern: str | None, as_json: boo
 @_pattern_opt
 @_client_command
 def dead_letters_replay(client: Any, config_path: str | None, pattern: str | None) -> None:
-    """Re-send dead letters with ack=True (same event ids); remove those acknowledged."""
+    """Re-send dead letters with ack=True under their own event ids; remove the acked ones.
+
+    An event dead-lettered by several handlers is sent once: it runs all its handlers
+    again. Exit 1 if any was not acknowledged (those stay stored).
+    """
     from .errors import RemoteError
 
     store = _store(config_path)
+    events: dict[str, Any] = {}
+    for record in store.read(pattern):
+        events.setdefault(record.event_id, record)
     acked: list[str] = []
     failed = 0
     try:
-        for record in store.read(pattern):
+        for record in events.values():
             try:
                 client.send(record.event_type, record.data, meta=record.meta, ack=True,
                             id=record.event_id)
                 acked.append(record.event_id)
-            except RemoteError:
+            except RemoteError as exc:
                 failed += 1
+                click.echo(f"{record.event_id} ({record.event_type}): {exc}", err=True)
     finally:
         store.remove(acked)  # even when interrupted: what was acked must not be replayed
     click.echo(f"replayed {len(acked)}, failed {failed}")

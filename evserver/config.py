@@ -62,6 +62,25 @@ def _parse_workers(raw: Any) -> int:
     return _coerce(int, raw)
 
 
+def parse_users(text: str) -> dict[str, str]:
+    """``"alice:pw1,bob:pw2"`` -> ``{"alice": "pw1", "bob": "pw2"}`` (a table would not fit a
+    flag or an env var); a password may contain ':' but not ','."""
+    users = {}
+    for pair in text.split(","):
+        name, sep, password = pair.strip().partition(":")
+        if not (name and sep and password):
+            raise ValueError(pair)
+        users[name] = password
+    return users
+
+
+def _users_ok(text: str) -> bool:
+    try:
+        return bool(parse_users(text))
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting. ``type`` is the stored type; ``parse`` replaces the generic coercion."""
@@ -194,6 +213,22 @@ SETTINGS: tuple[Setting, ...] = (
     S("admin", "token", str, None,
       "Bearer token for admin actions; without one they are allowed from loopback only.",
       optional=True),
+    S("forward", "enabled", bool, False,
+      "Also accept Fluentd Forward Protocol v1 (Fluent Bit, Fluentd, Docker, fluent-logger)."),
+    S("forward", "host", str, "127.0.0.1", "Address of the Forward listener (TCP and UDP)."),
+    S("forward", "port", int, 24224, "Port of the Forward listener, shared by every worker.",
+      Check("an integer 0-65535", lambda v: 0 <= v <= 65535)),
+    S("forward", "shared_key", str, None,
+      "Require the HELO/PING/PONG handshake with this shared key; empty = no handshake.",
+      optional=True),
+    S("forward", "users", str, None,
+      "Also require a user in the handshake: name:password pairs separated by commas.",
+      Check("name:password pairs separated by commas", _users_ok),
+      optional=True),
+    S("forward", "max_request_bytes", int, 8 << 20,
+      "Largest Forward request (one msgpack array), in bytes.", _at_least(1024)),
+    S("forward", "max_decompressed_bytes", int, 64 << 20,
+      "Largest gzip-decompressed entries of one request, in bytes.", _at_least(1024)),
     S("security", "shared_key", str, None,
       "Shared key (key id \"default\") clients must prove they know; empty = none. The env "
       "var or file is safer than the flag, which other local users can see.", optional=True,
@@ -222,7 +257,8 @@ SETTINGS: tuple[Setting, ...] = (
 )
 del S
 _BY_NAME: Mapping[str, Setting] = MappingProxyType({s.name: s for s in SETTINGS})
-_SECRETS = frozenset({"security.shared_key", "security.shared_keys", "admin.token"})
+_SECRETS = frozenset({"security.shared_key", "security.shared_keys", "admin.token",
+                      "forward.shared_key", "forward.users"})
 TABLES: tuple[str, ...] = tuple(dict.fromkeys(s.table for s in SETTINGS))
 assert len({s.flag for s in SETTINGS}) == len(SETTINGS), "two settings derive the same CLI flag"
 

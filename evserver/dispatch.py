@@ -171,6 +171,7 @@ class Dispatcher:
         self._keys: dict[Any, _KeyState] = {}
         self._workers: list[Any] = []
         self._unrouted_logged: dict[str, float] = {}
+        self._error_log = _LogBudget()
         self._until_sample = SAMPLE_EVERY
         # The admin's ``tail`` sampler: sees each submitted job's frames while set. It must be
         # cheap and never block; None (the default) costs one attribute check per job.
@@ -183,11 +184,27 @@ class Dispatcher:
 
     def submit(self, job: Job) -> None:
         """Queue a job; blocks the calling green thread while the queue is full."""
+        self._admit(job)
+        self.queue.put(job)
+
+    def run_inline(self, job: Job) -> bool:
+        """Run a job in the calling green thread (a connection's reader) if a pool slot is
+        free and nobody is queued; False otherwise (then ``submit`` it).
+
+        This skips the hand-off to a worker, which costs more than a small job itself; the
+        pool bound still holds because an inline run takes one of the ``pool_size`` slots.
+        """
+        if self.busy >= self.pool_size or self.queue.qsize():
+            return False
+        self._admit(job)
+        self._run(job)
+        return True
+
+    def _admit(self, job: Job) -> None:
         if self._ordered:
             self._issue_tickets(job)
         if self.tap is not None:
             self.tap(job.frames)
-        self.queue.put(job)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Let the workers finish every queued job, then end them. True if all ended in time.
@@ -215,14 +232,18 @@ class Dispatcher:
     def _work(self) -> None:
         get = self.queue.get
         while (job := get()) is not None:
-            self.busy += 1
-            try:
-                self.run_job(job)
-            except Exception:  # a bug here must not kill the worker
-                log.exception("internal error while running a job")
-            finally:
-                self.busy -= 1
-                self._release(job)
+            self._run(job)
+            eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
+
+    def _run(self, job: Job) -> None:
+        self.busy += 1
+        try:
+            self.run_job(job)
+        except Exception:  # a bug here must not kill the worker
+            log.exception("internal error while running a job")
+        finally:
+            self.busy -= 1
+            self._release(job)
 
     def run_job(self, job: Job) -> None:
         """Process every frame of a job in order (parked ordered events excepted)."""
@@ -243,7 +264,6 @@ class Dispatcher:
                     self._process(job, fi, event)
                 processed += 1
         self.stats.events_processed += processed
-        eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
 
     def _run_events(self, events: list[Event]) -> Failure | None:
         """The hot loop for fire-and-forget and acked events; returns the first failure."""
@@ -304,7 +324,9 @@ class Dispatcher:
         processor, listeners = entry
         value = failure = None
         if processor is not None:
-            value, failure = self._call(processor, event)
+            # A failed request is answered with the error, so its caller owns the retry:
+            # only failures nobody hears of (events, listeners) are dead-lettered.
+            value, failure = self._call(processor, event, dead_letter=not request)
         elif request or not listeners:
             failure = self._unrouted(event.type, request)
         for listener in listeners:
@@ -361,12 +383,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ calling handlers
 
-    def _call(self, plan: Plan, event: Event) -> tuple[Any, Failure | None]:
+    def _call(
+        self, plan: Plan, event: Event, dead_letter: bool = True
+    ) -> tuple[Any, Failure | None]:
         if plan.direct:
             try:
                 return plan.func(event), None
             except Exception as exc:
-                return None, self._failed(plan, event, exc, 1, traceback.format_exc())
+                return None, self._failed(plan, event, exc, 1, traceback.format_exc(),
+                                          dead_letter)
         attempt = 0
         while True:
             attempt += 1
@@ -374,7 +399,8 @@ class Dispatcher:
                 return self._attempt(plan, event), None
             except Exception as exc:
                 if attempt > plan.retries:
-                    return None, self._failed(plan, event, exc, attempt, traceback.format_exc())
+                    return None, self._failed(plan, event, exc, attempt,
+                                              traceback.format_exc(), dead_letter)
                 delay = min(_BACKOFF_MAX, plan.backoff * 2 ** (attempt - 1))
                 eventlet.sleep(random.uniform(delay / 2, delay))  # jitter de-synchronises retries
 
@@ -399,24 +425,28 @@ class Dispatcher:
     debug = False  # [security] debug: send tracebacks (paths and all) to clients
 
     def _failed(
-        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str
+        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
+        dead_letter: bool = True,
     ) -> Failure:
-        failure = self._record_failure(plan, event, exc, attempts, tb)
+        failure = self._record_failure(plan, event, exc, attempts, tb, dead_letter)
         if self.debug:
             failure.message = f"{failure.message}\n{tb}"
         return failure
 
     def _record_failure(
-        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str
+        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
+        dead_letter: bool,
     ) -> Failure:
         handler = plan.handler
         self.stats.handler_errors += 1
         self.stats.errors_by_type[event.type] += 1
-        log.error(
-            "%s %s failed on %s (id %s) after %d attempt(s): %s: %s", handler.kind, handler.name,
-            event.type, event.id, attempts, type(exc).__name__, exc,
-        )
-        if self.dead_letters is None:
+        if self._error_log.allow(handler.name):
+            log.error(
+                "%s %s failed on %s (id %s) after %d attempt(s): %s: %s%s", handler.kind,
+                handler.name, event.type, event.id, attempts, type(exc).__name__, exc,
+                self._error_log.suppressed_note(handler.name),
+            )
+        if self.dead_letters is None or not dead_letter:
             return Failure.from_exception(exc)
         try:
             self.dead_letters.append(DeadLetter(
@@ -496,6 +526,35 @@ class Dispatcher:
                 log.warning("no %s for event type %r (logged once a minute per type)",
                             what, etype)
         return Failure(RoutingError.code, "RoutingError", f"no {what} for event type {etype!r}")
+
+
+class _LogBudget:
+    """At most ``per_second`` log lines per key and second, so a handler failing on every
+    event of a flood cannot turn the log into the bottleneck; the next line says how many
+    were suppressed."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self._windows: dict[str, list[float]] = {}  # key -> [window start, lines, suppressed]
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= 1.0:
+            if len(self._windows) > 1024:
+                self._windows.clear()
+            suppressed = window[2] if window else 0
+            window = self._windows[key] = [now, 0, suppressed]
+        if window[1] >= self.per_second:
+            window[2] += 1
+            return False
+        window[1] += 1
+        return True
+
+    def suppressed_note(self, key: str) -> str:
+        window = self._windows[key]
+        n, window[2] = int(window[2]), 0
+        return f" ({n} similar failures not logged)" if n else ""
 
 
 class _NullSink:

@@ -129,7 +129,14 @@ def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
     if kind == BATCH:
         if n != 3 or type(raw[2]) is not list:
             raise _bad("BATCH must be [2, corr, [event, ...]]")
-        return Frame(kind, _corr(raw, required=False), [_event(e, now) for e in raw[2]])
+        body = []
+        append = body.append
+        for e in raw[2]:  # the minimal form inlined: this loop is the batch hot path
+            if type(e) is list and len(e) == 2 and type(e[0]) is str and e[0]:
+                append(Event(e[0], e[1], None, now))
+            else:
+                append(_event(e, now))
+        return Frame(kind, _corr(raw, required=False), body)
     if kind == HELLO:
         if n != 3 or type(raw[1]) is not int or type(raw[2]) is not dict:
             raise _bad("HELLO must be [0, version, {info}]")
@@ -280,17 +287,29 @@ class FrameReader:
             now = _time.time()
             tell = unpacker.tell
             pos = self._pos
+            batch: list[Event] | None = None  # the open coalesced fire-and-forget batch
             try:
                 for raw in unpacker:
-                    frame = _parse_fast(raw, accept, now)
                     pos = tell()  # after a partial frame tell() counts its bytes too
+                    # Inlined shortcut for the commonest frame, [1, 0, [type, data]] (a
+                    # fire-and-forget minimal event): no Frame per event when coalescing.
+                    if (coalesce and type(raw) is list and len(raw) == 3 and raw[0] == EVENT
+                            and raw[1] == 0 and type(ev := raw[2]) is list and len(ev) == 2
+                            and type(ev[0]) is str and ev[0] and EVENT in accept
+                            and type(raw[1]) is int):
+                        if batch is None or len(batch) >= coalesce:
+                            batch = []
+                            out.append(Frame(BATCH, 0, batch))
+                        batch.append(Event(ev[0], ev[1], None, now))
+                        continue
+                    frame = _parse_fast(raw, accept, now)
                     if coalesce and frame.kind == EVENT and not frame.corr:
-                        last = out[-1] if out else None
-                        if (last is not None and last.kind == BATCH and not last.corr
-                                and len(last.body) < coalesce):
-                            last.body.append(frame.body[0])
-                            continue
-                        frame.kind = BATCH
+                        if batch is None or len(batch) >= coalesce:
+                            batch = []
+                            out.append(Frame(BATCH, 0, batch))
+                        batch.append(frame.body[0])
+                        continue
+                    batch = None  # keep frames in order: a later event starts a new batch
                     out.append(frame)
             except ProtocolError:
                 self._fail()

@@ -59,8 +59,16 @@ def loopback_only(host: str) -> bool:
 
 def exposure_problem(cfg: Any) -> str | None:
     """Why serving ``cfg`` would expose unauthenticated handlers, or None when it would not."""
+    if cfg.security.insecure:
+        return None
+    fwd = getattr(cfg, "forward", None)  # the Fluentd Forward listener feeds handlers too
+    if fwd is not None and fwd.enabled and not fwd.shared_key and not loopback_only(fwd.host):
+        return (f"refusing to listen for Fluentd Forward on {fwd.host or '*'}:{fwd.port} "
+                "without authentication: anyone who can reach it could send events to your "
+                "handlers. Set [forward] shared_key (EVSERVER_FORWARD_SHARED_KEY), listen on "
+                "127.0.0.1, or pass --insecure if the network itself is trusted.")
     host = cfg.server.host
-    if cfg.security.insecure or loopback_only(host):
+    if loopback_only(host):
         return None
     if configured_keys(cfg) or (cfg.tls.cert and cfg.tls.require_client_cert):
         return None

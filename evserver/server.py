@@ -19,7 +19,7 @@ import logging
 import signal
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from . import protocol as p
@@ -33,6 +33,9 @@ from .handshake import open_connection
 from .security import security_options
 from .tls import shutdown_read
 
+if TYPE_CHECKING:
+    from .forward_server import ForwardListener, ForwardSettings
+
 log = logging.getLogger("evserver.server")
 
 READ_SIZE = 1 << 16
@@ -42,26 +45,33 @@ _EVENT_KINDS = frozenset({p.EVENT, p.BATCH, p.REQUEST})
 # Frames of one read are split into jobs of about this many events (a BATCH is never split),
 # so a long run of single-event frames spreads over several workers.
 _JOB_EVENTS = 64
+# A reader runs its own job when the pool is idle (no hand-off: the request/reply fast path).
+# A job that took longer than this means slow handlers: hand this connection's next jobs to
+# the pool, where they run in parallel, and try inline again after that many jobs.
+_INLINE_MAX_SECONDS = 0.002
+_INLINE_BACKOFF_JOBS = 256
 
 
-class Connection:
-    """One accepted socket: its reader green thread, its pending jobs and its writer state."""
+class StreamConnection:
+    """An accepted stream socket of any protocol: one writer, jobs in flight, drain on close.
+
+    Subclasses read their protocol in ``serve`` and answer in ``job_done`` (the dispatcher's
+    ``Sink``), calling ``_job_finished`` so a reader waiting for pipeline room wakes up.
+    """
 
     __slots__ = (
-        "addr", "closing", "jobs", "out", "reader", "replies_pending", "server", "sock",
-        "waiter", "writing",
+        "addr", "closing", "inline_skip", "jobs", "out", "server", "sock", "waiter", "writing",
     )
 
     def __init__(self, server: Server, sock: Any, addr: Any) -> None:
         self.server = server
         self.sock = sock
         self.addr = addr
-        self.reader = p.FrameReader(p.SERVER_RECEIVES, max_frame_bytes=server.max_frame_bytes)
         self.out: list[bytes] = []
         self.writing = False
         self.closing = False
         self.jobs = 0  # jobs queued or running
-        self.replies_pending = 0  # frames that still owe the peer a response
+        self.inline_skip = 0  # jobs to hand to the pool before running one inline again
         self.waiter: tuple[int, Any] | None = None  # (below, Event) for _wait_jobs
 
     # ------------------------------------------------------------------ writing
@@ -83,15 +93,102 @@ class Connection:
         finally:
             self.writing = False
 
-    def job_done(self, job: Job, results: list[Result]) -> None:
+    def serve(self) -> None:
+        """The reader green thread: decode, submit jobs, and ``_finish`` at the end."""
+        raise NotImplementedError
+
+    @staticmethod
+    def refuse(sock: Any, limit: int) -> None:
+        """Turn away a socket accepted beyond ``max_connections`` (close it, at least)."""
+        sock.close()
+
+    def _dispatch(self, frames: list[p.Frame]) -> None:
+        """Run a read's frames as jobs: inline while the pool is idle, else through the
+        queue, holding the reader while this connection has too many jobs in flight."""
+        server = self.server
+        dispatcher = server.dispatcher
+        for job_frames in _split(frames):
+            self.jobs += 1
+            job = Job(self, job_frames)
+            if self.inline_skip:
+                self.inline_skip -= 1
+            else:
+                started = time.perf_counter()
+                if dispatcher.run_inline(job):
+                    if time.perf_counter() - started > _INLINE_MAX_SECONDS:
+                        self.inline_skip = _INLINE_BACKOFF_JOBS
+                    continue
+            dispatcher.submit(job)
+            self._wait_jobs(server.jobs_per_connection, timeout=None)
+
+    def _job_finished(self) -> None:
         self.jobs -= 1
-        if results:
-            self.replies_pending -= sum(1 for r in results if r.frame.corr)
-            self.write(b"".join(map(_encode_result, results)))
         waiter = self.waiter
         if waiter is not None and self.jobs < waiter[0]:
             self.waiter = None
             waiter[1].send()
+
+    def _wait_jobs(self, below: int, timeout: float | None) -> bool:
+        """Block until fewer than ``below`` jobs are in flight; False on timeout."""
+        if self.jobs < below:
+            return True
+        event = eventlet.event.Event()
+        self.waiter = (below, event)
+        try:
+            with eventlet.Timeout(timeout):
+                event.wait()
+            return True
+        except eventlet.Timeout:
+            return False
+        finally:
+            self.waiter = None
+
+    def _abort(self, why: str) -> None:
+        self.closing = True
+        log.debug("aborting %s: %s", _peer(self.addr), why)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _finish(self) -> None:
+        """Wait for this connection's jobs so their responses are written, then close."""
+        self.closing = True
+        self._wait_jobs(1, timeout=self.server.drain_timeout)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.closed(self)
+
+
+
+class Connection(StreamConnection):
+    """One native-protocol connection: its frame reader and the replies it still owes."""
+
+    __slots__ = ("reader", "replies_pending")
+
+    def __init__(self, server: Server, sock: Any, addr: Any) -> None:
+        super().__init__(server, sock, addr)
+        self.reader = p.FrameReader(p.SERVER_RECEIVES, max_frame_bytes=server.max_frame_bytes)
+        self.replies_pending = 0  # frames that still owe the peer a response
+
+    @staticmethod
+    def refuse(sock: Any, limit: int) -> None:
+        try:
+            sock.settimeout(5.0)  # a TLS peer must not pin this green thread in its handshake
+            sock.sendall(p.encode_error(0, "overloaded", "TooManyConnections",
+                                        f"server is at max_connections={limit}"))
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def job_done(self, job: Job, results: list[Result]) -> None:
+        if results:
+            self.replies_pending -= sum(1 for r in results if r.frame.corr)
+            self.write(b"".join(map(_encode_result, results)))
+        self._job_finished()
 
     # ------------------------------------------------------------------ reading
 
@@ -143,10 +240,7 @@ class Connection:
                         f"more than max_pending_replies={server.max_pending_replies} "
                         "responses outstanding; read them before sending more"))
                     return
-                for job_frames in _split(frames):
-                    self.jobs += 1
-                    dispatcher.submit(Job(self, job_frames))
-                    self._wait_jobs(server.jobs_per_connection, timeout=None)
+                self._dispatch(frames)
                 # Fairness: recv only yields on EAGAIN, so a connection that always has
                 # data would otherwise never let others run.
                 eventlet.sleep(0)
@@ -162,21 +256,6 @@ class Connection:
         finally:
             self._finish()
 
-    def _wait_jobs(self, below: int, timeout: float | None) -> bool:
-        """Block until fewer than ``below`` jobs are in flight; False on timeout."""
-        if self.jobs < below:
-            return True
-        event = eventlet.event.Event()
-        self.waiter = (below, event)
-        try:
-            with eventlet.Timeout(timeout):
-                event.wait()
-            return True
-        except eventlet.Timeout:
-            return False
-        finally:
-            self.waiter = None
-
     def _error(self, data: bytes) -> None:
         """Send a connection-level ERROR frame and mark the connection for closing."""
         self.closing = True
@@ -184,24 +263,6 @@ class Connection:
             self.write(data)
         except Exception:  # best effort: the peer may be gone already
             pass
-
-    def _abort(self, why: str) -> None:
-        self.closing = True
-        log.debug("aborting %s: %s", _peer(self.addr), why)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _finish(self) -> None:
-        """Wait for this connection's jobs so their responses are written, then close."""
-        self.closing = True
-        self._wait_jobs(1, timeout=self.server.drain_timeout)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        self.server.closed(self)
 
 
 def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
@@ -264,6 +325,7 @@ class Server:
         ssl_context: Any = None,
         handshake_timeout: float = 10.0,
         debug: bool = False,
+        forward: ForwardSettings | None = None,
     ) -> None:
         self.app = app
         self.host = host
@@ -290,7 +352,7 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.secure = auth is not None or ssl_context is not None
         self.auth_failures = FailureLog(logging.getLogger("evserver.security"))
-        self.connections: set[Connection] = set()
+        self.connections: set[StreamConnection] = set()
         self.counters: dict[str, int] = {
             "connections_total": 0, "protocol_errors": 0, "idle_closed": 0,
             "overloaded_closed": 0, "refused_connections": 0,
@@ -302,13 +364,20 @@ class Server:
         self.hello = p.encode_hello(self.hello_info)
         self._listener: Any = None
         self._accepter: Any = None
+        self.forward: ForwardListener | None = None  # the Fluentd Forward listener, if any
+        if forward is not None:
+            from .forward_server import ForwardListener  # it builds on this module
+
+            self.forward = ForwardListener(self, forward)
         self._stopped = eventlet.event.Event()
         self._drained = eventlet.event.Event()
         self._stop_started = False
 
     @classmethod
     def from_config(cls, app: App, cfg: Any, **overrides: Any) -> Server:
-        """Build a server from a loaded ``Config``'s ``[server]`` table."""
+        """Build a server from a loaded ``Config``'s tables."""
+        from .forward_server import ForwardSettings
+
         srv = cfg.server
         kwargs: dict[str, Any] = dict(
             host=srv.host, port=srv.port, pool_size=srv.pool_size, queue_size=srv.queue_size,
@@ -320,6 +389,7 @@ class Server:
             dead_letters=DeadLetterStore(cfg.dead_letters.path,
                                          fsync_interval=cfg.dead_letters.fsync_interval),
             **security_options(cfg),
+            forward=ForwardSettings.from_config(cfg),
         )
         kwargs.update(overrides)
         return cls(app, **kwargs)
@@ -339,13 +409,15 @@ class Server:
             self._listener = self.ssl_context.wrap_socket(self._listener, server_side=True)
         self.started_at = time.time()
         self.dispatcher.start()
-        self._accepter = eventlet.spawn(self._accept_loop)
+        self._accepter = eventlet.spawn(self.accept_loop, self._listener, Connection)
+        if self.forward is not None:
+            self.forward.start()
         if self.dead_letters is not None and self.dead_letters.fsync_interval > 0:
             eventlet.spawn_n(self._sync_dead_letters, self.dead_letters)
         log.info("listening on %s:%d (pool %d)", *self.address, self.dispatcher.pool_size)
 
-    def _accept_loop(self) -> None:
-        listener = self._listener
+    def accept_loop(self, listener: Any, conn_type: type[StreamConnection]) -> None:
+        """Accept sockets on ``listener`` (of any protocol) until stopping."""
         while not self.stopping:
             try:
                 sock, addr = listener.accept()
@@ -359,12 +431,12 @@ class Server:
             self.counters["connections_total"] += 1
             if len(self.connections) >= self.max_connections:
                 self.counters["refused_connections"] += 1
-                eventlet.spawn_n(_refuse, sock, self.max_connections)
+                eventlet.spawn_n(conn_type.refuse, sock, self.max_connections)
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.idle_timeout:
                 sock.settimeout(self.idle_timeout)
-            conn = Connection(self, sock, addr)
+            conn = conn_type(self, sock, addr)
             self.connections.add(conn)
             eventlet.spawn_n(conn.serve)
 
@@ -377,7 +449,7 @@ class Server:
             except OSError as exc:
                 log.error("cannot fsync dead letters: %s", exc)
 
-    def closed(self, conn: Connection) -> None:
+    def closed(self, conn: StreamConnection) -> None:
         self.connections.discard(conn)
         if self.stopping and not self.connections and not self._drained.ready():
             self._drained.send()
@@ -412,6 +484,8 @@ class Server:
             self._accepter.kill()
         if self._listener is not None:
             self._listener.close()
+        if self.forward is not None:
+            self.forward.close()
         for conn in list(self.connections):
             # EOF for the reader; in-flight jobs still run and their responses still flush.
             try:
@@ -434,15 +508,4 @@ class Server:
         self._stopped.send(ok)
 
 
-def _refuse(sock: Any, limit: int) -> None:
-    try:
-        sock.settimeout(5.0)  # a TLS peer must not pin this green thread in its handshake
-        sock.sendall(p.encode_error(0, "overloaded", "TooManyConnections",
-                                    f"server is at max_connections={limit}"))
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
-__all__ = ["Connection", "Server"]
+__all__ = ["Connection", "Server", "StreamConnection"]

@@ -190,6 +190,7 @@ class Supervisor:
         self.generation = 1
         self.workers: dict[int, WorkerProcess] = {}
         self.claim: PortClaim | None = None
+        self.forward_claim: PortClaim | None = None
         self.reload: Reload | None = None
         self.booted = False
         self.stopping: str | None = None  # "graceful" | "quick"
@@ -228,6 +229,16 @@ class Supervisor:
             return EXIT_FAILURE
         if self.claim.port != self.cfg.server.port:
             self.cfg = self.cfg.replace(**{"server.port": self.claim.port})
+        forward = self.cfg.forward
+        if forward.enabled:  # the Forward port is shared by the workers in the same way
+            try:
+                self.forward_claim = PortClaim(forward.host, forward.port)
+            except AddressInUse as exc:
+                self.claim.release()
+                log.error("evserver: refusing to start: Forward listener: %s", exc)
+                return EXIT_FAILURE
+            if self.forward_claim.port != forward.port:
+                self.cfg = self.cfg.replace(**{"forward.port": self.forward_claim.port})
         pid_file = self.cfg.server.pid_file
         try:
             if pid_file:
@@ -250,6 +261,8 @@ class Supervisor:
             if pid_file:
                 _remove_pid_file(pid_file)
             self.claim.release()
+            if self.forward_claim is not None:
+                self.forward_claim.release()
 
     def _tick(self) -> None:
         for key, _ in self._selector.select(self._sleep_time()):

@@ -15,6 +15,7 @@ from evserver.config import (
     Config,
     click_options,
     load_config,
+    parse_users,
     render_default_toml,
     settings_table_markdown,
 )
@@ -42,7 +43,7 @@ def test_defaults() -> None:
     assert cfg.source is None
     assert cfg.as_dict() == {
         t: {s.key: s.default for s in SETTINGS if s.table == t}
-        for t in ("server", "handlers", "dead_letters", "admin", "security", "tls")
+        for t in ("server", "handlers", "dead_letters", "admin", "forward", "security", "tls")
     }
     assert (cfg.server.port, cfg.handlers.retries, cfg.server.pid_file) == (7878, 0, None)
     assert cfg.get("dead_letters", "path") == "./evserver-dead-letters"
@@ -235,3 +236,10 @@ def test_readme_settings_table_is_current():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     table = readme.split("<!-- settings:begin -->\n")[1].split("<!-- settings:end -->")[0]
     assert table == settings_table_markdown(), "regenerate: python -m evserver.config --markdown"
+
+
+def test_forward_users_pairs() -> None:
+    cfg = load_config(env={"EVSERVER_FORWARD_USERS": "alice:pw:1, bob:x"})
+    assert parse_users(cfg.forward.users) == {"alice": "pw:1", "bob": "x"}
+    with pytest.raises(ConfigError, match=r"forward.users: expected name:password pairs"):
+        load_config(env={"EVSERVER_FORWARD_USERS": "alice"})

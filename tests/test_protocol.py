@@ -184,3 +184,24 @@ def test_the_documented_example_bytes_are_what_the_codec_produces():
     assert bytes.fromhex(request_hex) == p.encode_event(7, ["order.created", {"id": 1}],
                                                         request=True)
     assert bytes.fromhex(reply_hex) == p.encode_reply(7, {"id": 1})
+
+
+def test_coalescing_fire_and_forget_events_keeps_order_and_limits():
+    ev = lambda i: p.encode_event(0, ["t", i])  # noqa: E731
+    data = (ev(0) + ev(1) + ev(2) + ev(3) + p.encode_event(5, ["t", 4]) + ev(5)
+            + p.encode_event(0, ["t", 6, "id6"]) + p.encode_ping(9) + ev(7))
+    for step in (1, None):
+        r = server_reader()
+        frames = []
+        for i in range(0, len(data), step or len(data)):
+            r.receive_data(data[i : i + (step or len(data))])
+            frames += r.frames(coalesce=3)
+        if step is None:
+            shape = [(f.kind, f.corr, [e.data for e in f.body] if f.kind != p.PING else None)
+                     for f in frames]
+            assert shape == [
+                (p.BATCH, 0, [0, 1, 2]), (p.BATCH, 0, [3]), (p.EVENT, 5, [4]),
+                (p.BATCH, 0, [5, 6]), (p.PING, 9, None), (p.BATCH, 0, [7]),
+            ]
+        events = [e.data for f in frames if f.kind != p.PING for e in f.body]
+        assert events == list(range(8))

@@ -380,3 +380,11 @@ def test_protocol_doc_test_vector() -> None:
     doc = (REPO / "docs" / "protocol.md").read_text()
     assert a.client_proof(key, snonce, cnonce).hex() in doc
     assert a.server_proof(key, snonce, cnonce).hex() in doc
+
+
+def test_exposure_check_covers_the_forward_listener() -> None:
+    forward = {"forward.enabled": True, "forward.host": "0.0.0.0"}
+    cfg = load_config(env={}, overrides=forward)
+    assert "Fluentd Forward" in (exposure_problem(cfg) or "")
+    assert exposure_problem(cfg.replace(**{"forward.shared_key": "fwd-secret"})) is None
+    assert exposure_problem(cfg.replace(**{"security.insecure": True})) is None

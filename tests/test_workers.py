@@ -417,3 +417,14 @@ def test_stats_request_over_the_control_channel(tmp_path: Path, monkeypatch) -> 
         worker.signal(signal.SIGTERM)
         assert worker.proc.wait(10) == 0
         worker.channel.close()
+
+
+def test_a_taken_forward_port_is_refused_too(start) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        m = start("--forward-enabled", "--forward-port", str(taken))
+        assert m.proc.wait(10) != 0
+    assert "Forward listener" in m.log and "already in use" in m.log
+    assert not m.workers()
