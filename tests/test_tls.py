@@ -150,7 +150,8 @@ def test_graceful_stop_keeps_tls_replies_encrypted(pki: Pki) -> None:
         assert result == ["done"]
 
 
-def test_serve_tls_event_and_admin_ports(pki: Pki) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])  # green admin / the master's threaded one
+def test_serve_tls_event_and_admin_ports(pki: Pki, workers: str) -> None:
     """``serve`` with [tls] flags: both ports speak TLS. Started by hand, since the
     server_factory fixture's readiness probe speaks plaintext; the client's bounded
     reconnection backoff waits for the port instead."""
@@ -160,7 +161,7 @@ def test_serve_tls_event_and_admin_ports(pki: Pki) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "evserver", "serve", f"{APPS}/basic.py:app", "--port", str(port),
          "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-         "--admin-port", str(admin_port)],
+         "--admin-port", str(admin_port), "--workers", workers],
         env=env, cwd=pki.ca.parent, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         with Client("127.0.0.1", port, timeout=5, cafile=str(pki.ca), retries=40,
