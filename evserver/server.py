@@ -208,7 +208,6 @@ class Connection(StreamConnection):
                 if early:
                     reader.receive_data(early)
                     early = b""
-                    n = 1
                 else:
                     try:
                         n = sock.recv_into(_BUF)
