@@ -431,7 +431,8 @@ def _json(doc: Any) -> bytes:
 # --------------------------------------------------------------------------- servers
 
 
-def serve_green(app: AdminApp, host: str, port: int) -> tuple[Any, tuple[str, int]]:
+def serve_green(app: AdminApp, host: str, port: int,
+                ssl_context: Any = None) -> tuple[Any, tuple[str, int]]:
     """Serve ``app`` on the calling thread's hub; returns (green thread, bound address).
 
     eventlet.notes §2.8: no tracebacks to clients, no keep-alive, a socket timeout, so idle
@@ -445,6 +446,8 @@ def serve_green(app: AdminApp, host: str, port: int) -> tuple[Any, tuple[str, in
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = eventlet.listen((host, port), family=family, reuse_port=False)
+    if ssl_context is not None:  # a green context (evserver.tls): handshakes per request
+        sock = ssl_context.wrap_socket(sock, server_side=True)
     gt = eventlet.spawn(eventlet.wsgi.server, sock, app, log=log, log_output=False,
                         debug=False, keepalive=False, socket_timeout=5, max_size=64)
     return gt, sock.getsockname()[:2]
@@ -453,7 +456,7 @@ def serve_green(app: AdminApp, host: str, port: int) -> tuple[Any, tuple[str, in
 class ThreadedAdmin:
     """The stdlib WSGI server in daemon threads, for the master (which has no hub)."""
 
-    def __init__(self, app: AdminApp, host: str, port: int) -> None:
+    def __init__(self, app: AdminApp, host: str, port: int, ssl_context: Any = None) -> None:
         import socket
         import socketserver
         import threading
@@ -471,6 +474,11 @@ class ThreadedAdmin:
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         self.httpd = Server((host, port), Handler)
+        if ssl_context is not None:
+            # The handshake happens on the first read, in the request's thread (bounded by
+            # Handler.timeout), so a slow TLS client cannot stall the accept loop.
+            self.httpd.socket = ssl_context.wrap_socket(
+                self.httpd.socket, server_side=True, do_handshake_on_connect=False)
         self.httpd.set_app(app)
         self.address: tuple[str, int] = self.httpd.server_address[:2]  # type: ignore[assignment]
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.5,),

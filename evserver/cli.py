@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -53,8 +54,19 @@ def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
     """
     try:
         cfg = load_config(config_path, overrides=overrides)
+        from .security import exposure_problem
+
+        problem = exposure_problem(cfg)  # before anything binds: nothing is ever exposed
     except ConfigError as exc:
         _fail(str(exc), 2)
+    if problem:
+        _fail(problem, 2)
+    try:
+        from .tls import context_from_config
+
+        context_from_config(cfg.tls, green=False)  # bad files: a clear error, not a traceback
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot use the [tls] certificate/key: {exc}", 2)
     from .logs import configure_logging
 
     configure_logging(cfg.server.log_level, cfg.server.log_format)
@@ -85,14 +97,24 @@ def admin_options(func: Any) -> Any:
 def _client(admin_url: str | None, token: str | None) -> Any:
     from .console import AdminClient
 
-    if admin_url is None or token is None:
-        try:
-            cfg = load_config()
-        except ConfigError as exc:
+    try:
+        cfg = load_config()
+    except ConfigError as exc:
+        if admin_url is None or token is None:
             _fail(str(exc), 2)
-        admin_url = admin_url or f"http://{cfg.admin.host}:{cfg.admin.port}"
+        cfg = None
+    if cfg is not None:
+        scheme = "https" if cfg.tls.cert else "http"  # the admin port shares [tls]
+        admin_url = admin_url or f"{scheme}://{cfg.admin.host}:{cfg.admin.port}"
         token = token or cfg.admin.token
-    return AdminClient(admin_url, token)
+    assert admin_url is not None
+    context = None
+    if admin_url.startswith("https://"):
+        from .tls import client_context
+
+        ca = os.environ.get("EVSERVER_ADMIN_CA") or (cfg.tls.ca if cfg is not None else None)
+        context = client_context(ca)
+    return AdminClient(admin_url, token, ssl_context=context)
 
 
 def _admin(func: Any) -> Any:
@@ -277,15 +299,22 @@ def _client_command(func: Any) -> Any:
     from .errors import ClientConnectionError, RemoteError
 
     @functools.wraps(func)
-    def command(host: str, port: int, timeout: float, **kwargs: Any) -> None:
+    def command(host: str, port: int, timeout: float, shared_key: str | None,
+                key_id: str | None, tls: bool, tls_ca: str | None, tls_cert: str | None,
+                tls_key: str | None, **kwargs: Any) -> None:
+        from .auth import AuthError
         from .client import Client
 
         try:
-            with Client(host, port, timeout, retries=_CLI_RETRIES) as client:
+            with Client(host, port, timeout, retries=_CLI_RETRIES, shared_key=shared_key or None,
+                        key_id=key_id, tls=tls, cafile=tls_ca, certfile=tls_cert,
+                        keyfile=tls_key) as client:
                 func(client, **kwargs)
         except RemoteError as exc:
             _fail(f"remote error: {exc.type}: {exc.message}")
-        except (ClientConnectionError, TimeoutError, ValueError) as exc:
+        except AuthError as exc:
+            _fail(f"authentication failed: {exc}")
+        except (ClientConnectionError, TimeoutError, ValueError, OSError) as exc:
             _fail(str(exc))
 
     for decorator in reversed((
@@ -295,6 +324,20 @@ def _client_command(func: Any) -> Any:
                      show_default=True, help="Server port [env EVSERVER_PORT]."),
         click.option("--timeout", type=float, default=10.0, show_default=True,
                      help="Seconds to wait for the server."),
+        click.option("--shared-key", envvar="EVSERVER_SHARED_KEY", default=None,
+                     help="Authenticate with this shared key [env EVSERVER_SHARED_KEY; the "
+                          "env var keeps it out of the process list]."),
+        click.option("--key-id", envvar="EVSERVER_KEY_ID", default=None,
+                     help="Which of the server's keys it is [env EVSERVER_KEY_ID; default: "
+                          "the server tries them all]."),
+        click.option("--tls", is_flag=True, help="Connect with TLS (implied by --tls-ca/"
+                                                  "--tls-cert)."),
+        click.option("--tls-ca", type=click.Path(dir_okay=False), default=None,
+                     help="CA bundle to verify the server with [default: system store]."),
+        click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+                     help="Client certificate, for servers that require one."),
+        click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+                     help="Private key of --tls-cert [default: in the cert file]."),
     )):
         command = decorator(command)
     return command

@@ -23,10 +23,12 @@ from __future__ import annotations
 import itertools
 import random
 import socket
+import ssl as _ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
+from . import auth as _auth
 from . import protocol as p
 from .errors import (
     ClientConnectionError,
@@ -42,7 +44,8 @@ __all__ = ["Client"]
 _READ_SIZE = 1 << 16
 _BATCH_BYTES = 256 * 1024  # a BATCH stays well under the server's frame limit
 # Connection-level errors caused by what this client sent: reconnecting would not help.
-_OWN_FAULT = frozenset({ProtocolError.code, FrameTooLarge.code, UnsupportedVersion.code})
+_OWN_FAULT = frozenset({ProtocolError.code, FrameTooLarge.code, UnsupportedVersion.code,
+                        _auth.AuthError.code})
 # Replies come from a server we chose to trust, but a runaway one must not eat all memory.
 _MAX_REPLY_BYTES = 64 << 20
 
@@ -71,6 +74,14 @@ class Client:
     re-sends every unanswered frame. ``window`` is how many batches ``send_many(ack=True)``
     keeps in flight.
 
+    Security: with ``shared_key`` every connection runs the mutual handshake of
+    docs/protocol.md ("Authentication") before anything is sent: the client proves it knows
+    the key (named by ``key_id``, or any the server holds) and refuses a server that cannot
+    prove the same; ``AuthError`` (a ``PermissionError``) when either side fails. TLS comes
+    from ``ssl`` (an ``SSLContext``) or ``tls=True`` with ``cafile`` (else the system's
+    trust store) and, for servers that require one, ``certfile``/``keyfile``;
+    ``server_hostname`` defaults to ``host``.
+
     >>> with Client("127.0.0.1", 7878) as client:
     ...     client.request("order.created", {"id": 1})
     """
@@ -85,9 +96,25 @@ class Client:
         backoff: float = 0.1,
         backoff_max: float = 2.0,
         window: int = 16,
+        shared_key: str | bytes | None = None,
+        key_id: str | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        tls: bool = False,
+        cafile: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         if window < 1 or retries < 0:
             raise ValueError("window must be >= 1 and retries >= 0")
+        self._key = _auth.as_key(shared_key) if shared_key is not None else None
+        self.key_id = key_id
+        if ssl is None and (tls or cafile or certfile):
+            from .tls import client_context
+
+            ssl = client_context(cafile, certfile, keyfile)
+        self.ssl = ssl
+        self.server_hostname = server_hostname or host
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -335,8 +362,8 @@ class Client:
         try:
             sock.settimeout(wait)
             n = sock.recv_into(self._buf)
-        except (TimeoutError, BlockingIOError):
-            return
+        except (TimeoutError, BlockingIOError, _ssl.SSLWantReadError, _ssl.SSLWantWriteError):
+            return  # (non-blocking TLS reports "nothing yet" as SSLWantRead)
         except OSError as exc:
             raise _Lost(_reason(exc)) from None
         if not n:
@@ -378,8 +405,23 @@ class Client:
                 self._fail(f"cannot connect to {self.address}: {_reason(exc)}{after}")
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock = sock
             self._reader = p.FrameReader(p.CLIENT_RECEIVES, max_frame_bytes=_MAX_REPLY_BYTES)
+            try:
+                sock = self._secure(sock)
+            except (_auth.AuthError, _ssl.SSLCertVerificationError) as exc:
+                sock.close()  # a wrong key or an untrusted server: retrying cannot help
+                if isinstance(exc, _auth.AuthError):
+                    raise
+                raise ClientConnectionError(f"cannot connect to {self.address}: {exc}") from None
+            except (_Lost, OSError) as exc:  # incl. ssl.SSLError, e.g. an untrusted server
+                sock.close()
+                self._fail(f"cannot connect to {self.address}: "
+                           f"{_reason(exc) if isinstance(exc, OSError) else exc}")
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
             if not self._pending:
                 break
             try:
@@ -388,6 +430,54 @@ class Client:
             except _Lost as lost:
                 self._lose(str(lost))
         self._lost = None
+
+    def _secure(self, sock: socket.socket) -> socket.socket:
+        """TLS, then the shared-key handshake, on a fresh connection; bounded by ``timeout``."""
+        if self.ssl is not None:
+            sock = self.ssl.wrap_socket(sock, server_hostname=self.server_hostname)
+        if self._key is None:
+            return sock
+        deadline = time.monotonic() + self.timeout
+        hello = self._next_frame(sock, deadline)
+        if hello.kind != p.HELLO:
+            self._raise_frame(hello)
+        self.server_info = hello.body
+        snonce = hello.body.get("nonce")
+        if hello.body.get("auth") != _auth.AUTH_SCHEME or not isinstance(snonce, bytes):
+            # Sending events anyway would let an impostor without the key collect them.
+            raise _auth.AuthError(f"{self.address} does not offer shared-key authentication")
+        info, cnonce = _auth.client_hello(self._key, self.key_id, snonce)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(p.encode_hello(info))
+        reply = self._next_frame(sock, deadline)
+        if reply.kind != p.HELLO:
+            self._raise_frame(reply)
+        _auth.verify_server(self._key, snonce, cnonce, reply.body)
+        return sock
+
+    def _next_frame(self, sock: socket.socket, deadline: float) -> p.Frame:
+        while (frame := self._reader.next_frame()) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Lost(f"no handshake from {self.address} within {self.timeout:g}s")
+            sock.settimeout(remaining)
+            try:
+                n = sock.recv_into(self._buf)
+            except TimeoutError:
+                continue
+            if not n:
+                raise _Lost("the server closed the connection during the handshake")
+            self._reader.receive_data(self._view[:n])
+        return frame
+
+    def _raise_frame(self, frame: p.Frame) -> None:
+        """An ERROR instead of the handshake's HELLO: the server refused us."""
+        if frame.kind == p.ERROR:
+            code, _, message = frame.body
+            if code == _auth.AuthError.code:
+                raise _auth.AuthError(f"{self.address}: {message}")
+            raise _Lost(f"{code}: {message}")
+        raise _Lost(f"unexpected {p.KIND_NAMES.get(frame.kind)} during the handshake")
 
     def _lose(self, reason: str) -> None:
         """The connection broke: close it and count the failure (a reconnect follows)."""

@@ -27,7 +27,8 @@ ENV_PREFIX = "EVSERVER_"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _F = TypeVar("_F", bound=Callable[..., Any])
 _NOUNS = {bool: "a boolean (true/false, 1/0, yes/no, on/off)", int: "an integer",
-          float: "a number", str: "a string"}
+          float: "a number", str: "a string", dict: "a table"}
+_MIN_KEY = 16  # bytes of a shared key; evserver.auth.MIN_KEY_BYTES (not imported: stays light)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class Setting:
     optional: bool = False  # None allowed; "" (env, file or flag) means None
     parse: Callable[[Any], Any] | None = None
     expects: str = ""  # overrides the phrase derived from type/validate
+    flag_name: str = ""  # overrides the derived flag, for the few that must be short
+    env_name: str = ""  # overrides the derived env var, likewise
+    cli: bool = True  # False: no flag (a table of secrets has no sane command-line form)
 
     @property
     def name(self) -> str:
@@ -100,11 +104,15 @@ class Setting:
 
     @property
     def env_var(self) -> str:
+        if self.env_name:
+            return self.env_name
         return f"{ENV_PREFIX}{self.table}_{self.key}".upper()
 
     @property
     def flag(self) -> str:
         """``--port`` for [server] (the common case), ``--handlers-retries`` for other tables."""
+        if self.flag_name or not self.cli:
+            return self.flag_name or f"(no flag: {self.name})"
         prefix = "" if self.table == "server" else f"{self.table}-"
         return f"--{prefix}{self.key}".replace("_", "-")
 
@@ -126,6 +134,21 @@ class Setting:
         if self.validate is not None and not self.validate(value):
             raise ValueError
         return value
+
+
+def _shared_key(raw: Any) -> str:
+    if not isinstance(raw, str) or len(raw.encode()) < _MIN_KEY:
+        raise ValueError
+    return raw
+
+
+def _shared_keys(raw: Any) -> dict[str, str]:
+    """A ``[security.shared_keys]`` table, or (from the environment) the same as JSON."""
+    if isinstance(raw, str):
+        raw = json.loads(raw) if raw.strip() else {}
+    if not isinstance(raw, dict):
+        raise ValueError
+    return {str(kid): _shared_key(secret) for kid, secret in raw.items()}
 
 
 def _coerce(typ: type, raw: Any) -> Any:
@@ -206,9 +229,36 @@ SETTINGS: tuple[Setting, ...] = (
       "Largest Forward request (one msgpack array), in bytes.", _at_least(1024)),
     S("forward", "max_decompressed_bytes", int, 64 << 20,
       "Largest gzip-decompressed entries of one request, in bytes.", _at_least(1024)),
+    S("security", "shared_key", str, None,
+      "Shared key (key id \"default\") clients must prove they know; empty = none. The env "
+      "var or file is safer than the flag, which other local users can see.", optional=True,
+      parse=_shared_key, expects=f"a string of at least {_MIN_KEY} bytes",
+      flag_name="--shared-key", env_name="EVSERVER_SHARED_KEY"),
+    S("security", "shared_keys", dict, {},
+      "Named keys accepted side by side, for rotation: a [security.shared_keys] table of "
+      "key_id = \"secret\" (a JSON object in the env var).", parse=_shared_keys,
+      expects=f"a table of key id = secret ({_MIN_KEY}+ bytes each)", cli=False),
+    S("security", "handshake_timeout", float, 10.0,
+      "Seconds a new connection has to finish TLS and authentication.", _number(strict=True)),
+    S("security", "insecure", bool, False,
+      "Allow a non-loopback host without a shared key or client certificates.",
+      flag_name="--insecure"),
+    S("security", "debug", bool, False,
+      "Send handler tracebacks to clients in error messages; never in production."),
+    S("tls", "cert", str, None,
+      "PEM certificate (chain) of the event and admin listeners; empty = no TLS.",
+      optional=True),
+    S("tls", "key", str, None, "PEM private key of the certificate; empty = in the cert file.",
+      optional=True),
+    S("tls", "ca", str, None, "PEM CA bundle that client certificates are verified against.",
+      optional=True),
+    S("tls", "require_client_cert", bool, False,
+      "Refuse clients without a certificate signed by the CA (mutual TLS)."),
 )
 del S
 _BY_NAME: Mapping[str, Setting] = MappingProxyType({s.name: s for s in SETTINGS})
+_SECRETS = frozenset({"security.shared_key", "security.shared_keys", "admin.token",
+                      "forward.shared_key", "forward.users"})
 TABLES: tuple[str, ...] = tuple(dict.fromkeys(s.table for s in SETTINGS))
 assert len({s.flag for s in SETTINGS}) == len(SETTINGS), "two settings derive the same CLI flag"
 
@@ -308,6 +358,8 @@ def _set(values: dict[str, Any], origins: dict[str, str], name: str, raw: Any, s
         values[name] = setting.convert(raw)
     except (ValueError, TypeError):
         msg = f"{name}: expected {setting.expected}, got {raw!r} (from {src})"
+        if name in _SECRETS:
+            msg = f"{name}: expected {setting.expected} (the value from {src} is not; hidden)"
         raise ConfigError(msg) from None
     origins[name] = src
 
@@ -402,7 +454,7 @@ def click_options(func: _F) -> _F:
     """
     import click  # only the CLI needs it; keeps `import evserver.config` light
 
-    dests = {s.name: s.name.replace(".", "__") for s in SETTINGS}
+    dests = {s.name: s.name.replace(".", "__") for s in SETTINGS if s.cli}
 
     @functools.wraps(func)
     def command(*args: Any, **kwargs: Any) -> Any:
@@ -410,6 +462,8 @@ def click_options(func: _F) -> _F:
         return func(*args, overrides=overrides, **kwargs)
 
     for s in reversed(SETTINGS):
+        if not s.cli:
+            continue
         flag = f"{s.flag}/--no-{s.flag[2:]}" if s.type is bool else s.flag
         kind = {bool: click.BOOL, int: click.INT, float: click.FLOAT}.get(s.type)
         kind = kind if s.parse is None else None

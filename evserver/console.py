@@ -26,12 +26,14 @@ class AdminFailure(Exception):
 class AdminClient:
     """Blocking HTTP calls to one admin listener; every failure is an ``AdminFailure``."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0,
+                 ssl_context: Any = None) -> None:
         if "://" not in url:
             url = f"http://{url}"
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.ssl_context = ssl_context  # for https:// URLs; None = the system's trust store
 
     def _open(self, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
         query = urllib.parse.urlencode({k: v for k, v in (params or {}).items()
@@ -41,7 +43,7 @@ class AdminClient:
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout)
+            return urllib.request.urlopen(req, timeout=self.timeout, context=self.ssl_context)
         except urllib.error.HTTPError as exc:
             try:
                 detail = json.loads(exc.read()).get("error") or exc.reason

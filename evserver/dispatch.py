@@ -423,9 +423,20 @@ class Dispatcher:
             plan = self._plans[id(handler)] = Plan(handler, self._defaults)
         return plan
 
+    debug = False  # [security] debug: send tracebacks (paths and all) to clients
+
     def _failed(
         self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
         dead_letter: bool = True,
+    ) -> Failure:
+        failure = self._record_failure(plan, event, exc, attempts, tb, dead_letter)
+        if self.debug:
+            failure.message = f"{failure.message}\n{tb}"
+        return failure
+
+    def _record_failure(
+        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
+        dead_letter: bool,
     ) -> Failure:
         handler = plan.handler
         self.stats.handler_errors += 1

@@ -326,6 +326,22 @@ class FrameReader:
             return out
         return out
 
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes received after the last complete frame.
+
+        For handing a stream over to another reader: the connection's handshake reads with
+        a small limit, then passes whatever the client pipelined behind its HELLO on. Call it
+        only right after a frame was returned (mid-frame, msgpack has consumed a prefix).
+        """
+        rest = b""
+        if self._unpacker is not None and self._fed > self._pos:
+            rest = self._unpacker.read_bytes(self._fed - self._pos)
+        rest += b"".join(bytes(b) for b in self._backlog)
+        self._backlog.clear()
+        self._unpacker = None
+        self._fed = self._pos = 0
+        return rest
+
     def __iter__(self) -> Iterator[Frame]:
         return iter(self.frames())
 

@@ -79,10 +79,11 @@ def start_admin(server: Server, cfg: Any) -> Any:
 
     app = AdminApp(LocalBackend(server, handler_defaults(cfg)), token=cfg.admin.token)
     try:
-        gt, address = serve_green(app, cfg.admin.host, cfg.admin.port)
+        gt, address = serve_green(app, cfg.admin.host, cfg.admin.port, server.ssl_context)
     except OSError as exc:
         log.error("admin listener disabled: cannot listen on %s:%d: %s", cfg.admin.host,
                   cfg.admin.port, exc.strerror or exc)
         return None
-    log.info("admin listening on http://%s:%d", *address)
+    log.info("admin listening on %s://%s:%d", "https" if server.ssl_context else "http",
+             *address)
     return gt

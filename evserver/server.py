@@ -25,10 +25,14 @@ from . import __version__
 from . import protocol as p
 from ._eventlet import eventlet
 from .app import App
+from .auth import Authenticator, FailureLog
 from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher, Job, Result
 from .errors import ProtocolError
+from .handshake import open_connection
 from .logs import LogBudget
+from .security import security_options
+from .tls import shutdown_read
 
 if TYPE_CHECKING:
     from .forward_server import ForwardListener, ForwardSettings
@@ -173,6 +177,7 @@ class Connection(StreamConnection):
     @staticmethod
     def refuse(sock: Any, limit: int) -> None:
         try:
+            sock.settimeout(5.0)  # a TLS peer must not pin this green thread in its handshake
             sock.sendall(p.encode_error(0, "overloaded", "TooManyConnections",
                                         f"server is at max_connections={limit}"))
         except OSError:
@@ -194,22 +199,31 @@ class Connection(StreamConnection):
         reader = self.reader
         dispatcher = server.dispatcher
         try:
-            sock.sendall(server.hello)
+            early = b""  # bytes pipelined behind an authenticating HELLO
+            if server.secure:
+                if (early := open_connection(self)) is None:
+                    return
+            else:
+                sock.sendall(server.hello)
             while not server.stopping:
-                try:
-                    n = sock.recv_into(_BUF)
-                except TimeoutError:
-                    if self.jobs:
-                        continue  # waiting on our own handlers is not idleness
-                    server.counters["idle_closed"] += 1
-                    server.limit_log("idle_timeout", "closing idle connection %s after %gs",
-                                     _peer(self.addr), server.idle_timeout)
-                    self._error(p.encode_error(0, "idle_timeout", "IdleTimeout",
-                                               f"no data for {server.idle_timeout:g}s"))
-                    return
-                if not n:
-                    return
-                reader.receive_data(_VIEW[:n])
+                if early:
+                    reader.receive_data(early)
+                    early = b""
+                else:
+                    try:
+                        n = sock.recv_into(_BUF)
+                    except TimeoutError:
+                        if self.jobs:
+                            continue  # waiting on our own handlers is not idleness
+                        server.counters["idle_closed"] += 1
+                        server.limit_log("idle_timeout", "closing idle connection %s after %gs",
+                                         _peer(self.addr), server.idle_timeout)
+                        self._error(p.encode_error(0, "idle_timeout", "IdleTimeout",
+                                                   f"no data for {server.idle_timeout:g}s"))
+                        return
+                    if not n:
+                        return
+                    reader.receive_data(_VIEW[:n])
                 frames = reader.frames(coalesce=_JOB_EVENTS)
                 if not frames:
                     continue
@@ -311,6 +325,10 @@ class Server:
         backlog: int = 1024,
         handler_defaults: dict[str, Any] | None = None,
         dead_letters: DeadLetterStore | None = None,
+        auth: Authenticator | None = None,
+        ssl_context: Any = None,
+        handshake_timeout: float = 10.0,
+        debug: bool = False,
         forward: ForwardSettings | None = None,
     ) -> None:
         self.app = app
@@ -331,16 +349,24 @@ class Server:
         self.dispatcher = Dispatcher(app, pool_size=pool_size, queue_size=queue_size,
                                      handler_defaults=handler_defaults,
                                      dead_letters=dead_letters)
+        self.dispatcher.debug = debug
+        # Security (evserver.handshake): with neither, a connection costs exactly as before.
+        self.auth = auth
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout
+        self.secure = auth is not None or ssl_context is not None
+        self.auth_failures = FailureLog(logging.getLogger("evserver.security"))
         self.connections: set[StreamConnection] = set()
         self.counters: dict[str, int] = {
             "connections_total": 0, "protocol_errors": 0, "idle_closed": 0,
             "overloaded_closed": 0, "refused_connections": 0,
+            "auth_failures": 0, "handshake_timeouts": 0, "tls_failures": 0,
         }
         self.stopping = False
         self._peer_log = LogBudget()
         self.started_at = 0.0
-        self.hello = p.encode_hello({"server": f"evserver/{__version__}",
-                                     "max_frame_bytes": max_frame_bytes})
+        self.hello_info = {"server": f"evserver/{__version__}", "max_frame_bytes": max_frame_bytes}
+        self.hello = p.encode_hello(self.hello_info)
         self._listener: Any = None
         self._accepter: Any = None
         self.forward: ForwardListener | None = None  # the Fluentd Forward listener, if any
@@ -367,6 +393,7 @@ class Server:
                               "backoff": cfg.handlers.backoff},
             dead_letters=DeadLetterStore(cfg.dead_letters.path,
                                          fsync_interval=cfg.dead_letters.fsync_interval),
+            **security_options(cfg),
             forward=ForwardSettings.from_config(cfg),
         )
         kwargs.update(overrides)
@@ -383,6 +410,8 @@ class Server:
             (self.host, self.port), family=family, backlog=self.backlog,
             reuse_port=self.reuse_port,
         )
+        if self.ssl_context is not None:
+            self._listener = self.ssl_context.wrap_socket(self._listener, server_side=True)
         self.started_at = time.time()
         self.dispatcher.start()
         self._accepter = eventlet.spawn(self.accept_loop, self._listener, Connection)
@@ -473,7 +502,7 @@ class Server:
         for conn in list(self.connections):
             # EOF for the reader; in-flight jobs still run and their responses still flush.
             try:
-                conn.sock.shutdown(socket.SHUT_RD)
+                shutdown_read(conn.sock)
             except OSError:
                 pass
         if self.connections:

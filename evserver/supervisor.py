@@ -38,6 +38,7 @@ from .channel import Channel
 from .config import Config, load_config
 from .errors import ConfigError, EvserverError
 from .runner import EXIT_APP_LOAD_ERROR, EXIT_FAILURE, EXIT_OK
+from .worker import CONFIG_ENV, CONFIG_FROM_ENV
 
 log = logging.getLogger("evserver.supervisor")
 
@@ -355,6 +356,10 @@ class Supervisor:
             return why
         try:
             cfg = load_config(self.config_path, overrides=self.overrides)
+            from .security import exposure_problem
+
+            if problem := exposure_problem(cfg):  # a reload must not expose what serve refused
+                raise ConfigError(problem)
         except ConfigError as exc:
             log.error("HUP: reload aborted, keeping the current workers: %s", exc)
             return f"reload aborted: {exc}"
@@ -384,9 +389,12 @@ class Supervisor:
         """Start one worker of ``generation`` serving with ``cfg``; it reports ``ready`` later."""
         parent, child = socket.socketpair()
         cmd = [sys.executable, "-m", "evserver.worker", "--fd", str(child.fileno()),
-               "--master", str(os.getpid()), self.app_spec, json.dumps(cfg.as_dict())]
+               "--master", str(os.getpid()), self.app_spec, CONFIG_FROM_ENV]
+        # The config holds secrets (keys, admin token): the environment, unlike argv, is
+        # readable by this user only.
+        env = {**self._worker_env, CONFIG_ENV: json.dumps(cfg.as_dict())}
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=self._worker_env,
+            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env,
                                     stdin=subprocess.DEVNULL)
         finally:
             child.close()
@@ -630,12 +638,16 @@ class Supervisor:
             return
         app = AdminApp(MasterAdmin(self), token=admin.token)
         try:
-            self.admin = ThreadedAdmin(app, admin.host, admin.port)
+            from .tls import context_from_config
+
+            ssl_context = context_from_config(self.cfg.tls, green=False)  # threads, no hub
+            self.admin = ThreadedAdmin(app, admin.host, admin.port, ssl_context)
         except OSError as exc:
             log.error("admin listener disabled: cannot listen on %s:%d: %s", admin.host,
                       admin.port, exc.strerror or exc)
             return
-        log.info("admin listening on http://%s:%d", *self.admin.address)
+        log.info("admin listening on %s://%s:%d", "https" if ssl_context else "http",
+                 *self.admin.address)
 
     def call_soon(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on the main loop (from any thread); its result arrives in the future."""

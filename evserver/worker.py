@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("evserver.worker")
 
 _PR_SET_PDEATHSIG = 1
+CONFIG_ENV = "_EVSERVER_WORKER_CONFIG"  # the master's resolved config, as JSON
+CONFIG_FROM_ENV = "@env"  # the CONFIG_JSON argument that says "read it from CONFIG_ENV"
 
 
 def worker_stats(server: Server) -> dict[str, Any]:
@@ -189,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _die_with_master(args.master)
     sock = socket.socket(fileno=args.fd)  # a real socket: created before monkey-patching
-    cfg = config_from_json(args.config_json)
+    text = args.config_json
+    if text == CONFIG_FROM_ENV:
+        text = os.environ.pop(CONFIG_ENV, "")
+    cfg = config_from_json(text)
     configure_logging(cfg.server.log_level, cfg.server.log_format)
     _install_worker_signals()
     link = MasterLink(sock, cfg.server.worker_timeout / 4, cfg)
