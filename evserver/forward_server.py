@@ -200,11 +200,12 @@ class ForwardConnection(StreamConnection):
                 eventlet.sleep(0)  # fairness, as for native connections
         except HandshakeFailed as exc:
             counters["forward_auth_failures"] += 1
-            log.warning("Forward %s: handshake failed: %s; closing", _peer(self.addr), exc)
+            self.server.limit_log("forward_auth", "Forward %s: handshake failed: %s; closing",
+                                  _peer(self.addr), exc)
         except ProtocolError as exc:
             counters["forward_errors"] += 1
-            log.warning("Forward %s: closing connection: %s [%s]", _peer(self.addr), exc,
-                        exc.code)
+            self.server.limit_log("forward_protocol", "Forward %s: closing connection: %s [%s]",
+                                  _peer(self.addr), exc, exc.code)
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
                 log.info("Forward %s: %s", _peer(self.addr), exc)

@@ -21,15 +21,30 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from evserver import protocol as p
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+
+
+def wait_for(cond: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll ``cond`` until it is truthy (its value is returned) or fail after ``timeout``;
+    for outcomes that have no event to wait on (a process gone, a file written)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)  # a poll interval, not a wait for something to happen
 
 
 def free_port() -> int:

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from rawpeer import RawPeer
 
@@ -42,15 +43,6 @@ TRAFFIC = {"order.created": 7, "order.paid": 5, "order.item.added": 3, "fail": 2
            "nobody.home": 1}
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)  # a poll interval, not a wait for something to happen
 
 
 class Served:

@@ -302,7 +302,7 @@ def test_garbage_closes_only_that_connection(forward: Callable[..., Forward]) ->
     counters = wait_for(lambda: (c := f.counters())["forward_connections"] == 4 and c, 10,
                         "all connections counted")
     assert counters["forward_errors"] == 2
-    lines = [line for line in f.server.log().splitlines() if "evserver.forward" in line]
+    lines = [line for line in f.server.log().splitlines() if "Forward" in line]
     closing = [line for line in lines if "closing connection" in line]
     assert len(closing) == 2, lines
     assert any("exceeds max_request_bytes (4096)" in line for line in closing), closing

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import wait_for
 from rawpeer import RawPeer
 
 from evserver import protocol as p
@@ -35,15 +36,6 @@ APP = ROOT / "tests" / "apps" / "workers_app.py"
 T = TypeVar("T")
 
 
-def wait_for(cond: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)  # a poll interval, not a wait for something to happen
 
 
 def free_port() -> int:
