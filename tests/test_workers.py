@@ -420,3 +420,40 @@ def test_a_taken_forward_port_is_refused_too(start) -> None:
         assert m.proc.wait(10) != 0
     assert "Forward listener" in m.log and "already in use" in m.log
     assert not m.workers()
+
+
+def test_sigkill_a_worker_while_clients_stream_20k_acked_events(start) -> None:
+    """Every acknowledged event survives a worker's SIGKILL: clients on the dead worker
+    reconnect (to a survivor or the replacement) and re-send what was not acknowledged."""
+    from evserver import Client
+
+    m = start()
+    m.wait_ready()
+    clients = [Client(*m.address, timeout=10, retries=20, backoff=0.05) for _ in range(4)]
+    victim = clients[0].request("pid")  # kill the worker that serves client 0
+    acked: list[list[str]] = [[] for _ in clients]
+    errors: list[BaseException] = []
+
+    def stream(i: int) -> None:
+        try:
+            for n in range(5000):
+                clients[i].send("record", n, ack=True, id=f"c{i}-{n}")
+                acked[i].append(f"c{i}-{n}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(m.recorded()) >= 2000, 20, "the stream to get going")
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join(90)
+    for c in clients:
+        c.close()
+    assert not errors, errors
+    sent = {eid for ids in acked for eid in ids}
+    assert len(sent) == 20_000
+    missing = sent - m.recorded()
+    assert not missing, f"{len(missing)} acknowledged events were never processed"
+    assert victim not in m.workers()
