@@ -168,7 +168,11 @@ class Taps:
         elif len(taps) == 1:
             self.dispatcher.tap = taps[0]
         else:
-            self.dispatcher.tap = lambda frames: [tap(frames) for tap in taps]
+            def fan_out(frames: list[Any]) -> None:
+                for tap in taps:
+                    tap(frames)
+
+            self.dispatcher.tap = fan_out
 
 
 def tail_params(query: dict[str, list[str]]) -> tuple[str, int, int | None]:

@@ -368,7 +368,7 @@ class Dispatcher:
         """Resolve a type to the plans of its handlers once; bounded like the app's cache."""
         route = self.app.route(etype)
         entry = (
-            route.processor and self._plan(route.processor),
+            self._plan(route.processor) if route.processor is not None else None,
             tuple(self._plan(h) for h in route.listeners),
         )
         if len(self._entries) >= 4096:

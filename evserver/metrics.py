@@ -270,7 +270,7 @@ def render_prometheus(stats: dict[str, Any]) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats))  # type: ignore[arg-type]
+    registry.register(_StatsCollector(stats))
     return generate_latest(registry)
 
 

@@ -129,7 +129,7 @@ def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
     if kind == BATCH:
         if n != 3 or type(raw[2]) is not list:
             raise _bad("BATCH must be [2, corr, [event, ...]]")
-        body = []
+        body: list[Event] = []
         append = body.append
         for e in raw[2]:  # the minimal form inlined: this loop is the batch hot path
             if type(e) is list and len(e) == 2 and type(e[0]) is str and e[0]:

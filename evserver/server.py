@@ -103,6 +103,10 @@ class StreamConnection:
         """Turn away a socket accepted beyond ``max_connections`` (close it, at least)."""
         sock.close()
 
+    def job_done(self, job: Job, results: list[Result]) -> None:
+        """The dispatcher's ``Sink`` callback: each protocol answers in its own way."""
+        raise NotImplementedError
+
     def _dispatch(self, frames: list[p.Frame]) -> None:
         """Run a read's frames as jobs: inline while the pool is idle, else through the
         queue, holding the reader while this connection has too many jobs in flight."""
@@ -199,7 +203,7 @@ class Connection(StreamConnection):
         reader = self.reader
         dispatcher = server.dispatcher
         try:
-            early = b""  # bytes pipelined behind an authenticating HELLO
+            early: bytes | None = b""  # bytes pipelined behind an authenticating HELLO
             if server.secure:
                 if (early := open_connection(self)) is None:
                     return

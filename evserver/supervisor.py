@@ -428,9 +428,9 @@ class Supervisor:
                 worker.last_stats = msg.get("stats") or {}
                 if msg["id"] in self._stats_ids:
                     worker.stats_replies[msg["id"]] = worker.last_stats
-            elif t == "tailed" and (tail := self.tails.get(msg.get("id"))) is not None:
+            elif t == "tailed" and (tailed := self.tails.get(int(msg["id"]))) is not None:
                 try:
-                    tail.batches.put_nowait(msg.get("events") or [])
+                    tailed.batches.put_nowait(msg.get("events") or [])
                 except queue.Full:
                     pass  # the HTTP reader is behind: drop, never block the loop
         return bool(messages)
@@ -776,19 +776,19 @@ class MasterAdmin:
         return future.result(ADMIN_CALL_TIMEOUT + STATS_TIMEOUT)
 
     def ready(self) -> tuple[bool, str]:
-        return self._call(self.sup.readiness)  # type: ignore[no-any-return]
+        return self._call(self.sup.readiness)
 
     def handlers(self) -> list[dict[str, Any]]:
-        return self._call(self.sup.handler_list)  # type: ignore[no-any-return]
+        return self._call(self.sup.handler_list)
 
     def reload(self) -> dict[str, Any]:
-        return self._call(self.sup.admin_reload)  # type: ignore[no-any-return]
+        return self._call(self.sup.admin_reload)
 
     def stop(self, now: bool) -> dict[str, Any]:
-        return self._call(lambda: self.sup.admin_stop(now))  # type: ignore[no-any-return]
+        return self._call(lambda: self.sup.admin_stop(now))
 
     def scale(self, n: int) -> dict[str, Any]:
-        return self._call(lambda: self.sup.admin_scale(n))  # type: ignore[no-any-return]
+        return self._call(lambda: self.sup.admin_scale(n))
 
     def tail(self, pattern: str, rate: int) -> _MasterTail:
         tid, tail = self._call(lambda: self.sup.open_tail(pattern, rate))

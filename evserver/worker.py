@@ -106,7 +106,7 @@ class MasterLink:
                 elif msg["t"] == "tail":
                     self._tail(msg)
                 elif msg["t"] == "untail":
-                    self._tail_leases[msg.get("id")] = 0.0
+                    self._tail_leases[int(msg["id"])] = 0.0
         self._master_gone()
 
     def goodbye(self) -> None:
@@ -118,7 +118,7 @@ class MasterLink:
         """Start (or renew the lease of) a tail; it stops when the lease runs out."""
         from ._eventlet import eventlet
 
-        tid = msg.get("id")
+        tid = int(msg["id"])
         fresh = tid not in self._tail_leases
         self._tail_leases[tid] = time.monotonic() + float(msg.get("lease") or 5.0)
         if fresh and self.taps is not None:
