@@ -20,6 +20,7 @@ import eventlet  # noqa: E402
 import eventlet.green.socket  # noqa: E402
 import eventlet.hubs  # noqa: E402
 import eventlet.queue  # noqa: E402
+import eventlet.semaphore  # noqa: E402
 import eventlet.tpool  # noqa: E402
 
 __all__ = ["eventlet", "monkey_patch", "wake_hub_on_signals"]

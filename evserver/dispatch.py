@@ -29,6 +29,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import greenlet
+
 from . import protocol as p
 from ._eventlet import eventlet
 from .app import App, Handler
@@ -46,6 +48,10 @@ YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot sta
 SAMPLE_EVERY = 128
 _NO_HANDLER_LOG_INTERVAL = 60.0
 _BACKOFF_MAX = 30.0
+# What a handler may raise that fails its event: eventlet.Timeout (a BaseException) from the
+# handler's own timeouts, sys.exit(), KeyboardInterrupt. GreenletExit is not among them: it
+# is how a stuck handler is ended at the drain timeout.
+_HANDLER_ERRORS = (Exception, eventlet.Timeout, SystemExit, KeyboardInterrupt)
 
 
 class Sink(Protocol):
@@ -97,7 +103,9 @@ class Failure:
 
     @classmethod
     def from_exception(cls, exc: BaseException, note: str = "") -> Failure:
-        return cls(getattr(exc, "code", "handler_error"), type(exc).__name__, f"{note}{exc}")
+        code = getattr(exc, "code", None)  # ours are str; HTTPError.code is an int
+        return cls(code if isinstance(code, str) else "handler_error", type(exc).__name__,
+                   f"{note}{exc}")
 
 
 class Plan:
@@ -129,7 +137,7 @@ class _KeyState:
     def __init__(self) -> None:
         self.issued = 0
         self.next = 0
-        self.parked: dict[int, tuple[Job, int, Event]] = {}
+        self.parked: dict[int, tuple[Job, int, Event] | None] = {}  # None: skip it
 
 
 class Stats:
@@ -173,6 +181,7 @@ class Dispatcher:
         self._workers: list[Any] = []
         self._unrouted_logged: dict[str, float] = {}
         self._error_log = LogBudget()
+        self._slots: Any = eventlet.semaphore.Semaphore(pool_size)
         self._until_sample = SAMPLE_EVERY
         # The admin's ``tail`` sampler: sees each submitted job's frames while set. It must be
         # cheap and never block; None (the default) costs one attribute check per job.
@@ -195,7 +204,7 @@ class Dispatcher:
         This skips the hand-off to a worker, which costs more than a small job itself; the
         pool bound still holds because an inline run takes one of the ``pool_size`` slots.
         """
-        if self.busy >= self.pool_size or self.queue.qsize():
+        if self.queue.qsize() or not self._slots.acquire(blocking=False):
             return False
         self._admit(job)
         self._run(job)
@@ -213,8 +222,9 @@ class Dispatcher:
         Callers must stop every producer (readers) first: a job queued after the stop
         sentinels would never run.
         """
-        for _ in self._workers:
-            self.queue.put(None)
+        # The sentinels queue behind the remaining jobs; a full queue must not hold up the
+        # stop past its deadline, so they are put by a helper that is killed with the workers.
+        putter = eventlet.spawn(lambda: [self.queue.put(None) for _ in self._workers])
         deadline = None if timeout is None else time.monotonic() + timeout
         ok = True
         for gt in self._workers:
@@ -225,6 +235,7 @@ class Dispatcher:
             except eventlet.Timeout:
                 ok = False
                 gt.kill()
+        putter.kill()
         self._workers = []
         return ok
 
@@ -233,18 +244,36 @@ class Dispatcher:
     def _work(self) -> None:
         get = self.queue.get
         while (job := get()) is not None:
+            self._slots.acquire()  # inline runs hold slots too: pool_size bounds both
             self._run(job)
             eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
 
     def _run(self, job: Job) -> None:
+        """Run a job holding one pool slot (released here), then answer it."""
         self.busy += 1
         try:
             self.run_job(job)
-        except Exception:  # a bug here must not kill the worker
+        except BaseException as exc:  # a bug here must neither kill the worker nor ack
+            if isinstance(exc, greenlet.GreenletExit):
+                raise
             log.exception("internal error while running a job")
+            self._abandon(job, Failure("internal_error", type(exc).__name__, str(exc)))
         finally:
             self.busy -= 1
+            self._slots.release()
             self._release(job)
+
+    def _abandon(self, job: Job, failure: Failure) -> None:
+        """A job stopped half-way: fail every frame not yet answered, and skip its unused
+        ordering tickets so the events queued behind them on their keys still run."""
+        for i, frame in enumerate(job.frames):
+            if frame.kind != p.PING and job.failures[i] is None:
+                job.failures[i] = failure
+        for key, number in (job.tickets or {}).values():
+            state = self._keys.get(key)
+            if state is not None and number >= state.next and number not in state.parked:
+                state.parked[number] = None
+                self._resume(key, state)
 
     def run_job(self, job: Job) -> None:
         """Process every frame of a job in order (parked ordered events excepted)."""
@@ -288,7 +317,7 @@ class Dispatcher:
                 try:  # the common case, inlined: one direct call, nothing else
                     processor.func(event)
                     continue
-                except Exception as exc:
+                except _HANDLER_ERRORS as exc:
                     failure = self._failed(processor, event, exc, 1, traceback.format_exc())
             else:
                 failure = self._handle(entry, event, False)[1]
@@ -390,7 +419,7 @@ class Dispatcher:
         if plan.direct:
             try:
                 return plan.func(event), None
-            except Exception as exc:
+            except _HANDLER_ERRORS as exc:
                 return None, self._failed(plan, event, exc, 1, traceback.format_exc(),
                                           dead_letter)
         attempt = 0
@@ -398,7 +427,7 @@ class Dispatcher:
             attempt += 1
             try:
                 return self._attempt(plan, event), None
-            except Exception as exc:
+            except _HANDLER_ERRORS as exc:
                 if attempt > plan.retries:
                     return None, self._failed(plan, event, exc, attempt,
                                               traceback.format_exc(), dead_letter)
@@ -502,14 +531,22 @@ class Dispatcher:
     def _advance(self, key: Any, state: _KeyState) -> None:
         """Mark the running ticket done and run the parked ones that are now due."""
         state.next += 1
-        while (entry := state.parked.pop(state.next, None)) is not None:
+        self._resume(key, state)
+
+    def _resume(self, key: Any, state: _KeyState) -> None:
+        """Run (or skip, for abandoned tickets) every parked event whose turn has come."""
+        while state.next in state.parked:
+            entry = state.parked.pop(state.next)
+            if entry is None:  # a ticket of an abandoned job
+                state.next += 1
+                continue
             job, fi, event = entry
             try:
                 self._process(job, fi, event)
             finally:
                 state.next += 1
                 self._release(job)
-        if state.next == state.issued:
+        if state.next == state.issued and self._keys.get(key) is state:
             del self._keys[key]  # nothing outstanding: keep memory bounded by live keys
 
     # ------------------------------------------------------------------ unrouted

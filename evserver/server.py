@@ -51,6 +51,7 @@ _JOB_EVENTS = 64
 # the pool, where they run in parallel, and try inline again after that many jobs.
 _INLINE_MAX_SECONDS = 0.002
 _INLINE_BACKOFF_JOBS = 256
+_OUT_LIMIT = 4 << 20  # reply bytes queued for one connection before its reader pauses
 
 
 class StreamConnection:
@@ -61,7 +62,8 @@ class StreamConnection:
     """
 
     __slots__ = (
-        "addr", "closing", "inline_skip", "jobs", "out", "server", "sock", "waiter", "writing",
+        "addr", "closing", "flush_waiter", "inline_skip", "jobs", "out", "out_bytes", "server",
+        "sock", "waiter", "writing",
     )
 
     def __init__(self, server: Server, sock: Any, addr: Any) -> None:
@@ -69,6 +71,8 @@ class StreamConnection:
         self.sock = sock
         self.addr = addr
         self.out: list[bytes] = []
+        self.out_bytes = 0  # queued or being sent: bounded by _OUT_LIMIT via the reader
+        self.flush_waiter: Any = None  # an Event the reader waits on while out_bytes is high
         self.writing = False
         self.closing = False
         self.jobs = 0  # jobs queued or running
@@ -80,6 +84,7 @@ class StreamConnection:
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer; the first caller to find no writer becomes it."""
         self.out.append(data)
+        self.out_bytes += len(data)
         if self.writing:
             return
         self.writing = True
@@ -88,11 +93,17 @@ class StreamConnection:
                 chunk = b"".join(self.out) if len(self.out) > 1 else self.out[0]
                 self.out.clear()
                 self.sock.sendall(chunk)
+                self.out_bytes -= len(chunk)
         except (OSError, AttributeError) as exc:  # peer gone, or socket closed under us
             self.out.clear()
             self._abort(f"write failed: {exc}")
         finally:
             self.writing = False
+            if not self.out:
+                self.out_bytes = 0
+            if self.flush_waiter is not None and self.out_bytes < _OUT_LIMIT:
+                waiter, self.flush_waiter = self.flush_waiter, None
+                waiter.send()
 
     def serve(self) -> None:
         """The reader green thread: decode, submit jobs, and ``_finish`` at the end."""
@@ -115,16 +126,20 @@ class StreamConnection:
         for job_frames in _split(frames):
             self.jobs += 1
             job = Job(self, job_frames)
-            if self.inline_skip:
-                self.inline_skip -= 1
+            started = time.perf_counter()
+            if not self.inline_skip and dispatcher.run_inline(job):
+                if time.perf_counter() - started > _INLINE_MAX_SECONDS:
+                    self.inline_skip = _INLINE_BACKOFF_JOBS
             else:
-                started = time.perf_counter()
-                if dispatcher.run_inline(job):
-                    if time.perf_counter() - started > _INLINE_MAX_SECONDS:
-                        self.inline_skip = _INLINE_BACKOFF_JOBS
-                    continue
-            dispatcher.submit(job)
+                self.inline_skip = max(0, self.inline_skip - 1)
+                dispatcher.submit(job)
+            # Also after an inline run: its job stays open while ordered events are parked.
             self._wait_jobs(server.jobs_per_connection, timeout=None)
+        if self.out_bytes >= _OUT_LIMIT and not self.closing:
+            # The peer is not reading its replies: stop reading its requests until it does
+            # (the blocked writer is bounded by the socket timeout, idle_timeout).
+            self.flush_waiter = eventlet.event.Event()
+            self.flush_waiter.wait()
 
     def _job_finished(self) -> None:
         self.jobs -= 1

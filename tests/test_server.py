@@ -5,7 +5,9 @@ ordering and graceful shutdown. The server runs on its own hub in a thread
 from __future__ import annotations
 
 import random
+import socket
 import threading
+import time
 
 import pytest
 from rawpeer import RawPeer
@@ -302,3 +304,73 @@ def test_without_ordered_by_order_is_not_kept():
     """The control for the test above: the same load does get reordered without the option."""
     seen = run_ordering(ordering_app(ordered=False))
     assert any(ns != sorted(ns) for ns in seen.values())
+
+
+# ---------------------------------------------------------------------- review regressions
+
+def hostile_app():
+    app = App()
+
+    @app.processor("own-timeout")
+    def own_timeout(event):
+        with eventlet.Timeout(0.01):  # a BaseException escaping the handler
+            eventlet.sleep(1)
+
+    @app.processor("exit")
+    def leave(event):
+        raise SystemExit(3)
+
+    @app.processor("http")
+    def http(event):
+        import urllib.error
+
+        raise urllib.error.HTTPError("http://x", 503, "Service Unavailable", {}, None)
+
+    app.processor("echo")(lambda event: event.data)
+    app.processor("slow")(lambda event: eventlet.sleep(event.data))
+    return app
+
+
+def test_base_exceptions_and_odd_error_codes_fail_the_event_not_the_server():
+    with serve_in_thread(hostile_app(), pool_size=2) as server:
+        peer = RawPeer(server.address)
+        for corr in (1, 2, 3):  # more failures than pool slots: no worker may die
+            peer.send(p.encode_batch(corr, [["own-timeout", 1], ["echo", 2]]))
+            assert peer.recv_frames(1)[0].body[:2] == ("handler_error", "Timeout")
+        assert peer.request(4, "exit").body[:2] == ("handler_error", "SystemExit")
+        assert peer.request(5, "http").body[:2] == ("handler_error", "HTTPError")
+        assert peer.request(6, "echo", "alive").body == "alive"
+        assert server.dispatcher.busy == 0
+
+
+def test_stop_is_bounded_even_with_a_full_queue_and_stuck_handlers():
+    with serve_in_thread(hostile_app(), pool_size=1, queue_size=1, drain_timeout=0.5) as server:
+        peers = [RawPeer(server.address) for _ in range(4)]
+        for peer in peers:
+            peer.send(p.encode_event(1, ["slow", 30]))
+        started = time.monotonic()
+        server.stop(timeout=5)
+        assert time.monotonic() - started < 3
+
+
+def test_a_peer_that_never_reads_replies_cannot_grow_the_servers_buffer():
+    from evserver import server as server_module
+
+    with serve_in_thread(hostile_app(), idle_timeout=0) as server:
+        s = socket.create_connection(server.address)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reply = b"x" * 60_000
+        frame = p.encode_event(1, ["echo", reply], request=True)
+        stop = time.monotonic() + 2
+        s.settimeout(0.2)
+        sent = 0
+        try:
+            while time.monotonic() < stop:
+                s.sendall(frame)
+                sent += 1
+        except (TimeoutError, OSError):
+            pass  # the server stopped reading us: that is the point
+        (conn,) = [c for c in server.connections]
+        assert conn.out_bytes <= server_module._OUT_LIMIT + 2 * len(reply)
+        assert sent * len(reply) > server_module._OUT_LIMIT  # we did try to overflow it
+        s.close()
