@@ -51,6 +51,9 @@ def _number(lo: float = 0, *, strict: bool = False) -> Check:
     return _at_least(lo, strict=strict, noun="a number")
 
 
+_PORT = Check("an integer 0-65535", lambda v: 0 <= v <= 65535)
+
+
 def _one_of(*choices: str) -> Check:
     return Check("one of " + ", ".join(map(repr, choices)), lambda v: v in choices)
 
@@ -173,7 +176,7 @@ S = Setting
 SETTINGS: tuple[Setting, ...] = (
     S("server", "host", str, "127.0.0.1", "Address to listen on."),
     S("server", "port", int, 7878, "TCP port to listen on; 0 picks an ephemeral port.",
-      Check("an integer 0-65535", lambda v: 0 <= v <= 65535)),
+      _PORT),
     S("server", "pool_size", int, 64, "Green threads running handlers.", _at_least(1)),
     S("server", "queue_size", int, 256, "Jobs that may wait for the pool.", _at_least(1)),
     S("server", "max_frame_bytes", int, 1048576, "Largest accepted frame, in bytes.",
@@ -209,7 +212,7 @@ SETTINGS: tuple[Setting, ...] = (
       "Serve the HTTP admin listener (health, stats, metrics, control)."),
     S("admin", "host", str, "127.0.0.1", "Address of the admin listener; keep it private."),
     S("admin", "port", int, 7879, "Port of the admin listener (never shared); 0 picks one.",
-      Check("an integer 0-65535", lambda v: 0 <= v <= 65535)),
+      _PORT),
     S("admin", "token", str, None,
       "Bearer token for admin actions; without one they are allowed from loopback only.",
       optional=True),
@@ -217,7 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
       "Also accept Fluentd Forward Protocol v1 (Fluent Bit, Fluentd, Docker, fluent-logger)."),
     S("forward", "host", str, "127.0.0.1", "Address of the Forward listener (TCP and UDP)."),
     S("forward", "port", int, 24224, "Port of the Forward listener, shared by every worker.",
-      Check("an integer 0-65535", lambda v: 0 <= v <= 65535)),
+      _PORT),
     S("forward", "shared_key", str, None,
       "Require the HELO/PING/PONG handshake with this shared key; empty = no handshake.",
       optional=True),

@@ -405,12 +405,6 @@ class Dispatcher:
         self._entries[etype] = entry
         return entry
 
-    def process(self, event: Event) -> Failure | None:
-        """Run one event outside any connection (tests, replays); return its failure."""
-        job = Job(_NullSink(), [p.Frame(p.EVENT, 1, [event])])
-        self._process(job, 0, event)
-        return job.failures[0]
-
     # ------------------------------------------------------------------ calling handlers
 
     def _call(
@@ -564,8 +558,3 @@ class Dispatcher:
                 log.warning("no %s for event type %r (logged once a minute per type)",
                             what, etype)
         return Failure(RoutingError.code, "RoutingError", f"no {what} for event type {etype!r}")
-
-
-class _NullSink:
-    def job_done(self, job: Job, results: list[Result]) -> None:
-        pass

@@ -152,6 +152,8 @@ class ForwardConnection(StreamConnection):
     holds finished request numbers (True = processed) until every earlier one finished.
     """
 
+    protocol = "Forward"
+
     __slots__ = ("chunks", "decoder", "done", "failed", "next_ack", "requests")
 
     def __init__(self, server: Server, sock: Any, addr: Any) -> None:
@@ -206,13 +208,6 @@ class ForwardConnection(StreamConnection):
             counters["forward_errors"] += 1
             self.server.limit_log("forward_protocol", "Forward %s: closing connection: %s [%s]",
                                   _peer(self.addr), exc, exc.code)
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
-                log.info("Forward %s: %s", _peer(self.addr), exc)
-        except Exception:
-            log.exception("internal error on Forward connection %s", _peer(self.addr))
-        finally:
-            self._finish()
 
     def _submit(self, requests: list[ForwardRequest]) -> None:
         """Turn requests into BATCH frames (acked ones numbered) and run them as jobs."""

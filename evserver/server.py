@@ -66,6 +66,8 @@ class StreamConnection:
         "sock", "waiter", "writing",
     )
 
+    protocol = "native"  # for log lines
+
     def __init__(self, server: Server, sock: Any, addr: Any) -> None:
         self.server = server
         self.sock = sock
@@ -105,8 +107,21 @@ class StreamConnection:
                 waiter, self.flush_waiter = self.flush_waiter, None
                 waiter.send()
 
+    def run(self) -> None:
+        """The reader green thread: the protocol's ``serve``, then the ending every protocol
+        shares: a vanished peer quietly, any other error loudly, and always ``_finish``."""
+        try:
+            self.serve()
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
+                log.info("%s connection %s: %s", self.protocol, _peer(self.addr), exc)
+        except Exception:
+            log.exception("internal error on %s connection %s", self.protocol, _peer(self.addr))
+        finally:
+            self._finish()
+
     def serve(self) -> None:
-        """The reader green thread: decode, submit jobs, and ``_finish`` at the end."""
+        """Read and decode the protocol, submit jobs; errors and ``_finish`` are ``run``'s."""
         raise NotImplementedError
 
     @staticmethod
@@ -271,13 +286,6 @@ class Connection(StreamConnection):
             server.counters["protocol_errors"] += 1
             server.limit_log("protocol", "closing %s: %s", _peer(self.addr), exc)
             self._error(p.encode_error(0, exc.code, type(exc).__name__, str(exc)))
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
-                log.info("connection %s: %s", _peer(self.addr), exc)
-        except Exception:
-            log.exception("internal error on connection %s", _peer(self.addr))
-        finally:
-            self._finish()
 
     def _error(self, data: bytes) -> None:
         """Send a connection-level ERROR frame and mark the connection for closing."""
@@ -464,7 +472,7 @@ class Server:
                 sock.settimeout(self.idle_timeout)
             conn = conn_type(self, sock, addr)
             self.connections.add(conn)
-            eventlet.spawn_n(conn.serve)
+            eventlet.spawn_n(conn.run)
 
     def _sync_dead_letters(self, store: DeadLetterStore) -> None:
         """Batched fsync: appends reach the OS at once, the disk within ``fsync_interval``."""
