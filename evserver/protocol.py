@@ -12,6 +12,7 @@ self-delimiting, so there is no length prefix; ``FrameReader`` streams through
 
 from __future__ import annotations
 
+import sys
 import time as _time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -44,6 +45,9 @@ KIND_NAMES = {
     PING: "PING",
     PONG: "PONG",
 }
+
+#: Frame kinds whose body is a list of events.
+EVENT_KINDS = frozenset({EVENT, BATCH, REQUEST})
 
 #: Frame kinds each side may receive.
 SERVER_RECEIVES = frozenset({HELLO, EVENT, BATCH, REQUEST, PING})
@@ -267,22 +271,31 @@ class FrameReader:
             self._fail()
             raise
 
-    def frames(self, *, coalesce: int = 0) -> list[Frame]:
+    def frames(self, *, coalesce: int = 0, max_events: int = 0) -> list[Frame]:
         """Every complete frame buffered now; the fast path the server uses.
 
         While the undecoded bytes are fewer than ``max_frame_bytes`` no frame among them can
         exceed the limit, so frames are decoded in one loop without measuring each one.
         With ``coalesce=N``, up to N consecutive fire-and-forget EVENT frames come back as
         one ``BATCH`` with corr 0, which means the same and saves a frame object per event.
+        With ``max_events=M`` decoding stops after the frame that brings the count of events
+        (other frames count one) to M, and the next call goes on from there: a caller that
+        dispatches each slice before decoding the next reuses memory that is still in cache,
+        instead of holding a whole read's events at once.
         """
         out: list[Frame] = []
         accept = self._accept
+        limit = max_events or sys.maxsize
+        count = 0
         while (unpacker := self._unpacker) is not None:
             if self._fed - self._pos > self._max:
                 frame = self.next_frame()  # measure frame by frame near the limit
                 if frame is None:
                     return out
                 out.append(frame)
+                count += len(frame.body) if frame.kind in EVENT_KINDS else 1
+                if count >= limit:
+                    return out
                 continue
             now = _time.time()
             tell = unpacker.tell
@@ -301,16 +314,21 @@ class FrameReader:
                             batch = []
                             out.append(Frame(BATCH, 0, batch))
                         batch.append(Event(ev[0], ev[1], None, now))
-                        continue
-                    frame = _parse_fast(raw, accept, now)
-                    if coalesce and frame.kind == EVENT and not frame.corr:
-                        if batch is None or len(batch) >= coalesce:
-                            batch = []
-                            out.append(Frame(BATCH, 0, batch))
-                        batch.append(frame.body[0])
-                        continue
-                    batch = None  # keep frames in order: a later event starts a new batch
-                    out.append(frame)
+                        count += 1
+                    else:
+                        frame = _parse_fast(raw, accept, now)
+                        if coalesce and frame.kind == EVENT and not frame.corr:
+                            if batch is None or len(batch) >= coalesce:
+                                batch = []
+                                out.append(Frame(BATCH, 0, batch))
+                            batch.append(frame.body[0])
+                        else:
+                            batch = None  # keep frames in order: a later event starts anew
+                            out.append(frame)
+                        count += len(frame.body) if frame.kind in EVENT_KINDS else 1
+                    if count >= limit:
+                        self._pos = pos
+                        return out
             except ProtocolError:
                 self._fail()
                 raise

@@ -42,9 +42,8 @@ log = logging.getLogger("evserver.server")
 READ_SIZE = 1 << 16
 _BUF = bytearray(READ_SIZE)
 _VIEW = memoryview(_BUF)
-_EVENT_KINDS = frozenset({p.EVENT, p.BATCH, p.REQUEST})
-# Frames of one read are split into jobs of about this many events (a BATCH is never split),
-# so a long run of single-event frames spreads over several workers.
+# Reads are decoded and dispatched in jobs of about this many events (a BATCH is never
+# split), so a long run of single-event frames spreads over several workers.
 _JOB_EVENTS = 64
 # A reader runs its own job when the pool is idle (no hand-off: the request/reply fast path).
 # A job that took longer than this means slow handlers: hand this connection's next jobs to
@@ -231,7 +230,6 @@ class Connection(StreamConnection):
         server = self.server
         sock = self.sock
         reader = self.reader
-        dispatcher = server.dispatcher
         try:
             early: bytes | None = b""  # bytes pipelined behind an authenticating HELLO
             if server.secure:
@@ -258,27 +256,11 @@ class Connection(StreamConnection):
                     if not n:
                         return
                     reader.receive_data(_VIEW[:n])
-                frames = reader.frames(coalesce=_JOB_EVENTS)
-                if not frames:
-                    continue
-                dispatcher.stats.events_in += sum(
-                    len(f.body) for f in frames if f.kind in _EVENT_KINDS)
-                hello = [f for f in frames if f.kind == p.HELLO]
-                if hello:
-                    frames = [f for f in frames if f.kind != p.HELLO]
-                    if not frames:
-                        continue
-                self.replies_pending += sum(1 for f in frames if f.corr)
-                if self.replies_pending > server.max_pending_replies:
-                    server.counters["overloaded_closed"] += 1
-                    server.limit_log("overloaded", "closing %s: more than %d responses pending",
-                                     _peer(self.addr), server.max_pending_replies)
-                    self._error(p.encode_error(
-                        0, "overloaded", "TooManyPending",
-                        f"more than max_pending_replies={server.max_pending_replies} "
-                        "responses outstanding; read them before sending more"))
-                    return
-                self._dispatch(frames)
+                # One job's worth at a time: each slice is dispatched (inline, usually)
+                # before the next is decoded, so its memory is reused while still in cache.
+                while frames := reader.frames(coalesce=_JOB_EVENTS, max_events=_JOB_EVENTS):
+                    if not self._take(frames):
+                        return
                 # Fairness: recv only yields on EAGAIN, so a connection that always has
                 # data would otherwise never let others run.
                 eventlet.sleep(0)
@@ -286,6 +268,27 @@ class Connection(StreamConnection):
             server.counters["protocol_errors"] += 1
             server.limit_log("protocol", "closing %s: %s", _peer(self.addr), exc)
             self._error(p.encode_error(0, exc.code, type(exc).__name__, str(exc)))
+
+    def _take(self, frames: list[p.Frame]) -> bool:
+        """Account for and dispatch decoded frames; False when the connection must close."""
+        server = self.server
+        server.dispatcher.stats.events_in += sum(
+            len(f.body) for f in frames if f.kind in p.EVENT_KINDS)
+        if any(f.kind == p.HELLO for f in frames):
+            frames = [f for f in frames if f.kind != p.HELLO]
+        self.replies_pending += sum(1 for f in frames if f.corr)
+        if self.replies_pending > server.max_pending_replies:
+            server.counters["overloaded_closed"] += 1
+            server.limit_log("overloaded", "closing %s: more than %d responses pending",
+                             _peer(self.addr), server.max_pending_replies)
+            self._error(p.encode_error(
+                0, "overloaded", "TooManyPending",
+                f"more than max_pending_replies={server.max_pending_replies} "
+                "responses outstanding; read them before sending more"))
+            return False
+        if frames:
+            self._dispatch(frames)
+        return True
 
     def _error(self, data: bytes) -> None:
         """Send a connection-level ERROR frame and mark the connection for closing."""
@@ -305,7 +308,7 @@ def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
             jobs.append([])
             size = 0
         jobs[-1].append(frame)
-        size += len(frame.body) if frame.kind in _EVENT_KINDS else 1
+        size += len(frame.body) if frame.kind in p.EVENT_KINDS else 1
     return jobs
 
 

@@ -105,6 +105,9 @@ def decode(chunks: list[bytes], method: str) -> tuple[list[p.Frame], bool]:
             reader.receive_data(chunk)
             if method == "frames":
                 out.extend(reader.frames(coalesce=4))
+            elif method == "sliced":
+                while fs := reader.frames(coalesce=4, max_events=3):
+                    out.extend(fs)
             else:
                 while (frame := reader.next_frame()) is not None:
                     out.append(frame)
@@ -117,7 +120,7 @@ def decode(chunks: list[bytes], method: str) -> tuple[list[p.Frame], bool]:
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=streams, sizes=cuts, method=st.sampled_from(["frames", "next_frame"]))
+@given(data=streams, sizes=cuts, method=st.sampled_from(["frames", "sliced", "next_frame"]))
 def test_decoder_never_raises_anything_but_protocol_error(data: bytes, sizes: list[int],
                                                           method: str) -> None:
     decoded, _ = decode(_chunks(data, sizes), method)

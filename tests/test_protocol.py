@@ -205,3 +205,26 @@ def test_coalescing_fire_and_forget_events_keeps_order_and_limits():
             ]
         events = [e.data for f in frames if f.kind != p.PING for e in f.body]
         assert events == list(range(8))
+
+
+def test_frames_in_slices_resume_where_the_last_slice_stopped():
+    frames = [p.encode_event(0, ["t", i]) for i in range(7)] + [
+        p.encode_batch(3, [["t", i] for i in range(7, 12)]), p.encode_ping(4),
+        p.encode_event(5, ["t", 12], request=True)] + [
+        p.encode_event(0, ["t", i]) for i in range(13, 20)]
+    data = b"".join(frames)
+    for step in (7, len(data)):
+        r = server_reader()
+        slices = []
+        for i in range(0, len(data), step):
+            r.receive_data(data[i : i + step])
+            while fs := r.frames(coalesce=3, max_events=4):
+                slices.append(fs)
+        counts = [sum(len(f.body) if f.kind in p.EVENT_KINDS else 1 for f in fs)
+                  for fs in slices]
+        assert all(c <= 4 + 4 for c in counts)  # the limit, overshot by at most one frame
+        if step == len(data):
+            assert counts == [4, 8, 4, 4, 1]  # 3 single events, then a BATCH of 5
+        assert [e.data for fs in slices for f in fs if f.kind != p.PING
+                for e in f.body] == list(range(20))
+        assert r.buffered == 0 and r._unpacker is None
