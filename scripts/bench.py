@@ -6,9 +6,16 @@ target (evserver serving scripts/bench_app.py) back to back and reports the targ
 Generators are separate processes that send pre-encoded bytes on blocking sockets, so they stay
 far from saturation; each reports its own CPU use to show it. Fire-and-forget runs end with a
 PING per connection: the PONG proves every earlier frame of that connection was dispatched.
+evserver (default command) must then count exactly the events the generators sent.
+
+``--protocol forward`` sends the same events as Fluentd Forward requests to evserver's Forward
+listener (and to the reference's Forward twin): Message mode (single), Forward mode (batch,
+acked), PackedForward (packed). Forward has no request/reply, so no rr or idle; its
+fire-and-forget runs end with one acked chunk instead of the PING.
 
     python scripts/bench.py --target ref --mode all --repeat 3          # reference only
     python scripts/bench.py --mode batch --batch 100 --json             # ref vs evserver
+    python scripts/bench.py --protocol forward --mode acked             # Fluentd Forward
     python scripts/bench.py --server-cmd "python my_launcher.py {port}" # any other server
 """
 
@@ -30,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,9 +47,11 @@ import msgpack
 HELLO, EVENT, BATCH, REQUEST, ACK, REPLY, ERROR, PING, PONG = range(9)
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
-MODES = ("single", "batch", "acked", "rr", "idle")
-CONNECTIONS = {"single": 1, "batch": 1, "acked": 8, "rr": 50, "idle": 1}
+MODES = {"native": ("single", "batch", "acked", "rr", "idle"),
+         "forward": ("single", "batch", "packed", "acked")}
+CONNECTIONS = {"single": 1, "batch": 1, "packed": 1, "acked": 8, "rr": 50, "idle": 1}
 EVENT_BODY = ["bench", {"seq": 12345, "payload": "x" * 16}]  # ~40 bytes, like the notes' 48
+EVENT_TIME = 1700000000  # Forward entry time: an int, as fluent-logger sends by default
 IO_TIMEOUT = 30.0  # bounds every blocking socket call
 PING_FRAME = msgpack.packb([PING, 1])
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -50,8 +60,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --- generator side (runs in spawned processes) ---------------------------------------------
 
 
-def connect(port: int, timeout: float = IO_TIMEOUT) -> tuple[socket.socket, msgpack.Unpacker]:
-    """A blocking socket bounded by SO_RCVTIMEO/SO_SNDTIMEO (no poll per call), HELLO read."""
+def connect(port: int, timeout: float = IO_TIMEOUT,
+            hello: bool = True) -> tuple[socket.socket, msgpack.Unpacker]:
+    """A blocking socket bounded by SO_RCVTIMEO/SO_SNDTIMEO (no poll per call), HELLO read
+    (native; Forward without a shared key greets with nothing)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -59,8 +71,8 @@ def connect(port: int, timeout: float = IO_TIMEOUT) -> tuple[socket.socket, msgp
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
     unpacker = msgpack.Unpacker()
-    if (hello := next_frame(sock, unpacker))[0] != HELLO:
-        raise ConnectionError(f"expected HELLO, got {hello!r}")
+    if hello and (frame := next_frame(sock, unpacker))[0] != HELLO:
+        raise ConnectionError(f"expected HELLO, got {frame!r}")
     return sock, unpacker
 
 
@@ -73,19 +85,29 @@ def next_frame(sock: socket.socket, unpacker: msgpack.Unpacker) -> list:
         unpacker.feed(data)
 
 
-def fire(conns: list, chunk: bytes, per_chunk: int, deadline: float) -> tuple[int, list]:
-    """Send ``chunk`` until the deadline, then PING each connection and wait for its PONG."""
-    sent = 0
+def answer_corr(answer: Any) -> int:
+    """The corr an answer settles: a native ACK's or REPLY's, or the chunk of a Forward ack."""
+    if type(answer) is dict and "ack" in answer:
+        return int(answer["ack"])
+    if type(answer) is list and answer[0] in (ACK, REPLY):
+        return answer[1]
+    raise RuntimeError(f"unexpected answer {answer!r}")
+
+
+def fire(conns: list, chunk: bytes, per_chunk: int, finale: tuple[bytes, Any, int],
+         deadline: float) -> tuple[int, list]:
+    """Send ``chunk`` until the deadline, then the finale on each connection: wait its answer."""
+    sent, (last, answer, last_events) = 0, finale
     while time.monotonic() < deadline:
         for sock, _ in conns:
             sock.sendall(chunk)
         sent += per_chunk * len(conns)
     for sock, _ in conns:
-        sock.sendall(PING_FRAME)
+        sock.sendall(last)
     for sock, unpacker in conns:
-        if (frame := next_frame(sock, unpacker))[0] != PONG:
-            raise RuntimeError(f"expected PONG, got {frame!r}")
-    return sent, []
+        if (frame := next_frame(sock, unpacker)) != answer:
+            raise RuntimeError(f"expected {answer!r}, got {frame!r}")
+    return sent + last_events * len(conns), []
 
 
 def windowed(conns: list, frames: list[bytes], per_frame: int, deadline: float) -> tuple[int, list]:
@@ -111,10 +133,8 @@ def windowed(conns: list, frames: list[bytes], per_frame: int, deadline: float) 
                 raise ConnectionError("server closed the connection")
             unpacker.feed(data)
             now, again, times = time.monotonic(), [], sent_at[i]
-            for frame in unpacker:
-                if frame[0] not in (ACK, REPLY):
-                    raise RuntimeError(f"unexpected answer {frame!r}")
-                corr = frame[1]
+            for answer in unpacker:
+                corr = answer_corr(answer)
                 lat.append(now - times[corr])
                 done += 1
                 if now < deadline:
@@ -132,7 +152,7 @@ def generator(job: dict, ready: Any, go: Any, results: Any) -> None:
     try:
         if job["cpus"]:
             os.sched_setaffinity(0, job["cpus"])
-        conns = [connect(job["port"]) for _ in range(job["conns"])]
+        conns = [connect(job["port"], hello=job["hello"]) for _ in range(job["conns"])]
     except Exception as exc:
         ready.put(f"{type(exc).__name__}: {exc}")
         return
@@ -143,7 +163,7 @@ def generator(job: dict, ready: Any, go: Any, results: Any) -> None:
         cpu0, t0 = os.times(), time.monotonic()
         deadline = t0 + job["duration"]
         if job["chunk"] is not None:
-            events, lat = fire(conns, job["chunk"], job["per_chunk"], deadline)
+            events, lat = fire(conns, job["chunk"], job["per_chunk"], job["finale"], deadline)
         else:
             events, lat = windowed(conns, job["frames"], job["per_frame"], deadline)
         t1, cpu1 = time.monotonic(), os.times()
@@ -160,21 +180,51 @@ def generator(job: dict, ready: Any, go: Any, results: Any) -> None:
 # --- payloads: built once, in the parent ----------------------------------------------------
 
 
-def payload(mode: str, batch: int, window: int) -> dict:
+def frame(protocol: str, mode: str, batch: int, corr: int = 0) -> bytes:
+    """One frame of a single event or of ``batch`` events, acked under ``corr`` if set.
+
+    Forward asks for the ack with option ``{"chunk": str(corr)}``, so the ack names the corr.
+    """
+    if protocol == "native":
+        return msgpack.packb([EVENT, corr, EVENT_BODY] if mode == "single"
+                             else [BATCH, corr, [EVENT_BODY] * batch])
+    tag, record = EVENT_BODY
+    request = {"single": [tag, EVENT_TIME, record],
+               "batch": [tag, [[EVENT_TIME, record]] * batch],
+               "packed": [tag, msgpack.packb([EVENT_TIME, record]) * batch]}[mode]
+    return msgpack.packb([*request, {"chunk": str(corr)}] if corr else request)
+
+
+# What ends a fire-and-forget run on each connection: (bytes, their answer, events in them).
+# The answer proves every earlier frame of the connection was dispatched: the PONG, or the ack
+# of one chunk, since evserver acks in request order.
+FINALES = {"native": (PING_FRAME, [PONG, 1], 0),
+           "forward": (frame("forward", "batch", 1, corr=1), {"ack": "1"}, 1)}
+
+
+def payload(protocol: str, mode: str, batch: int, window: int) -> dict:
     """Pre-encoded bytes for a mode: a ~64 KiB chunk (fire-and-forget) or W corr'd frames."""
-    if mode in ("single", "batch"):
-        frame = msgpack.packb([EVENT, 0, EVENT_BODY] if mode == "single"
-                              else [BATCH, 0, [EVENT_BODY] * batch])
-        k = max(1, 65536 // len(frame))
-        return {"chunk": frame * k, "per_chunk": k * (1 if mode == "single" else batch)}
+    if mode in ("single", "batch", "packed"):
+        unit = frame(protocol, mode, batch)
+        k = max(1, 65536 // len(unit))
+        return {"chunk": unit * k, "per_chunk": k * (1 if mode == "single" else batch),
+                "finale": FINALES[protocol]}
     if mode == "acked":
-        frames = [msgpack.packb([BATCH, c, [EVENT_BODY] * batch]) for c in range(1, window + 1)]
+        frames = [frame(protocol, "batch", batch, c) for c in range(1, window + 1)]
         return {"chunk": None, "frames": frames, "per_frame": batch}
     return {"chunk": None, "frames": [msgpack.packb([REQUEST, 1, EVENT_BODY])], "per_frame": 1}
 
 
-def ceiling_job(mode: str, batch: int, window: int, duration: float, cpus: Any) -> dict:
-    """Spawned: the same frames through ref_receiver.process with no network."""
+def payload_bytes(p: dict) -> tuple[bytes, int]:
+    """A payload's bytes (the chunk, or every frame of the window once) and their events."""
+    if p["chunk"]:
+        return p["chunk"], p["per_chunk"]
+    return b"".join(p["frames"]), p["per_frame"] * len(p["frames"])
+
+
+def ceiling_job(protocol: str, mode: str, batch: int, window: int, duration: float,
+                cpus: Any) -> dict:
+    """Spawned: the same frames through the reference's frame loop with no network."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     sys.path.insert(0, str(SCRIPTS))
@@ -182,11 +232,9 @@ def ceiling_job(mode: str, batch: int, window: int, duration: float, cpus: Any) 
         warnings.simplefilter("ignore")
         from ref_receiver import ceiling
 
-    p = payload(mode, batch, window)
-    unit, per = (p["chunk"], p["per_chunk"]) if p["chunk"] else (
-        b"".join(p["frames"]), p["per_frame"] * len(p["frames"]))
+    unit, per = payload_bytes(payload(protocol, mode, batch, window))
     k = max(1, (1 << 20) // len(unit))
-    res = ceiling(unit * k, per * k, duration)
+    res = ceiling(unit * k, per * k, duration, protocol)
     return {"events_per_s": res["events_per_s"], "srv_us_per_event": res["cpu_us_per_event"]}
 
 
@@ -229,8 +277,9 @@ def server_rss(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def server(cmd: list[str], port: int, cpus: Any):
-    """Start the server in its own session, wait for its HELLO, stop it afterwards."""
+def server(cmd: list[str], port: int, cpus: Any, hello: bool):
+    """Start the server in its own session, wait until ``port`` accepts (and sends HELLO if
+    ``hello``), stop it afterwards."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(SCRIPTS)]),
                PYTHONWARNINGS="ignore")
     with tempfile.TemporaryFile() as log:
@@ -242,7 +291,7 @@ def server(cmd: list[str], port: int, cpus: Any):
             deadline = time.monotonic() + 20
             while True:
                 try:
-                    connect(port, timeout=2)[0].close()
+                    connect(port, timeout=2, hello=hello)[0].close()
                     break
                 except OSError:
                     if proc.poll() is not None or time.monotonic() > deadline:
@@ -261,10 +310,22 @@ def server(cmd: list[str], port: int, cpus: Any):
                 proc.wait(5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: the sockets are held together, so none comes back twice."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def check_processed(admin_port: int, sent: int) -> None:
+    """Fail unless evserver's admin /stats counts exactly the ``sent`` events as processed."""
+    url = f"http://127.0.0.1:{admin_port}/stats"
+    with urllib.request.urlopen(url, timeout=IO_TIMEOUT) as resp:
+        done = json.load(resp)["totals"]["events_out"]
+    if done != sent:
+        raise RuntimeError(f"evserver processed {done:,} events; the generators sent {sent:,}")
 
 
 # --- driving one run ------------------------------------------------------------------------
@@ -309,35 +370,44 @@ def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float
 
 
 def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dict:
-    port = free_port()
+    """One run on a fresh server; the generators use its Forward port with --protocol forward."""
+    port, forward_port, admin_port = free_ports(3)
+    native = args.protocol == "native"
+    gen_port = port if native else forward_port
     if target == "ref":
-        cmd = [sys.executable, str(SCRIPTS / "ref_receiver.py"), "--port", str(port)]
+        cmd = [sys.executable, str(SCRIPTS / "ref_receiver.py"), "--port", str(gen_port),
+               "--protocol", args.protocol]
     elif args.server_cmd:
-        cmd = shlex.split(args.server_cmd.format(port=port))
+        cmd = shlex.split(args.server_cmd.format(port=port, forward_port=forward_port))
     else:
         cmd = [sys.executable, "-m", "evserver.cli", "serve", "bench_app:app",
-               "--host", "127.0.0.1", "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port),
+               *([] if native else ["--forward-enabled", "--forward-port", str(forward_port)])]
     conns = args.connections or CONNECTIONS[mode]
-    job = dict(payload("rr" if mode == "idle" else mode, args.batch, args.window),
-               cpus={1} if pin else None)
-    with server(cmd, port, {0} if pin else None) as proc:
+    job = dict(payload(args.protocol, "rr" if mode == "idle" else mode, args.batch, args.window),
+               cpus={1} if pin else None, hello=native)
+    with server(cmd, gen_port, {0} if pin else None, hello=native) as proc:
         if mode != "idle":
-            return drive(port, proc.pid, job, conns, args.generators, args.duration)
-        rss0, idle = server_rss(proc.pid), []
-        try:
-            for _ in range(args.idle):
-                try:
-                    idle.append(connect(port, timeout=5)[0])
-                except OSError:
-                    break  # a limit in the server; report how many it took
-            time.sleep(0.5)
-            rss1 = server_rss(proc.pid)
-            res = drive(port, proc.pid, job, conns, args.generators, args.duration)
-        finally:
-            for sock in idle:
-                sock.close()
-        return dict(res, idle_conns=len(idle), kib_per_idle_conn=(rss1 - rss0) / 1024 / max(
-            1, len(idle)))
+            res = drive(gen_port, proc.pid, job, conns, args.generators, args.duration)
+        else:
+            rss0, idle = server_rss(proc.pid), []
+            try:
+                for _ in range(args.idle):
+                    try:
+                        idle.append(connect(port, timeout=5)[0])
+                    except OSError:
+                        break  # a limit in the server; report how many it took
+                time.sleep(0.5)
+                rss1 = server_rss(proc.pid)
+                res = drive(port, proc.pid, job, conns, args.generators, args.duration)
+            finally:
+                for sock in idle:
+                    sock.close()
+            res.update(idle_conns=len(idle),
+                       kib_per_idle_conn=(rss1 - rss0) / 1024 / max(1, len(idle)))
+        if target == "evserver" and not args.server_cmd:
+            check_processed(admin_port, res["events"])
+        return res
 
 
 # --- reporting ------------------------------------------------------------------------------
@@ -371,7 +441,10 @@ def table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=[*MODES, "all"], default="all")
+    ap.add_argument("--mode", default="all",
+                    choices=[*dict.fromkeys(MODES["native"] + MODES["forward"]), "all"])
+    ap.add_argument("--protocol", choices=MODES, default="native",
+                    help="native frames, or Fluentd Forward to evserver's Forward listener")
     ap.add_argument("--target", choices=["evserver", "ref", "both"], default="both")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     ap.add_argument("--batch", type=int, default=100, help="events per BATCH frame")
@@ -381,14 +454,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=int, default=5000, help="idle mode: connections to open")
     ap.add_argument("--repeat", type=int, default=1, help="report the median of N runs")
     ap.add_argument("--no-pin", action="store_true", help="do not pin server/generators")
-    ap.add_argument("--server-cmd", help="evserver command override, {port} is substituted")
+    ap.add_argument("--server-cmd", help="evserver command override; {port} and "
+                    "{forward_port} are substituted (no processed-count check)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
+    protocol_modes = MODES[args.protocol]
+    if args.mode not in (*protocol_modes, "all"):
+        why = ("Forward has no request/reply" if args.protocol == "forward"
+               else "PackedForward is a Forward mode")
+        ap.error(f"--mode {args.mode} is not a {args.protocol} mode ({why})")
+    if args.mode == "all" and args.protocol == "forward":
+        print("note: rr and idle skipped: Forward has no request/reply", file=sys.stderr)
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the server
     pin = not args.no_pin and {0, 1} <= os.sched_getaffinity(0)
-    modes = MODES if args.mode == "all" else (args.mode,)
+    modes = protocol_modes if args.mode == "all" else (args.mode,)
+    prefix = "" if args.protocol == "native" else "fwd-"  # in mode names: fwd-single, ...
     targets = ["ref", "evserver"] if args.target == "both" else [args.target]
     ctx = mp.get_context("spawn")
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -397,10 +479,11 @@ def main(argv: list[str] | None = None) -> int:
             if mode != "idle":
                 with ctx.Pool(1) as pool:
                     runs.setdefault((mode, "ceiling"), []).append(pool.apply(ceiling_job, (
-                        mode, args.batch, args.window, min(args.duration, 2.0),
+                        args.protocol, mode, args.batch, args.window, min(args.duration, 2.0),
                         {0} if pin else None)))
             for target in targets:  # interleaved, so drift hits both sides alike
-                print(f"[{rep + 1}/{args.repeat}] {mode} {target} ...", file=sys.stderr)
+                print(f"[{rep + 1}/{args.repeat}] {prefix}{mode} {target} ...",
+                      file=sys.stderr)
                 runs.setdefault((mode, target), []).append(run_once(target, mode, args, pin))
     report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"}
                               | {"pinned": pin}, "modes": {}}
@@ -414,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["evserver/ref ratio"] = {k: entry["evserver"][k] / entry["ref"][k]
                                            for k, *_ in COLUMNS
                                            if entry["ref"].get(k) and k in entry["evserver"]}
-        report["modes"][mode] = entry
+        report["modes"][prefix + mode] = entry
     print(json.dumps(report, indent=2) if args.json else table(report))
     for mode, entry in report["modes"].items():
         for name, figs in entry.items():

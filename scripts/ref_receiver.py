@@ -1,10 +1,11 @@
-"""The smallest eventlet receiver of evserver's native protocol: the yardstick for the bench.
+"""The smallest eventlet receiver of evserver's protocols: the yardstick for the bench.
 
-It does only what the protocol forces (decode, look the handler up by type, call it inline,
-answer) and applies the tips of eventlet-notes §4: inline dispatch, a reused 64 KiB buffer,
-one coalesced sendall per recv, an explicit yield every YIELD_EVERY events. Whatever evserver
-costs beyond this is the price of its features. ``ceiling`` runs the same frame loop with no
-network at all, so (ceiling - receiver) is what the socket path costs.
+It does only what the protocol forces (decode, look the handler up by type or tag, call it
+inline, answer) and applies the tips of eventlet-notes §4: inline dispatch, a reused 64 KiB
+buffer, one coalesced sendall per recv, an explicit yield every YIELD_EVERY events. Whatever
+evserver costs beyond this is the price of its features. ``--protocol forward`` speaks Fluentd
+Forward instead of the native protocol, with the same connection loop. ``ceiling`` runs the
+same frame loop with no network at all, so (ceiling - receiver) is what the socket path costs.
 """
 
 from __future__ import annotations
@@ -62,12 +63,45 @@ def process(frames: Iterable[list], out: list[bytes], pause: Callable[[], None])
     return n
 
 
-def handle(sock: socket.socket) -> None:
+def process_forward(requests: Iterable[list], out: list[bytes], pause: Callable[[], None]) -> int:
+    """``process`` for Forward requests: Message, Forward or PackedForward mode; chunk acked."""
+    packb, handlers, n, next_pause = msgpack.packb, HANDLERS, 0, YIELD_EVERY
+    for request in requests:
+        handler, body, base = handlers[request[0]], request[1], 2
+        if type(body) is list:  # Forward: [tag, [[time, record], ...](, option)]
+            for entry in body:
+                handler(entry)
+            n += len(body)
+        elif type(body) is bytes:  # PackedForward: [tag, bin of concatenated entries(, option)]
+            unpacker = msgpack.Unpacker(max_buffer_size=len(body))
+            unpacker.feed(body)
+            for entry in unpacker:
+                handler(entry)
+                n += 1
+        else:  # Message: [tag, time, record(, option)]
+            handler(request)
+            n, base = n + 1, 3
+        if len(request) > base and "chunk" in request[base]:
+            out.append(packb({"ack": request[base]["chunk"]}))
+        if n >= next_pause:
+            pause()
+            next_pause = n + YIELD_EVERY
+    return n
+
+
+Processor = Callable[[Iterable[list], list[bytes], Callable[[], None]], int]
+PROTOCOLS: dict[str, tuple[Processor, bytes]] = {  # frame loop, greeting sent on accept
+    "native": (process, HELLO_FRAME), "forward": (process_forward, b"")}
+
+
+def handle(sock: socket.socket, protocol: str) -> None:
     """One green thread per connection; the Unpacker is created lazily (41 KiB each)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf, view, unpacker = BUF, VIEW, None
+    process, greeting = PROTOCOLS[protocol]
     try:
-        sock.sendall(HELLO_FRAME)
+        if greeting:
+            sock.sendall(greeting)
         while n := sock.recv_into(buf):
             if unpacker is None:
                 unpacker = msgpack.Unpacker(max_buffer_size=8 << 20)
@@ -82,16 +116,16 @@ def handle(sock: socket.socket) -> None:
         sock.close()
 
 
-def serve(host: str, port: int) -> None:
+def serve(host: str, port: int, protocol: str) -> None:
     server = eventlet.listen((host, port), backlog=4096)
     while True:
         sock, _ = server.accept()
-        eventlet.spawn_n(handle, sock)
+        eventlet.spawn_n(handle, sock, protocol)
 
 
-def ceiling(data: bytes, events_per_copy: int, duration: float) -> dict[str, float]:
+def ceiling(data: bytes, events_per_copy: int, duration: float, protocol: str) -> dict[str, float]:
     """Decode + dispatch pre-encoded ``data`` in 64 KiB slices, no network: the upper bound."""
-    view, n, copies = memoryview(data), 0, 0
+    view, n, copies, process = memoryview(data), 0, 0, PROTOCOLS[protocol][0]
     start = time.perf_counter()
     cpu0 = time.process_time()
     while time.perf_counter() - start < duration:
@@ -109,5 +143,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=24230)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="native")
     args = parser.parse_args()
-    serve(args.host, args.port)
+    serve(args.host, args.port, args.protocol)
