@@ -9,7 +9,7 @@ reply bytes, so the eventlet adapter, tests and benchmarks share one decoder. Us
         conn.receive_data(data)
         try:
             for request in conn:               # stops when more bytes are needed
-                handle(request.tag, request.entries)
+                handle(request.events)       # evserver Events: type = tag
                 if request.chunk is not None:  # ack only after the events are handed off
                     send(ack_bytes(request.chunk))
         finally:
@@ -40,7 +40,9 @@ Design decisions, and why:
   with attacker-chosen ints.
 * EventTime (ext type 0) becomes float seconds wherever it appears, records included; Fluentd's
   unpacker registers it globally too. A float64 holds about 0.25 us at current epochs. Int times
-  stay int (an int is a valid ``float`` for type checkers). Time 0 or nil becomes "now".
+  become floats too; time 0 or nil becomes "now".
+* Entries come out as ``ForwardEvent``s, the ``Event`` handlers receive (type = tag, data =
+  record), built once: an intermediate entry object would cost as much again per event.
 * Only logs (``fluent_signal`` 0) are interpreted. Request-level ``metadata`` stays in
   ``options``. Only ``gzip`` compression is supported; other values fail the request, because
   guessing would misparse it.
@@ -61,10 +63,11 @@ from typing import Any
 import msgpack
 
 from .errors import ConfigError, ForwardError, FrameTooLarge, ProtocolError
+from .event import Event
 
 __all__ = [
     "ForwardConnection",
-    "ForwardEntry",
+    "ForwardEvent",
     "ForwardHandshake",
     "ForwardRequest",
     "HandshakeFailed",
@@ -90,25 +93,21 @@ class RequestTooLarge(ForwardError, FrameTooLarge):
     code = "frame_too_large"
 
 
-class ForwardEntry:
-    """One event: ``time`` in seconds, the ``record`` map and the v1.5 per-entry ``meta``."""
+class ForwardEvent(Event):
+    """An event that arrived over Forward: ``meta`` is the entry's v1.5 metadata plus
+    ``"protocol": "forward"``; without metadata that dict is made only when first read."""
 
-    __slots__ = ("meta", "record", "time")
+    __slots__ = ()
 
-    def __init__(self, time: float, record: Any, meta: dict[str, Any]) -> None:
-        self.time = time
-        self.record = record
-        self.meta = meta
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = {"protocol": "forward"}
+        return self._meta
 
-    def __repr__(self) -> str:
-        return f"ForwardEntry(time={self.time!r}, record={self.record!r}, meta={self.meta!r})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ForwardEntry):
-            return NotImplemented
-        return (self.time, self.record, self.meta) == (other.time, other.record, other.meta)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable record: not hashable
+    @meta.setter
+    def meta(self, value: dict[str, Any]) -> None:
+        self._meta = value
 
 
 class ForwardRequest:
@@ -119,12 +118,12 @@ class ForwardRequest:
     ``size`` is the encoded size on the wire, for metrics and limits.
     """
 
-    __slots__ = ("chunk", "entries", "mode", "options", "size", "skipped", "tag")
+    __slots__ = ("chunk", "events", "mode", "options", "size", "skipped", "tag")
 
     def __init__(
         self,
         tag: str,
-        entries: list[ForwardEntry],
+        events: list[Event],
         chunk: bytes | str | None,
         options: dict[str, Any],
         skipped: int,
@@ -132,7 +131,7 @@ class ForwardRequest:
         mode: str,
     ) -> None:
         self.tag = tag
-        self.entries = entries
+        self.events = events
         self.chunk = chunk
         self.options = options
         self.skipped = skipped
@@ -141,7 +140,7 @@ class ForwardRequest:
 
     def __repr__(self) -> str:
         return (
-            f"ForwardRequest(tag={self.tag!r}, mode={self.mode!r}, entries={len(self.entries)},"
+            f"ForwardRequest(tag={self.tag!r}, mode={self.mode!r}, events={len(self.events)},"
             f" skipped={self.skipped}, chunk={self.chunk!r}, size={self.size})"
         )
 
@@ -176,14 +175,14 @@ def _unpack_error(exc: Exception, what: str) -> ForwardError:
     return ForwardError(f"{what}: malformed msgpack ({exc})")
 
 
-def _decode_entries(items: Iterable[Any]) -> tuple[list[ForwardEntry], int]:
-    """Validate ``[time, record]`` pairs into entries; return them and the invalid count.
+def _decode_entries(tag: str, items: Iterable[Any]) -> tuple[list[Event], int]:
+    """Validate ``[time, record]`` pairs into events; return them and the invalid count.
 
     This is the per-event hot path, so it uses exact type checks and no helper calls.
     """
-    entries: list[ForwardEntry] = []
-    append = entries.append
-    entry = ForwardEntry
+    events: list[Event] = []
+    append = events.append
+    event = ForwardEvent
     skipped = 0
     for item in items:
         try:
@@ -196,7 +195,7 @@ def _decode_entries(items: Iterable[Any]) -> tuple[list[ForwardEntry], int]:
             continue
         kind = type(t)
         if kind is float or kind is int:
-            meta: Any = {}
+            meta = None
         elif kind is list and 1 <= len(t) <= 2:  # v1.5 [time, {metadata}]
             meta = t[1] if len(t) == 2 else {}
             t = t[0]
@@ -204,15 +203,14 @@ def _decode_entries(items: Iterable[Any]) -> tuple[list[ForwardEntry], int]:
             if type(meta) is not dict or not (kind is float or kind is int or t is None):
                 skipped += 1
                 continue
+            meta = {**meta, "protocol": "forward"}
         elif t is None:
-            meta = {}
+            meta = None
         else:
             skipped += 1
             continue
-        if not t:
-            t = _now()
-        append(entry(t, record, meta))
-    return entries, skipped
+        append(event(tag, record, None, float(t) if t else _now(), meta))
+    return events, skipped
 
 
 def _gunzip(data: bytes, limit: int) -> bytes:
@@ -235,14 +233,14 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _decode_packed(data: bytes) -> tuple[list[ForwardEntry], int]:
+def _decode_packed(tag: str, data: bytes) -> tuple[list[Event], int]:
     """Decode a MessagePackEventStream (concatenated entries) with one fresh Unpacker."""
     if not data:
         return [], 0
     unpacker = _unpacker(len(data) + 1)
     unpacker.feed(data)
     try:
-        result = _decode_entries(unpacker)
+        result = _decode_entries(tag, unpacker)
         # tell() also counts a half-parsed trailing entry, so probe with a nil instead: it
         # comes back alone only if the stream ended on an entry boundary.
         unpacker.feed(b"\xc0")
@@ -284,7 +282,7 @@ def decode_request(
         options = _options(msg[2] if n == 3 else None)
         if kind is list:
             mode = "forward"
-            entries, skipped = _decode_entries(body)
+            events, skipped = _decode_entries(tag, body)
         else:
             data = body if kind is bytes else body.encode("utf-8", "surrogateescape")
             compressed = options.get("compressed")
@@ -295,17 +293,17 @@ def decode_request(
                 data = _gunzip(data, max_decompressed_bytes)
             else:
                 raise ForwardError(f"unsupported compression {compressed!r}")
-            entries, skipped = _decode_packed(data)
+            events, skipped = _decode_packed(tag, data)
     else:
         if n == 2:
             raise ForwardError("Message request has no record")
         options = _options(msg[3] if n == 4 else None)
         mode = "message"
-        entries, skipped = _decode_entries(((body, msg[2]),))
+        events, skipped = _decode_entries(tag, ((body, msg[2]),))
     chunk = options.get("chunk")
     if chunk is not None and type(chunk) is not str and type(chunk) is not bytes:
         raise ForwardError(f"chunk option is a {type(chunk).__name__}, not a str")
-    return ForwardRequest(tag, entries, chunk, options, skipped, size, mode)
+    return ForwardRequest(tag, events, chunk, options, skipped, size, mode)
 
 
 _ACK_PREFIX = b"\x81\xa3ack"  # fixmap(1), fixstr "ack"
@@ -544,4 +542,10 @@ class ForwardConnection:
                 if handshake.failed:
                     raise HandshakeFailed(handshake.reason)
                 continue
+            # Inlined shortcut for the commonest request, Message mode without options.
+            if type(msg) is list and len(msg) == 3 and type(tag := msg[0]) is str:
+                t, record = msg[1], msg[2]
+                if (type(t) is int or type(t) is float) and type(record) is dict:
+                    event = ForwardEvent(tag, record, None, float(t) if t else _now())
+                    return ForwardRequest(tag, [event], None, {}, 0, size, "message")
             return decode_request(msg, size, max_decompressed_bytes=self._max_decompressed)

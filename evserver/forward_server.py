@@ -32,7 +32,7 @@ from .errors import ConfigError, ProtocolError, RoutingError
 from .event import Event
 from .forward import ForwardConnection as ForwardDecoder
 from .forward import ForwardHandshake, ForwardRequest, HandshakeFailed, ack_bytes
-from .server import READ_SIZE, Server, StreamConnection, _peer
+from .server import JOB_EVENTS, READ_SIZE, Server, StreamConnection, _peer
 
 log = logging.getLogger("evserver.forward")
 
@@ -189,16 +189,20 @@ class ForwardConnection(StreamConnection):
                     return
                 decoder.receive_data(_VIEW[:n])
                 requests: list[ForwardRequest] = []
+                events = 0
                 try:
                     while (request := decoder.next_request()) is not None:
                         requests.append(request)
+                        events += len(request.events)
+                        if events >= JOB_EVENTS:  # a job's worth: run it while it is in cache
+                            self._submit(requests)
+                            requests, events = [], 0
                 finally:
-                    # PONG (also a failing one) goes out before any ack and before closing.
-                    if out := decoder.data_to_send():
-                        self.write(out)
                     # Requests before a malformed one in the same read are still served.
                     if requests:
                         self._submit(requests)
+                    elif out := decoder.data_to_send():
+                        self.write(out)  # the failing PONG, before the connection closes
                 eventlet.sleep(0)  # fairness, as for native connections
         except HandshakeFailed as exc:
             counters["forward_auth_failures"] += 1
@@ -210,24 +214,26 @@ class ForwardConnection(StreamConnection):
                                   _peer(self.addr), exc, exc.code)
 
     def _submit(self, requests: list[ForwardRequest]) -> None:
-        """Turn requests into BATCH frames (acked ones numbered) and run them as jobs."""
+        """Turn requests into BATCH frames and run them as jobs: each acked request is a
+        numbered frame of its own; the others share corr-0 frames of up to a job's size."""
+        if out := self.decoder.data_to_send():
+            self.write(out)  # PONG goes out before any ack
         server = self.server
-        frames = []
+        frames: list[p.Frame] = []
+        batch: list[Event] | None = None  # the open frame of requests nobody waits for
         events = skipped = 0
         for request in requests:
-            corr = 0
-            if request.chunk is not None:
+            if request.chunk is None:
+                if batch is None or len(batch) >= JOB_EVENTS:
+                    batch = []
+                    frames.append(p.Frame(p.BATCH, 0, batch))
+                batch += request.events
+            else:
                 self.requests += 1
-                corr = self.requests
-                self.chunks[corr] = request.chunk
-            tag = request.tag
-            batch = [
-                Event(tag, e.record, None, float(e.time),
-                      {**e.meta, "protocol": "forward"} if e.meta else {"protocol": "forward"})
-                for e in request.entries
-            ]
-            frames.append(p.Frame(p.BATCH, corr, batch))
-            events += len(batch)
+                self.chunks[self.requests] = request.chunk
+                frames.append(p.Frame(p.BATCH, self.requests, request.events))
+                batch = None
+            events += len(request.events)
             skipped += request.skipped
         counters = server.counters
         counters["forward_requests"] += len(requests)

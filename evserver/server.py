@@ -44,7 +44,7 @@ _BUF = bytearray(READ_SIZE)
 _VIEW = memoryview(_BUF)
 # Reads are decoded and dispatched in jobs of about this many events (a BATCH is never
 # split), so a long run of single-event frames spreads over several workers.
-_JOB_EVENTS = 64
+JOB_EVENTS = 64
 # A reader runs its own job when the pool is idle (no hand-off: the request/reply fast path).
 # A job that took longer than this means slow handlers: hand this connection's next jobs to
 # the pool, where they run in parallel, and try inline again after that many jobs.
@@ -258,7 +258,7 @@ class Connection(StreamConnection):
                     reader.receive_data(_VIEW[:n])
                 # One job's worth at a time: each slice is dispatched (inline, usually)
                 # before the next is decoded, so its memory is reused while still in cache.
-                while frames := reader.frames(coalesce=_JOB_EVENTS, max_events=_JOB_EVENTS):
+                while frames := reader.frames(coalesce=JOB_EVENTS, max_events=JOB_EVENTS):
                     if not self._take(frames):
                         return
                 # Fairness: recv only yields on EAGAIN, so a connection that always has
@@ -300,11 +300,11 @@ class Connection(StreamConnection):
 
 
 def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
-    """Group frames into jobs of about ``_JOB_EVENTS`` events (a frame is never split)."""
+    """Group frames into jobs of about ``JOB_EVENTS`` events (a frame is never split)."""
     jobs: list[list[p.Frame]] = [[]]
     size = 0
     for frame in frames:
-        if size >= _JOB_EVENTS:
+        if size >= JOB_EVENTS:
             jobs.append([])
             size = 0
         jobs[-1].append(frame)

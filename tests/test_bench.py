@@ -52,7 +52,7 @@ def test_forward_payloads_decode_alike_in_evserver(mode: str) -> None:
     decoder = ForwardConnection()
     decoder.receive_data(data)
     requests = list(decoder)
-    assert sum(len(r.entries) for r in requests) == events
+    assert sum(len(r.events) for r in requests) == events
     assert not any(r.skipped for r in requests)
     assert [r.chunk for r in requests if r.chunk] == ([] if p["chunk"] else ["1", "2", "3"])
 

@@ -23,7 +23,7 @@ from evserver import forward
 from evserver.errors import ForwardError, FrameTooLarge, ProtocolError
 from evserver.forward import (
     ForwardConnection,
-    ForwardEntry,
+    ForwardEvent,
     ForwardHandshake,
     ForwardRequest,
     HandshakeFailed,
@@ -75,7 +75,11 @@ def decode_one(data: bytes, **kwargs: Any) -> ForwardRequest:
 
 
 def simple(request: ForwardRequest) -> list[tuple[Any, Any, Any]]:
-    return [(e.time, e.record, e.meta) for e in request.entries]
+    """(time, record, v1.5 metadata) per event; every event is marked as from Forward."""
+    assert all(e.type == request.tag and e.meta["protocol"] == "forward"
+               for e in request.events)
+    return [(e.time, e.data, {k: v for k, v in e.meta.items() if k != "protocol"})
+            for e in request.events]
 
 
 # --- 1-2. Message mode and acks --------------------------------------------------------------
@@ -138,7 +142,7 @@ def test_acks_come_back_in_request_order() -> None:
 
 def test_invalid_message_event_is_skipped_but_still_acked() -> None:
     request = decode_one(packb(["tag", T0, "not a map", {"chunk": "c1"}]))
-    assert request.entries == []
+    assert request.events == []
     assert request.skipped == 1
     assert request.chunk == "c1"
 
@@ -160,13 +164,13 @@ def test_invalid_message_event_is_skipped_but_still_acked() -> None:
 )
 def test_time_encodings_in_message_mode(time_bytes: bytes, expected: float) -> None:
     wire = b"\x93" + packb("tag") + time_bytes + packb({"k": "v"})
-    (entry,) = decode_one(wire).entries
+    (entry,) = decode_one(wire).events
     assert entry.time == pytest.approx(expected, abs=1e-6)
-    assert entry.record == {"k": "v"}
+    assert entry.data == {"k": "v"}
 
 
 def test_event_time_keeps_nanoseconds_to_float_precision() -> None:
-    (entry,) = decode_one(packb(["tag", event_time(T0, 999_999_999), {}])).entries
+    (entry,) = decode_one(packb(["tag", event_time(T0, 999_999_999), {}])).events
     assert entry.time == T0 + 0.999999999
 
 
@@ -208,7 +212,7 @@ def test_invalid_entries_are_skipped_and_counted() -> None:
         [event_time(T0), {"ok": 2}],
     ]
     request = decode_one(packb(["tag", entries, {"chunk": "x"}]))
-    assert [e.record for e in request.entries] == [{"ok": 1}, {"ok": 2}]
+    assert [e.data for e in request.events] == [{"ok": 1}, {"ok": 2}]
     assert request.skipped == 8
     assert request.chunk == "x"
 
@@ -220,7 +224,7 @@ def test_forward_mode_n_entries_one_ack() -> None:
     entries = [[T0 + i, {"i": i}] for i in range(50)]
     request = decode_one(packb(["app", entries, {"size": 50, "chunk": "abc==\n"}]))
     assert request.mode == "forward"
-    assert [e.record["i"] for e in request.entries] == list(range(50))
+    assert [e.data["i"] for e in request.events] == list(range(50))
     assert request.options == {"size": 50, "chunk": "abc==\n"}
     assert ack_bytes(request.chunk) == packb({"ack": "abc==\n"})
 
@@ -229,8 +233,8 @@ def test_packed_forward_as_bin() -> None:
     blob = entries_blob(*([event_time(T0, i), {"i": i}] for i in range(10)))
     request = decode_one(packb(["app", blob, {"size": 10}]))
     assert request.mode == "packed"
-    assert [e.record["i"] for e in request.entries] == list(range(10))
-    assert request.entries[3].time == pytest.approx(T0 + 3e-9)
+    assert [e.data["i"] for e in request.events] == list(range(10))
+    assert request.events[3].time == pytest.approx(T0 + 3e-9)
 
 
 def test_packed_forward_as_str32_with_non_utf8_bytes_fluentd_style() -> None:
@@ -240,8 +244,8 @@ def test_packed_forward_as_str32_with_non_utf8_bytes_fluentd_style() -> None:
         blob.decode("utf-8")  # the trap this mode sets for strict decoders
     request = decode_one(fluentd_packed("app", blob, {"size": 3, "compressed": "text"}))
     assert request.mode == "packed"
-    assert [e.record for e in request.entries] == records
-    assert type(request.entries[0].record["message"]) is str
+    assert [e.data for e in request.events] == records
+    assert type(request.events[0].data["message"]) is str
 
 
 @pytest.mark.parametrize("members", [1, 2, 3])
@@ -253,7 +257,7 @@ def test_compressed_packed_forward_multi_member(members: int) -> None:
     )
     request = decode_one(packb(["app", blob, {"compressed": "gzip", "chunk": "z"}]))
     assert request.mode == "compressed"
-    assert [e.record["i"] for e in request.entries] == list(range(30))
+    assert [e.data["i"] for e in request.events] == list(range(30))
     assert request.chunk == "z"
 
 
@@ -295,7 +299,7 @@ def test_decompression_bomb_is_capped_without_allocating_the_output() -> None:
 def test_decompressed_size_exactly_at_cap_is_accepted() -> None:
     blob = entries_blob(*([T0, {"i": i}] for i in range(100)))
     wire = packb(["app", gzip.compress(blob), {"compressed": "gzip"}])
-    assert len(decode_one(wire, max_decompressed_bytes=len(blob)).entries) == 100
+    assert len(decode_one(wire, max_decompressed_bytes=len(blob)).events) == 100
     with pytest.raises(RequestTooLarge):
         decode_one(wire, max_decompressed_bytes=len(blob) - 1)
 
@@ -341,7 +345,7 @@ def mixed_stream() -> tuple[bytes, list[tuple[str, list[Any]]]]:
 
 
 def summary(requests: list[ForwardRequest]) -> list[tuple[str, list[Any]]]:
-    return [(r.tag, [e.record for e in r.entries]) for r in requests]
+    return [(r.tag, [e.data for e in r.events]) for r in requests]
 
 
 def test_several_requests_in_one_feed() -> None:
@@ -430,8 +434,8 @@ def test_records_round_trip_in_every_mode(events: list[tuple[int, int, dict]], m
         wire = fluentd_packed("t", entries_blob(*wire_entries), {"compressed": "text"})
     else:
         wire = packb(["t", gzip.compress(entries_blob(*wire_entries)), {"compressed": "gzip"}])
-    got = [e for r in decode_all(wire) for e in r.entries]
-    assert [e.record for e in got] == [rec for _, _, rec in events]
+    got = [e for r in decode_all(wire) for e in r.events]
+    assert [e.data for e in got] == [rec for _, _, rec in events]
     assert [e.time for e in got] == [s + ns / 1e9 for s, ns, _ in events]
 
 
@@ -486,7 +490,7 @@ def test_malformed_requests_raise_protocol_error(wire: bytes, match: str) -> Non
 
 def test_request_exactly_at_limit_is_accepted() -> None:
     wire = packb(["tag", T0, {"pad": "x" * 100}])
-    assert decode_one(wire, max_request_bytes=len(wire)).entries[0].record["pad"] == "x" * 100
+    assert decode_one(wire, max_request_bytes=len(wire)).events[0].data["pad"] == "x" * 100
 
 
 @pytest.mark.parametrize("step", [1, 7, 64, 10_000])
@@ -688,9 +692,9 @@ def test_fluent_logger_int_float_and_event_time(tmp_path: Path) -> None:
     )
     requests = decode_all(wire)
     assert [r.tag for r in requests] == ["app.follow", "app.x", "app.ns", "app.now"]
-    assert [r.entries[0].time for r in requests[:3]] == [T0, T0 + 0.5, T0 + 0.123456789]
+    assert [r.events[0].time for r in requests[:3]] == [T0, T0 + 0.5, T0 + 0.123456789]
     assert [r.chunk for r in requests] == [None] * 4
-    assert requests[3].entries[0].record == {"from": "userA"}
+    assert requests[3].events[0].data == {"from": "userA"}
 
 
 def test_fluent_logger_nanosecond_precision(tmp_path: Path) -> None:
@@ -710,15 +714,18 @@ def test_fluent_logger_packing_in_forward_and_packed_modes() -> None:
     times = [sender.EventTime.from_unix_nano(T0 * 10**9 + i) for i in range(3)]
     entries = [msgpack.packb((t, {"i": i})) for i, t in enumerate(times)]
     wire = msgpack.packb(("app", b"".join(entries), {"size": 3}))
-    assert [e.record["i"] for e in decode_one(wire).entries] == [0, 1, 2]
+    assert [e.data["i"] for e in decode_one(wire).events] == [0, 1, 2]
 
 
 # --- Object model ----------------------------------------------------------------------------
 
 
-def test_entry_and_request_are_slotted() -> None:
+def test_events_and_requests_are_slotted() -> None:
     request = decode_one(packb(["tag", T0, {"a": 1}]))
-    for obj in (request, request.entries[0]):
+    for obj in (request, request.events[0]):
         assert not hasattr(obj, "__dict__")
-    assert request.entries[0] == ForwardEntry(T0, {"a": 1}, {})
-    assert "ForwardEntry" in repr(request.entries[0]) and "tag" in repr(request)
+    (event,) = request.events
+    assert type(event) is ForwardEvent
+    assert (event.type, event.data, event.time, event.meta) == (
+        "tag", {"a": 1}, T0, {"protocol": "forward"})
+    assert "Event(type='tag'" in repr(event) and "tag" in repr(request)

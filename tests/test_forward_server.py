@@ -246,17 +246,33 @@ def test_unit_acks_wait_for_earlier_requests_and_stop_at_a_failure() -> None:
 # --------------------------------------------------------------------------- handshake
 
 
-def ping(sock: socket.socket, key: str, *, user: str = "", password: str = "") -> Any:
-    """Answer the server's HELO like Fluentd's out_forward; return the PONG."""
+def ping(sock: socket.socket, key: str, *, user: str = "", password: str = "",
+         then: bytes = b"") -> Any:
+    """Answer the server's HELO like Fluentd's out_forward (``then`` pipelined behind the
+    PING in the same write); return the PONG."""
     (helo,) = read_msgs(sock, 1)
     assert helo[0] == "HELO" and helo[1]["keepalive"] is True
     nonce, auth = helo[1]["nonce"], helo[1]["auth"]
     salt, hostname = os.urandom(8).hex(), "client.example"
     digest = hashlib.sha512(salt.encode() + hostname.encode() + nonce + key.encode()).hexdigest()
     pw = hashlib.sha512(auth + user.encode() + password.encode()).hexdigest() if user else ""
-    sock.sendall(msgpack.packb(["PING", hostname, salt, digest, user, pw]))
+    sock.sendall(msgpack.packb(["PING", hostname, salt, digest, user, pw]) + then)
     (pong,) = read_msgs(sock, 1)
     return pong
+
+
+def test_requests_pipelined_behind_the_ping_are_acked_after_the_pong_in_order(
+    forward: Callable[..., Forward],
+) -> None:
+    """More requests than one job holds, acked and fire-and-forget interleaved, in one write:
+    the reader runs them a job at a time, yet the PONG still goes out first."""
+    f = forward("--forward-shared-key", "s3cret")
+    wire = b"".join(msgpack.packb(["t", T0, {"i": i}, {"chunk": f"c{i}"}] if i % 2 else
+                                  ["t", T0, {"i": i}]) for i in range(300))
+    with f.connect() as sock:
+        assert ping(sock, "s3cret", then=wire)[:2] == ["PONG", True]
+        assert read_msgs(sock, 150) == [{"ack": f"c{i}"} for i in range(1, 300, 2)]
+    assert [e["data"]["i"] for e in f.wait_events(300)] == list(range(300))
 
 
 def test_handshake_ok_then_bad_digest_gets_pong_false_and_eof(
