@@ -95,10 +95,15 @@ def answer_corr(answer: Any) -> int:
 
 
 def fire(conns: list, chunk: bytes, per_chunk: int, finale: tuple[bytes, Any, int],
-         deadline: float) -> tuple[int, list]:
-    """Send ``chunk`` until the deadline, then the finale on each connection: wait its answer."""
+         deadline: float, rate: float = 0) -> tuple[int, list]:
+    """Send ``chunk`` until the deadline (at most ``rate`` events/s if set), then the finale
+    on each connection: wait its answer."""
     sent, (last, answer, last_events) = 0, finale
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    while (now := time.monotonic()) < deadline:
+        if rate and (ahead := start + sent / rate - now) > 0:
+            time.sleep(min(ahead, deadline - now))
+            continue
         for sock, _ in conns:
             sock.sendall(chunk)
         sent += per_chunk * len(conns)
@@ -163,7 +168,8 @@ def generator(job: dict, ready: Any, go: Any, results: Any) -> None:
         cpu0, t0 = os.times(), time.monotonic()
         deadline = t0 + job["duration"]
         if job["chunk"] is not None:
-            events, lat = fire(conns, job["chunk"], job["per_chunk"], job["finale"], deadline)
+            events, lat = fire(conns, job["chunk"], job["per_chunk"], job["finale"], deadline,
+                               job["rate"])
         else:
             events, lat = windowed(conns, job["frames"], job["per_frame"], deadline)
         t1, cpu1 = time.monotonic(), os.times()
@@ -337,7 +343,8 @@ def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     gens = max(1, min(gens, conns))
     procs = [ctx.Process(target=generator, daemon=True, args=(
-        dict(job, port=port, duration=duration, conns=conns // gens + (g < conns % gens)),
+        dict(job, port=port, duration=duration, conns=conns // gens + (g < conns % gens),
+             rate=job["rate"] / gens),
         ready, go, results)) for g in range(gens)]
     for p in procs:
         p.start()
@@ -370,7 +377,11 @@ def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float
 
 
 def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dict:
-    """One run on a fresh server; the generators use its Forward port with --protocol forward."""
+    """One run on a fresh server; the generators use its Forward port with --protocol forward.
+
+    ``target`` is "ref", "evserver" or "evserver-Nw" (N worker processes, left unpinned so
+    the kernel spreads them over the cores)."""
+    workers = int(target[9:-1]) if target.startswith("evserver-") else 1
     port, forward_port, admin_port = free_ports(3)
     native = args.protocol == "native"
     gen_port = port if native else forward_port
@@ -382,11 +393,12 @@ def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dic
     else:
         cmd = [sys.executable, "-m", "evserver.cli", "serve", "bench_app:app",
                "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port),
+               "--workers", str(workers),
                *([] if native else ["--forward-enabled", "--forward-port", str(forward_port)])]
     conns = args.connections or CONNECTIONS[mode]
     job = dict(payload(args.protocol, "rr" if mode == "idle" else mode, args.batch, args.window),
-               cpus={1} if pin else None, hello=native)
-    with server(cmd, gen_port, {0} if pin else None, hello=native) as proc:
+               cpus={1} if pin else None, hello=native, rate=args.rate)
+    with server(cmd, gen_port, {0} if pin and workers == 1 else None, hello=native) as proc:
         if mode != "idle":
             res = drive(gen_port, proc.pid, job, conns, args.generators, args.duration)
         else:
@@ -405,7 +417,7 @@ def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dic
                     sock.close()
             res.update(idle_conns=len(idle),
                        kib_per_idle_conn=(rss1 - rss0) / 1024 / max(1, len(idle)))
-        if target == "evserver" and not args.server_cmd:
+        if target.startswith("evserver") and not args.server_cmd:
             check_processed(admin_port, res["events"])
         return res
 
@@ -445,7 +457,12 @@ def main(argv: list[str] | None = None) -> int:
                     choices=[*dict.fromkeys(MODES["native"] + MODES["forward"]), "all"])
     ap.add_argument("--protocol", choices=MODES, default="native",
                     help="native frames, or Fluentd Forward to evserver's Forward listener")
-    ap.add_argument("--target", choices=["evserver", "ref", "both"], default="both")
+    ap.add_argument("--target", choices=["evserver", "ref", "both", "workers"], default="both",
+                    help="workers: evserver with 1 worker against --workers N, unpinned")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes for --target "
+                    "workers")
+    ap.add_argument("--rate", type=float, default=0,
+                    help="fire-and-forget modes: send at most this many events/s in total")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     ap.add_argument("--batch", type=int, default=100, help="events per BATCH frame")
     ap.add_argument("--window", type=int, default=2, help="acked: batches in flight per conn")
@@ -471,7 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     pin = not args.no_pin and {0, 1} <= os.sched_getaffinity(0)
     modes = protocol_modes if args.mode == "all" else (args.mode,)
     prefix = "" if args.protocol == "native" else "fwd-"  # in mode names: fwd-single, ...
-    targets = ["ref", "evserver"] if args.target == "both" else [args.target]
+    targets = {"both": ["ref", "evserver"], "workers": ["evserver", f"evserver-{args.workers}w"]
+               }.get(args.target, [args.target])
+    if args.target == "workers":
+        pin = False  # N workers and the generators share the cores: let the kernel place them
     ctx = mp.get_context("spawn")
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.repeat):
@@ -497,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
             entry["evserver/ref ratio"] = {k: entry["evserver"][k] / entry["ref"][k]
                                            for k, *_ in COLUMNS
                                            if entry["ref"].get(k) and k in entry["evserver"]}
+        if args.target == "workers":
+            one, many = (entry[t] for t in targets)
+            entry[f"{targets[1]}/evserver ratio"] = {k: many[k] / one[k] for k, *_ in COLUMNS
+                                                     if one.get(k) and k in many}
         report["modes"][prefix + mode] = entry
     print(json.dumps(report, indent=2) if args.json else table(report))
     for mode, entry in report["modes"].items():
