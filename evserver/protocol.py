@@ -136,8 +136,8 @@ def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
         body: list[Event] = []
         append = body.append
         for e in raw[2]:  # the minimal form inlined: this loop is the batch hot path
-            if type(e) is list and len(e) == 2 and type(e[0]) is str and e[0]:
-                append(Event(e[0], e[1], None, now))
+            if type(e) is list and len(e) == 2 and type(etype := e[0]) is str and etype:
+                append(Event(etype, e[1], None, now))
             else:
                 append(_event(e, now))
         return Frame(kind, _corr(raw, required=False), body)
@@ -285,6 +285,7 @@ class FrameReader:
         """
         out: list[Frame] = []
         accept = self._accept
+        fast = coalesce and EVENT in accept
         limit = max_events or sys.maxsize
         count = 0
         while (unpacker := self._unpacker) is not None:
@@ -306,14 +307,13 @@ class FrameReader:
                     pos = tell()  # after a partial frame tell() counts its bytes too
                     # Inlined shortcut for the commonest frame, [1, 0, [type, data]] (a
                     # fire-and-forget minimal event): no Frame per event when coalescing.
-                    if (coalesce and type(raw) is list and len(raw) == 3 and raw[0] == EVENT
+                    if (fast and type(raw) is list and len(raw) == 3 and raw[0] == EVENT
                             and raw[1] == 0 and type(ev := raw[2]) is list and len(ev) == 2
-                            and type(ev[0]) is str and ev[0] and EVENT in accept
-                            and type(raw[1]) is int):
+                            and type(etype := ev[0]) is str and etype and type(raw[1]) is int):
                         if batch is None or len(batch) >= coalesce:
                             batch = []
                             out.append(Frame(BATCH, 0, batch))
-                        batch.append(Event(ev[0], ev[1], None, now))
+                        batch.append(Event(etype, ev[1], None, now))
                         count += 1
                     else:
                         frame = _parse_fast(raw, accept, now)
