@@ -183,7 +183,8 @@ class FrameReader:
     connection holds no decoder, which is what lets one worker keep 10,000 idle peers.
     """
 
-    __slots__ = ("_accept", "_backlog", "_dead", "_fed", "_max", "_pos", "_strict", "_unpacker")
+    __slots__ = ("_accept", "_backlog", "_dead", "_error", "_fed", "_max", "_pos", "_strict",
+                 "_unpacker")
 
     def __init__(
         self,
@@ -201,6 +202,7 @@ class FrameReader:
         self._fed = 0  # bytes fed to the current unpacker
         self._pos = 0  # unpacker offset at the end of the last complete frame
         self._dead = False
+        self._error: ProtocolError | None = None  # raised by the next ``frames`` call
         self._backlog: list[memoryview] = []  # input beyond one chunk, fed as frames drain
 
     @property
@@ -282,8 +284,23 @@ class FrameReader:
         (other frames count one) to M, and the next call goes on from there: a caller that
         dispatches each slice before decoding the next reuses memory that is still in cache,
         instead of holding a whole read's events at once.
+
+        Frames before a malformed one are returned; the error is raised by the next call,
+        so a peer's valid requests are answered before its connection is closed.
         """
+        if self._error is not None:
+            raise self._error
         out: list[Frame] = []
+        try:
+            self._decode(out, coalesce, max_events)
+        except ProtocolError as exc:
+            if not out:
+                raise
+            self._error = exc
+        return out
+
+    def _decode(self, out: list[Frame], coalesce: int, max_events: int) -> None:
+        """``frames``' loop: append to ``out`` until the buffer or the event budget ends."""
         accept = self._accept
         fast = coalesce and EVENT in accept
         limit = max_events or sys.maxsize
@@ -292,11 +309,11 @@ class FrameReader:
             if self._fed - self._pos > self._max:
                 frame = self.next_frame()  # measure frame by frame near the limit
                 if frame is None:
-                    return out
+                    return
                 out.append(frame)
                 count += len(frame.body) if frame.kind in EVENT_KINDS else 1
                 if count >= limit:
-                    return out
+                    return
                 continue
             now = _time.time()
             tell = unpacker.tell
@@ -328,7 +345,7 @@ class FrameReader:
                         count += len(frame.body) if frame.kind in EVENT_KINDS else 1
                     if count >= limit:
                         self._pos = pos
-                        return out
+                        return
             except ProtocolError:
                 self._fail()
                 raise
@@ -341,8 +358,7 @@ class FrameReader:
                 continue
             if self._pos == self._fed:
                 self._unpacker = None  # idle: release the decoder's memory
-            return out
-        return out
+            return
 
     def take_buffered(self) -> bytes:
         """Remove and return the bytes received after the last complete frame.

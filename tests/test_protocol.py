@@ -228,3 +228,15 @@ def test_frames_in_slices_resume_where_the_last_slice_stopped():
         assert [e.data for fs in slices for f in fs if f.kind != p.PING
                 for e in f.body] == list(range(20))
         assert r.buffered == 0 and r._unpacker is None
+
+
+@pytest.mark.parametrize("bad", [b"\xc1", msgpack.packb([p.EVENT, 0, [5, 1]])])
+def test_frames_before_a_malformed_one_are_returned_then_the_error(bad):
+    r = server_reader()
+    r.receive_data(p.encode_event(3, ["t", 1], request=True) + p.encode_event(0, ["t", 2])
+                   + bad + p.encode_ping(1))
+    frames = r.frames(coalesce=4)
+    assert [(f.kind, f.corr) for f in frames] == [(p.REQUEST, 3), (p.BATCH, 0)]
+    for _ in range(2):  # and the reader stays dead
+        with pytest.raises(ProtocolError):
+            r.frames(coalesce=4)

@@ -150,6 +150,18 @@ def test_garbage_connection_beside_a_healthy_one(server, peer):
     assert server.counters["protocol_errors"] == 1
 
 
+def test_requests_before_a_malformed_frame_are_answered_before_the_error(server):
+    bad = RawPeer(server.address)
+    bad.send(p.encode_event(1, ["echo", "first"], request=True)
+             + p.encode_batch(2, [["order.x", 1]]) + b"\xc1 not msgpack"
+             + p.encode_event(3, ["echo", "never"], request=True))
+    reply, ack, error = bad.recv_frames(3)
+    assert (reply.kind, reply.corr, reply.body) == (p.REPLY, 1, "first")
+    assert (ack.kind, ack.corr) == (p.ACK, 2)
+    assert error.kind == p.ERROR and error.corr == 0 and error.body[0] == "bad_frame"
+    assert bad.read_until_eof() == b""
+
+
 def test_oversized_frame_is_refused(app):
     with serve_in_thread(app, max_frame_bytes=4096) as server:
         big, ok = RawPeer(server.address), RawPeer(server.address)
