@@ -12,7 +12,7 @@ import itertools
 import os
 import time as _time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 # Ids the server assigns: unique per process start (random prefix) and cheap (a counter),
 # instead of a uuid4 per event, which costs more than decoding the event.
@@ -83,3 +83,20 @@ class Event:
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable value object
+
+
+E = TypeVar("E", bound=Event)
+_alloc = object.__new__
+
+
+def decoded(cls: type[E], type: str, data: Any, time: float, meta: dict[str, Any] | None) -> E:
+    """``cls(type, data, None, time, meta)`` for the decoders' per-event loops: CPython 3.11
+    calls a function in about half the time it takes to run a class's ``__init__``, which
+    made this 7 % of the whole per-event cost of a batch."""
+    event = _alloc(cls)
+    event.type = type
+    event.data = data
+    event._id = None
+    event.time = time
+    event._meta = meta
+    return event

@@ -63,7 +63,7 @@ from typing import Any
 import msgpack
 
 from .errors import ConfigError, ForwardError, FrameTooLarge, ProtocolError
-from .event import Event
+from .event import Event, decoded
 
 __all__ = [
     "ForwardConnection",
@@ -182,7 +182,6 @@ def _decode_entries(tag: str, items: Iterable[Any]) -> tuple[list[Event], int]:
     """
     events: list[Event] = []
     append = events.append
-    event = ForwardEvent
     skipped = 0
     for item in items:
         try:
@@ -209,7 +208,7 @@ def _decode_entries(tag: str, items: Iterable[Any]) -> tuple[list[Event], int]:
         else:
             skipped += 1
             continue
-        append(event(tag, record, None, float(t) if t else _now(), meta))
+        append(decoded(ForwardEvent, tag, record, float(t) if t else _now(), meta))
     return events, skipped
 
 
@@ -546,6 +545,6 @@ class ForwardConnection:
             if type(msg) is list and len(msg) == 3 and type(tag := msg[0]) is str:
                 t, record = msg[1], msg[2]
                 if (type(t) is int or type(t) is float) and type(record) is dict:
-                    event = ForwardEvent(tag, record, None, float(t) if t else _now())
+                    event = decoded(ForwardEvent, tag, record, float(t) if t else _now(), None)
                     return ForwardRequest(tag, [event], None, {}, 0, size, "message")
             return decode_request(msg, size, max_decompressed_bytes=self._max_decompressed)

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from .errors import FrameTooLarge, ProtocolError, UnsupportedVersion
-from .event import Event
+from .event import Event, decoded
 
 VERSION = 1
 
@@ -133,11 +133,13 @@ def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
     if kind == BATCH:
         if n != 3 or type(raw[2]) is not list:
             raise _bad("BATCH must be [2, corr, [event, ...]]")
+        if now is None:
+            now = _time.time()
         body: list[Event] = []
         append = body.append
         for e in raw[2]:  # the minimal form inlined: this loop is the batch hot path
             if type(e) is list and len(e) == 2 and type(etype := e[0]) is str and etype:
-                append(Event(etype, e[1], None, now))
+                append(decoded(Event, etype, e[1], now, None))
             else:
                 append(_event(e, now))
         return Frame(kind, _corr(raw, required=False), body)
@@ -330,7 +332,7 @@ class FrameReader:
                         if batch is None or len(batch) >= coalesce:
                             batch = []
                             out.append(Frame(BATCH, 0, batch))
-                        batch.append(Event(etype, ev[1], None, now))
+                        batch.append(decoded(Event, etype, ev[1], now, None))
                         count += 1
                     else:
                         frame = _parse_fast(raw, accept, now)

@@ -93,7 +93,7 @@ def check_event(ev: Event) -> None:
     assert type(ev.type) is str and ev.type
     assert ev.id is None or type(ev.id) is str
     assert ev.meta is None or type(ev.meta) is dict
-    assert ev.time is None or type(ev.time) in (int, float)
+    assert type(ev.time) in (int, float)  # the sender's, or the time it was received
 
 
 def decode(chunks: list[bytes], method: str) -> tuple[list[p.Frame], bool]:

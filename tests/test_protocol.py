@@ -240,3 +240,17 @@ def test_frames_before_a_malformed_one_are_returned_then_the_error(bad):
     for _ in range(2):  # and the reader stays dead
         with pytest.raises(ProtocolError):
             r.frames(coalesce=4)
+
+
+@pytest.mark.parametrize("decode", [lambda r: list(iter(r.next_frame, None)),
+                                    lambda r: r.frames(coalesce=4)])
+def test_events_without_a_time_get_the_time_they_were_received(decode):
+    import time
+
+    r = server_reader()
+    before = time.time()
+    r.receive_data(p.encode_batch(0, [["t", 1], ["t", 2, None, None]])
+                   + p.encode_event(0, ["t", 3]) + p.encode_event(0, ["t", 4, "id", 12.5]))
+    times = [e.time for f in decode(r) for e in f.body]
+    assert times[3] == 12.5
+    assert all(before <= t <= time.time() for t in times[:3])
