@@ -9,7 +9,7 @@ reply bytes, so the eventlet adapter, tests and benchmarks share one decoder. Us
         conn.receive_data(data)
         try:
             for request in conn:               # stops when more bytes are needed
-                handle(request.events)       # evserver Events: type = tag
+                handle(request.events)         # evserver Events: type = tag
                 if request.chunk is not None:  # ack only after the events are handed off
                     send(ack_bytes(request.chunk))
         finally:
@@ -40,7 +40,7 @@ Design decisions, and why:
   with attacker-chosen ints.
 * EventTime (ext type 0) becomes float seconds wherever it appears, records included; Fluentd's
   unpacker registers it globally too. A float64 holds about 0.25 us at current epochs. Int times
-  become floats too; time 0 or nil becomes "now".
+  stay int (an int is a valid ``float`` for type checkers). Time 0 or nil becomes "now".
 * Entries come out as ``ForwardEvent``s, the ``Event`` handlers receive (type = tag, data =
   record), built once: an intermediate entry object would cost as much again per event.
 * Only logs (``fluent_signal`` 0) are interpreted. Request-level ``metadata`` stays in
@@ -54,6 +54,7 @@ import hashlib
 import hmac
 import secrets
 import struct
+import sys
 import time as _time
 import zlib
 from collections import deque
@@ -115,10 +116,12 @@ class ForwardRequest:
 
     ``chunk`` is the option exactly as received (str or bytes); when it is not None the client
     waits for ``ack_bytes(chunk)``. ``mode`` is "message", "forward", "packed" or "compressed".
-    ``size`` is the encoded size on the wire, for metrics and limits.
+    ``size`` is the encoded size on the wire, for metrics and limits. ``count`` is how many
+    requests on the wire this one stands for: ``ForwardConnection.requests`` merges runs of
+    Message-mode requests without options (each event keeps its tag as ``event.type``).
     """
 
-    __slots__ = ("chunk", "events", "mode", "options", "size", "skipped", "tag")
+    __slots__ = ("chunk", "count", "events", "mode", "options", "size", "skipped", "tag")
 
     def __init__(
         self,
@@ -137,11 +140,13 @@ class ForwardRequest:
         self.skipped = skipped
         self.size = size
         self.mode = mode
+        self.count = 1
 
     def __repr__(self) -> str:
         return (
             f"ForwardRequest(tag={self.tag!r}, mode={self.mode!r}, events={len(self.events)},"
-            f" skipped={self.skipped}, chunk={self.chunk!r}, size={self.size})"
+            f" skipped={self.skipped}, chunk={self.chunk!r}, size={self.size},"
+            f" count={self.count})"
         )
 
 
@@ -208,7 +213,7 @@ def _decode_entries(tag: str, items: Iterable[Any]) -> tuple[list[Event], int]:
         else:
             skipped += 1
             continue
-        append(decoded(ForwardEvent, tag, record, float(t) if t else _now(), meta))
+        append(decoded(ForwardEvent, tag, record, t or _now(), meta))
     return events, skipped
 
 
@@ -457,7 +462,7 @@ class ForwardConnection:
         return out
 
     def receive_data(self, data: bytes | memoryview) -> None:
-        """Buffer received bytes; decoding happens in ``next_request``."""
+        """Buffer received bytes; decoding happens in ``requests`` or ``next_request``."""
         if not data or self._error is not None:
             return
         size = len(data)
@@ -477,10 +482,56 @@ class ForwardConnection:
         if self._error is not None:
             raise self._error
         try:
-            return self._next_request()
+            if (message := self._next_message()) is None:
+                return None
+            return decode_request(*message, max_decompressed_bytes=self._max_decompressed)
         except ProtocolError as exc:
             self._error = exc
             raise
+
+    def requests(self, max_events: int = 0) -> list[ForwardRequest]:
+        """The complete requests buffered now, the fast way a server reads them.
+
+        Runs of Message-mode requests without options (fluent-logger's ``emit``) come back
+        merged into one request (see ``ForwardRequest.count``): one object per event instead
+        of four. With ``max_events`` decoding stops after the request that reaches that many
+        events; the next call goes on. Requests before a malformed one are returned, and the
+        error is raised by the next call.
+        """
+        if self._error is not None:
+            raise self._error
+        out: list[ForwardRequest] = []
+        try:
+            self._decode(out, max_events or sys.maxsize)
+        except ProtocolError as exc:
+            self._error = exc
+            if not out:
+                raise
+        return out
+
+    def _decode(self, out: list[ForwardRequest], limit: int) -> None:
+        events = 0
+        merged: ForwardRequest | None = None  # the open run of merged Message-mode requests
+        while events < limit and (message := self._next_message()) is not None:
+            msg, size = message
+            # Inlined shortcut for the commonest request, Message mode without options.
+            if type(msg) is list and len(msg) == 3 and type(tag := msg[0]) is str:
+                t, record = msg[1], msg[2]
+                if (type(t) is int or type(t) is float) and type(record) is dict:
+                    event = decoded(ForwardEvent, tag, record, t or _now(), None)
+                    if merged is None:
+                        merged = ForwardRequest(tag, [event], None, {}, 0, size, "message")
+                        out.append(merged)
+                    else:
+                        merged.events.append(event)
+                        merged.size += size
+                        merged.count += 1
+                    events += 1
+                    continue
+            request = decode_request(msg, size, max_decompressed_bytes=self._max_decompressed)
+            out.append(request)
+            merged = None
+            events += len(request.events)
 
     def __iter__(self) -> Iterator[ForwardRequest]:
         while (request := self.next_request()) is not None:
@@ -509,7 +560,9 @@ class ForwardConnection:
             moved = True
         return moved
 
-    def _next_request(self) -> ForwardRequest | None:
+    def _next_message(self) -> tuple[Any, int] | None:
+        """The next request's msgpack value and its size on the wire; None when more bytes
+        are needed. Heartbeats are skipped and the handshake's PING is consumed here."""
         unpacker = self._unpacker
         while True:
             try:
@@ -541,10 +594,4 @@ class ForwardConnection:
                 if handshake.failed:
                     raise HandshakeFailed(handshake.reason)
                 continue
-            # Inlined shortcut for the commonest request, Message mode without options.
-            if type(msg) is list and len(msg) == 3 and type(tag := msg[0]) is str:
-                t, record = msg[1], msg[2]
-                if (type(t) is int or type(t) is float) and type(record) is dict:
-                    event = decoded(ForwardEvent, tag, record, float(t) if t else _now(), None)
-                    return ForwardRequest(tag, [event], None, {}, 0, size, "message")
-            return decode_request(msg, size, max_decompressed_bytes=self._max_decompressed)
+            return msg, size

@@ -188,20 +188,12 @@ class ForwardConnection(StreamConnection):
                         raise ProtocolError("connection closed in the middle of a request")
                     return
                 decoder.receive_data(_VIEW[:n])
-                requests: list[ForwardRequest] = []
-                events = 0
                 try:
-                    while (request := decoder.next_request()) is not None:
-                        requests.append(request)
-                        events += len(request.events)
-                        if events >= JOB_EVENTS:  # a job's worth: run it while it is in cache
-                            self._submit(requests)
-                            requests, events = [], 0
-                finally:
-                    # Requests before a malformed one in the same read are still served.
-                    if requests:
+                    # A job's worth at a time, run while it is in cache (as native reads).
+                    while requests := decoder.requests(max_events=JOB_EVENTS):
                         self._submit(requests)
-                    elif out := decoder.data_to_send():
+                finally:
+                    if out := decoder.data_to_send():
                         self.write(out)  # the failing PONG, before the connection closes
                 eventlet.sleep(0)  # fairness, as for native connections
         except HandshakeFailed as exc:
@@ -236,7 +228,7 @@ class ForwardConnection(StreamConnection):
             events += len(request.events)
             skipped += request.skipped
         counters = server.counters
-        counters["forward_requests"] += len(requests)
+        counters["forward_requests"] += sum(r.count for r in requests)
         counters["forward_events"] += events
         if skipped:
             counters["forward_skipped"] += skipped

@@ -729,3 +729,49 @@ def test_events_and_requests_are_slotted() -> None:
     assert (event.type, event.data, event.time, event.meta) == (
         "tag", {"a": 1}, T0, {"protocol": "forward"})
     assert "Event(type='tag'" in repr(event) and "tag" in repr(request)
+
+
+# --- The server's bulk read ------------------------------------------------------------------
+
+
+def test_requests_merges_runs_of_plain_messages_and_keeps_everything_else_apart() -> None:
+    wire = b"".join([
+        packb(["a", T0, {"i": 0}]), packb(["b", 0, {"i": 1}]),       # merged
+        packb(["f", [[T0, {"i": 2}]], {"chunk": "c1"}]),            # Forward mode, acked
+        packb(["c", T0, {"i": 3}]),                                   # a new run
+        packb(["d", T0, {"i": 4}, {"chunk": "c2"}]),                 # has options: alone
+        packb(["e", T0 + 0.5, {"i": 5}]), packb(None), packb(["e", T0, "bad"]),
+    ])
+    conn = ForwardConnection()
+    conn.receive_data(wire)
+    requests = conn.requests()
+    assert [(r.tag, r.mode, r.chunk, r.count, r.skipped) for r in requests] == [
+        ("a", "message", None, 2, 0), ("f", "forward", "c1", 1, 0),
+        ("c", "message", None, 1, 0), ("d", "message", "c2", 1, 0),
+        ("e", "message", None, 1, 0), ("e", "message", None, 1, 1)]
+    events = [e for r in requests for e in r.events]
+    assert [(e.type, e.data["i"], e.time) for e in events] == [
+        ("a", 0, T0), ("b", 1, NOW), ("f", 2, T0), ("c", 3, T0), ("d", 4, T0), ("e", 5, T0 + 0.5)]
+    assert all(e.meta == {"protocol": "forward"} for e in events)
+    assert requests[0].size == len(packb(["a", T0, {"i": 0}])) + len(packb(["b", 0, {"i": 1}]))
+    assert conn.requests() == [] and not conn.in_request
+
+
+def test_requests_stop_at_max_events_and_go_on_from_there() -> None:
+    conn = ForwardConnection()
+    conn.receive_data(b"".join(packb(["t", T0, {"i": i}]) for i in range(5))
+                      + packb(["t", [[T0, {"i": i}] for i in range(5, 9)]]))
+    slices = []
+    while requests := conn.requests(max_events=3):
+        slices.append([e.data["i"] for r in requests for e in r.events])
+    assert slices == [[0, 1, 2], [3, 4, 5, 6, 7, 8]]  # the limit is overshot by one request
+
+
+def test_requests_before_a_malformed_one_are_returned_then_the_error() -> None:
+    conn = ForwardConnection()
+    conn.receive_data(packb(["t", T0, {"i": 0}]) + packb(["t", [[T0, {"i": 1}]], {"chunk": "c"}])
+                      + packb("not a request") + packb(["t", T0, {"i": 2}]))
+    assert [r.chunk for r in conn.requests()] == [None, "c"]
+    for _ in range(2):
+        with pytest.raises(ForwardError, match="not an array"):
+            conn.requests()
