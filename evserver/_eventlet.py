@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 # Since 0.40.4 eventlet warns on every import; its message starts with a newline, so the
 # filter must allow leading whitespace. Users should not see it on every start.
@@ -23,7 +25,7 @@ import eventlet.queue  # noqa: E402
 import eventlet.semaphore  # noqa: E402
 import eventlet.tpool  # noqa: E402
 
-__all__ = ["eventlet", "monkey_patch", "wake_hub_on_signals"]
+__all__ = ["call_in_hub", "eventlet", "monkey_patch", "on_readable", "wake_hub_on_signals"]
 
 
 def monkey_patch() -> None:
@@ -32,6 +34,34 @@ def monkey_patch() -> None:
     Must run before the user's app is imported, or locks and sockets it creates stay real.
     """
     eventlet.monkey_patch()
+
+
+def on_readable(fd: int, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` once, in the hub, when ``fd`` turns readable (data, EOF or error) or
+    eventlet declares it closed; return a function that cancels the wait.
+
+    This is how a parked connection waits with no green thread of its own (~7 KiB less).
+    """
+    hub = eventlet.hubs.get_hub()
+    waiting = [True]
+
+    def fire(*_: Any) -> None:
+        cancel()
+        callback()
+
+    def cancel() -> None:
+        if waiting:
+            waiting.clear()
+            hub.remove(listener)
+
+    listener = hub.add(hub.READ, fd, fire, fire, None)
+    return cancel
+
+
+def call_in_hub(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` in the hub on its next turn, where every green thread is suspended: the
+    safe place to throw into one (when it ends, control returns to its parent, the hub)."""
+    eventlet.hubs.get_hub().schedule_call_global(0, fn)
 
 
 def wake_hub_on_signals() -> None:

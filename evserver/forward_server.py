@@ -32,12 +32,10 @@ from .errors import ConfigError, ProtocolError, RoutingError
 from .event import Event
 from .forward import ForwardConnection as ForwardDecoder
 from .forward import ForwardHandshake, ForwardRequest, HandshakeFailed, ack_bytes
-from .server import JOB_EVENTS, READ_SIZE, Server, StreamConnection, _peer
+from .server import JOB_EVENTS, Server, StreamConnection, _peer
 
 log = logging.getLogger("evserver.forward")
 
-_BUF = bytearray(READ_SIZE)  # shared by this module's readers, as server.py's is by its own
-_VIEW = memoryview(_BUF)
 _HEARTBEAT = b"\x00"
 _COUNTERS = ("forward_connections", "forward_requests", "forward_events", "forward_skipped",
              "forward_errors", "forward_auth_failures", "forward_unacked", "forward_heartbeats")
@@ -166,28 +164,32 @@ class ForwardConnection(StreamConnection):
         self.done: dict[int, bool] = {}
         self.failed = False
 
-    def serve(self) -> None:
+    def greet(self) -> bool:
+        self.server.counters["forward_connections"] += 1
+        if helo := self.decoder.data_to_send():
+            self.write(helo)  # HELO, when a shared key is configured
+        return True
+
+    def serve(self, resumed: bool) -> None:
         server = self.server
-        sock = self.sock
         decoder = self.decoder
         counters = server.counters
-        counters["forward_connections"] += 1
         try:
-            if helo := decoder.data_to_send():
-                self.write(helo)
             while not server.stopping:
                 try:
-                    n = sock.recv_into(_BUF)
+                    data = self._recv()
                 except TimeoutError:
                     if self.jobs:
                         continue  # waiting on our own handlers is not idleness
                     counters["idle_closed"] += 1
                     return
-                if not n:
+                if data is None:
+                    return  # parked
+                if not data:
                     if decoder.in_request and not server.stopping:
                         raise ProtocolError("connection closed in the middle of a request")
                     return
-                decoder.receive_data(_VIEW[:n])
+                decoder.receive_data(data)
                 try:
                     # A job's worth at a time, run while it is in cache (as native reads).
                     while requests := decoder.requests(max_events=JOB_EVENTS):

@@ -18,12 +18,16 @@ import errno
 import logging
 import signal
 import socket
+import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import greenlet
 
 from . import __version__
 from . import protocol as p
-from ._eventlet import eventlet
+from ._eventlet import call_in_hub, eventlet, on_readable
 from .app import App
 from .auth import Authenticator, FailureLog
 from .deadletters import DeadLetterStore
@@ -39,8 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("evserver.server")
 
-READ_SIZE = 1 << 16
-_BUF = bytearray(READ_SIZE)
+_READ_SIZE = 1 << 16
+_BUF = bytearray(_READ_SIZE)  # shared by every reader of every protocol: see _recv
 _VIEW = memoryview(_BUF)
 # Reads are decoded and dispatched in jobs of about this many events (a BATCH is never
 # split), so a long run of single-event frames spreads over several workers.
@@ -53,16 +57,27 @@ _INLINE_BACKOFF_JOBS = 256
 _OUT_LIMIT = 4 << 20  # reply bytes queued for one connection before its reader pauses
 
 
+class _Park(BaseException):
+    """Thrown into a reader blocked in ``recv`` to make it give up its green thread."""
+
+
 class StreamConnection:
     """An accepted stream socket of any protocol: one writer, jobs in flight, drain on close.
 
-    Subclasses read their protocol in ``serve`` and answer in ``job_done`` (the dispatcher's
-    ``Sink``), calling ``_job_finished`` so a reader waiting for pipeline room wakes up.
+    Subclasses read their protocol in ``serve`` (with ``_recv``) and answer in ``job_done``
+    (the dispatcher's ``Sink``), calling ``_job_finished`` so a reader waiting for pipeline
+    room wakes up.
+
+    Parking: a connection silent for ``park_after`` seconds with nothing in flight gives up
+    its reader green thread (whose stack is most of an idle connection's memory) and waits
+    in the hub instead; data, EOF or its idle timeout start a new reader, which goes on
+    where the old one stopped, since all a reader's state lives on the connection.
     """
 
     __slots__ = (
-        "addr", "closing", "flush_waiter", "inline_skip", "jobs", "out", "out_bytes", "server",
-        "sock", "waiter", "writing",
+        "addr", "cancel_wait", "closing", "flush_waiter", "idle_expired", "inline_skip",
+        "jobs", "out", "out_bytes", "quiet", "quiet_since", "reader_glet", "receiving",
+        "server", "sock", "waiter", "writing",
     )
 
     protocol = "native"  # for log lines
@@ -79,6 +94,12 @@ class StreamConnection:
         self.jobs = 0  # jobs queued or running
         self.inline_skip = 0  # jobs to hand to the pool before running one inline again
         self.waiter: tuple[int, Any] | None = None  # (below, Event) for _wait_jobs
+        self.reader_glet: Any = None  # the reader's green thread, None while parked
+        self.receiving = False  # the reader is blocked in recv (where it may be parked)
+        self.quiet = False  # no data since the last sweep
+        self.quiet_since = 0.0
+        self.cancel_wait: Callable[[], None] | None = None  # set while parked
+        self.idle_expired = False
 
     # ------------------------------------------------------------------ writing
 
@@ -106,22 +127,84 @@ class StreamConnection:
                 waiter, self.flush_waiter = self.flush_waiter, None
                 waiter.send()
 
-    def run(self) -> None:
+    def start(self) -> None:
+        """Serve a socket just accepted. A peer greeted here waits for its first bytes
+        parked, so a connection that never sends costs no green thread at all."""
+        if not self.greet():
+            eventlet.spawn_n(self.run)
+        elif self.server.park_after > 0:
+            self.quiet_since = time.monotonic()
+            self.cancel_wait = on_readable(self.sock.fileno(), self._wake)
+        else:
+            eventlet.spawn_n(self.run, True)
+
+    def greet(self) -> bool:
+        """Queue the protocol's greeting; False when the reader must handshake first."""
+        raise NotImplementedError
+
+    def run(self, resumed: bool = False) -> None:
         """The reader green thread: the protocol's ``serve``, then the ending every protocol
-        shares: a vanished peer quietly, any other error loudly, and always ``_finish``."""
+        shares: a vanished peer quietly, any other error loudly, and ``_finish`` unless the
+        connection was parked."""
+        self.reader_glet = greenlet.getcurrent()
         try:
-            self.serve()
+            self.serve(resumed)
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
                 log.info("%s connection %s: %s", self.protocol, _peer(self.addr), exc)
         except Exception:
             log.exception("internal error on %s connection %s", self.protocol, _peer(self.addr))
         finally:
-            self._finish()
+            self.reader_glet = None
+            if self.cancel_wait is None:
+                self._finish()
 
-    def serve(self) -> None:
-        """Read and decode the protocol, submit jobs; errors and ``_finish`` are ``run``'s."""
+    def serve(self, resumed: bool) -> None:
+        """Read and decode the protocol, submit jobs; errors and ``_finish`` are ``run``'s.
+        ``resumed``: the peer was greeted already (``greet``, or an earlier reader)."""
         raise NotImplementedError
+
+    def _recv(self) -> memoryview | None:
+        """The next bytes received, a view of the buffer every connection shares (decode it
+        before anything can yield); empty at EOF; None when the connection was parked
+        instead (``serve`` must then return). TimeoutError when idle for ``idle_timeout``."""
+        if self.idle_expired:
+            raise TimeoutError
+        self.receiving = True
+        try:
+            n = self.sock.recv_into(_BUF)
+        except _Park:
+            self.cancel_wait = on_readable(self.sock.fileno(), self._wake)
+            return None
+        finally:
+            self.receiving = False
+        self.quiet = False
+        return _VIEW[:n]
+
+    def sweep(self, now: float) -> None:
+        """Called every ``park_after`` seconds: park a reader that got nothing since the last
+        call, and wake a parked connection that has been silent for ``idle_timeout``."""
+        if self.cancel_wait is not None:
+            timeout = self.server.idle_timeout
+            if timeout and now - self.quiet_since >= timeout:
+                self.idle_expired = True
+                self._wake()
+        elif not self.quiet:
+            self.quiet, self.quiet_since = True, now
+        elif self.receiving and not self.jobs and not isinstance(self.sock, ssl.SSLSocket):
+            call_in_hub(self._park)  # TLS may hold decrypted bytes the fd does not show
+
+    def _park(self) -> None:
+        """In the hub: end the reader if it is still blocked in recv with nothing in flight."""
+        if self.receiving and not self.jobs and not self.closing and self.reader_glet is not None:
+            self.reader_glet.throw(_Park())
+
+    def _wake(self) -> None:
+        """In the hub (data arrived) or the sweeper (idle timeout): a new reader goes on."""
+        if self.cancel_wait is not None:
+            self.cancel_wait()
+            self.cancel_wait = None
+            eventlet.spawn_n(self.run, True)
 
     @staticmethod
     def refuse(sock: Any, limit: int) -> None:
@@ -226,24 +309,26 @@ class Connection(StreamConnection):
 
     # ------------------------------------------------------------------ reading
 
-    def serve(self) -> None:
+    def greet(self) -> bool:
+        if self.server.secure:
+            return False  # HELLO comes after the TLS and auth handshakes, in the reader
+        self.write(self.server.hello)
+        return True
+
+    def serve(self, resumed: bool) -> None:
         server = self.server
-        sock = self.sock
         reader = self.reader
         try:
             early: bytes | None = b""  # bytes pipelined behind an authenticating HELLO
-            if server.secure:
-                if (early := open_connection(self)) is None:
-                    return
-            else:
-                sock.sendall(server.hello)
+            if not resumed and (early := open_connection(self)) is None:
+                return
             while not server.stopping:
                 if early:
                     reader.receive_data(early)
                     early = b""
                 else:
                     try:
-                        n = sock.recv_into(_BUF)
+                        data = self._recv()
                     except TimeoutError:
                         if self.jobs:
                             continue  # waiting on our own handlers is not idleness
@@ -253,9 +338,9 @@ class Connection(StreamConnection):
                         self._error(p.encode_error(0, "idle_timeout", "IdleTimeout",
                                                    f"no data for {server.idle_timeout:g}s"))
                         return
-                    if not n:
-                        return
-                    reader.receive_data(_VIEW[:n])
+                    if not data:
+                        return  # EOF, or parked
+                    reader.receive_data(data)
                 # One job's worth at a time: each slice is dispatched (inline, usually)
                 # before the next is decoded, so its memory is reused while still in cache.
                 while frames := reader.frames(coalesce=JOB_EVENTS, max_events=JOB_EVENTS):
@@ -350,6 +435,7 @@ class Server:
         drain_timeout: float = 30.0,
         max_connections: int = 10000,
         idle_timeout: float = 300.0,
+        park_after: float = 2.0,
         max_pending_replies: int = 1024,
         reuse_port: bool = False,
         backlog: int = 1024,
@@ -368,6 +454,7 @@ class Server:
         self.drain_timeout = drain_timeout
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.park_after = park_after
         self.max_pending_replies = max_pending_replies
         self.reuse_port = reuse_port
         self.backlog = backlog
@@ -418,6 +505,7 @@ class Server:
             host=srv.host, port=srv.port, pool_size=srv.pool_size, queue_size=srv.queue_size,
             max_frame_bytes=srv.max_frame_bytes, drain_timeout=srv.drain_timeout,
             max_connections=srv.max_connections, idle_timeout=srv.idle_timeout,
+            park_after=srv.park_after,
             max_pending_replies=srv.max_pending_replies,
             handler_defaults={"timeout": cfg.handlers.timeout, "retries": cfg.handlers.retries,
                               "backoff": cfg.handlers.backoff},
@@ -449,6 +537,8 @@ class Server:
             self.forward.start()
         if self.dead_letters is not None and self.dead_letters.fsync_interval > 0:
             eventlet.spawn_n(self._sync_dead_letters, self.dead_letters)
+        if self.park_after > 0:
+            eventlet.spawn_n(self._sweep)
         log.info("listening on %s:%d (pool %d)", *self.address, self.dispatcher.pool_size)
 
     def accept_loop(self, listener: Any, conn_type: type[StreamConnection]) -> None:
@@ -475,7 +565,7 @@ class Server:
                 sock.settimeout(self.idle_timeout)
             conn = conn_type(self, sock, addr)
             self.connections.add(conn)
-            eventlet.spawn_n(conn.run)
+            conn.start()
 
     def _sync_dead_letters(self, store: DeadLetterStore) -> None:
         """Batched fsync: appends reach the OS at once, the disk within ``fsync_interval``."""
@@ -485,6 +575,14 @@ class Server:
                 store.maybe_sync()
             except OSError as exc:
                 log.error("cannot fsync dead letters: %s", exc)
+
+    def _sweep(self) -> None:
+        """Park connections that went silent, and time out parked ones (``sweep``)."""
+        while not self.stopping:
+            eventlet.sleep(self.park_after)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.sweep(now)
 
     def limit_log(self, kind: str, msg: str, *args: Any) -> None:
         """A warning about a misbehaving peer, at most a few per second per kind: a flood of

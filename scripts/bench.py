@@ -53,6 +53,7 @@ CONNECTIONS = {"single": 1, "batch": 1, "packed": 1, "acked": 8, "rr": 50, "idle
 EVENT_BODY = ["bench", {"seq": 12345, "payload": "x" * 16}]  # ~40 bytes, like the notes' 48
 EVENT_TIME = 1700000000  # Forward entry time: an int, as fluent-logger sends by default
 IO_TIMEOUT = 30.0  # bounds every blocking socket call
+IDLE_SETTLE = 5.0  # idle mode: seconds before measuring (evserver parks after 2 s of silence)
 PING_FRAME = msgpack.packb([PING, 1])
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -409,7 +410,7 @@ def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dic
                         idle.append(connect(port, timeout=5)[0])
                     except OSError:
                         break  # a limit in the server; report how many it took
-                time.sleep(0.5)
+                time.sleep(IDLE_SETTLE)
                 rss1 = server_rss(proc.pid)
                 res = drive(port, proc.pid, job, conns, args.generators, args.duration)
             finally:

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_for
 from rawpeer import RawPeer
 
 from evserver import App
@@ -194,6 +195,41 @@ def test_idle_timeout_closes_silent_connections(app, caplog):
         assert error.body[0] == "idle_timeout"
         assert peer.read_until_eof() == b""
         assert "closing idle connection" in caplog.text
+
+
+def parked(server):
+    return [c for c in list(server.connections) if c.cancel_wait is not None]
+
+
+def test_a_silent_connection_parks_and_its_next_reader_goes_on_where_it_stopped(app):
+    with serve_in_thread(app, park_after=0.05) as server:
+        peer = RawPeer(server.address)
+        assert peer.request(1, "echo", "before").body == "before"
+        wire = p.encode_event(2, ["echo", "split across the park"], request=True)
+        peer.send(wire[:5])  # a partial frame stays with the connection, not its reader
+        wait_for(lambda: parked(server), 5, "the connection to park")
+        peer.send(wire[5:])
+        assert peer.recv_frames(1)[0].body == "split across the park"
+        for i in range(3):
+            wait_for(lambda: parked(server), 5, "the connection to park again")
+            assert peer.request(10 + i, "echo", i).body == i
+        assert server.counters["idle_closed"] == 0
+
+
+def test_parked_connections_end_on_eof_idle_timeout_and_stop(app):
+    with serve_in_thread(app, park_after=0.05, idle_timeout=0.6) as server:
+        gone, silent = RawPeer(server.address), RawPeer(server.address)
+        wait_for(lambda: len(parked(server)) == 2, 5, "both connections to park")
+        gone.close()
+        wait_for(lambda: len(server.connections) == 1, 5, "the closed peer to be dropped")
+        error = silent.recv_frames(1)[0]  # woken to time out while parked
+        assert error.kind == p.ERROR and error.body[0] == "idle_timeout"
+        assert silent.read_until_eof() == b""
+        assert server.counters["idle_closed"] == 1
+        last = RawPeer(server.address)
+        wait_for(lambda: parked(server), 5, "the last connection to park")
+    assert last.read_until_eof() == b""  # the graceful stop woke and closed it
+    assert not server.connections
 
 
 def test_idle_timeout_does_not_cut_a_slow_request(app):
