@@ -398,7 +398,7 @@ def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dic
                *([] if native else ["--forward-enabled", "--forward-port", str(forward_port)])]
     conns = args.connections or CONNECTIONS[mode]
     job = dict(payload(args.protocol, "rr" if mode == "idle" else mode, args.batch, args.window),
-               cpus={1} if pin else None, hello=native, rate=args.rate)
+               cpus={1} if pin else None, hello=native, rate=args.rate * workers)
     with server(cmd, gen_port, {0} if pin and workers == 1 else None, hello=native) as proc:
         if mode != "idle":
             res = drive(gen_port, proc.pid, job, conns, args.generators, args.duration)
@@ -463,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="worker processes for --target "
                     "workers")
     ap.add_argument("--rate", type=float, default=0,
-                    help="fire-and-forget modes: send at most this many events/s in total")
+                    help="fire-and-forget modes: send at most this many events/s (per "
+                    "worker with --target workers, so every worker carries the same load)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     ap.add_argument("--batch", type=int, default=100, help="events per BATCH frame")
     ap.add_argument("--window", type=int, default=2, help="acked: batches in flight per conn")
