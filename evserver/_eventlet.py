@@ -25,7 +25,7 @@ import eventlet.queue  # noqa: E402
 import eventlet.semaphore  # noqa: E402
 import eventlet.tpool  # noqa: E402
 
-__all__ = ["call_in_hub", "eventlet", "monkey_patch", "on_readable", "wake_hub_on_signals"]
+__all__ = ["ReadWait", "call_in_hub", "eventlet", "monkey_patch", "wake_hub_on_signals"]
 
 
 def monkey_patch() -> None:
@@ -36,26 +36,40 @@ def monkey_patch() -> None:
     eventlet.monkey_patch()
 
 
-def on_readable(fd: int, callback: Callable[[], None]) -> Callable[[], None]:
-    """Call ``callback`` once, in the hub, when ``fd`` turns readable (data, EOF or error) or
-    eventlet declares it closed; return a function that cancels the wait.
+class ReadWait:
+    """A one-shot wait, in the hub, for ``fd`` to turn readable (data, EOF or error) or for
+    ``timeout`` seconds to pass; then ``callback(timed_out)`` runs in the hub.
 
-    This is how a parked connection waits with no green thread of its own (~7 KiB less).
+    It holds no stack, unlike a green thread blocked in ``recv``: this is how a parked
+    connection waits, ~7 KiB lighter.
     """
-    hub = eventlet.hubs.get_hub()
-    waiting = [True]
 
-    def fire(*_: Any) -> None:
-        cancel()
-        callback()
+    __slots__ = ("_callback", "_listener", "_timer")
 
-    def cancel() -> None:
-        if waiting:
-            waiting.clear()
-            hub.remove(listener)
+    def __init__(self, fd: int, callback: Callable[[bool], None], timeout: float | None) -> None:
+        hub = eventlet.hubs.get_hub()
+        self._callback: Callable[[bool], None] | None = callback
+        self._listener = hub.add(hub.READ, fd, self._readable, self._readable, None)
+        self._timer = None if timeout is None else hub.schedule_call_global(
+            timeout, self._end, True)
 
-    listener = hub.add(hub.READ, fd, fire, fire, None)
-    return cancel
+    def _readable(self, *_: Any) -> None:
+        self._end(False)
+
+    def _end(self, timed_out: bool) -> None:
+        callback = self._callback
+        if self.cancel() and callback is not None:
+            callback(timed_out)
+
+    def cancel(self) -> bool:
+        """Stop waiting; False if the wait had ended already."""
+        if self._callback is None:
+            return False
+        self._callback = None
+        eventlet.hubs.get_hub().remove(self._listener)
+        if self._timer is not None:
+            self._timer.cancel()
+        return True
 
 
 def call_in_hub(fn: Callable[[], Any]) -> None:

@@ -46,7 +46,7 @@ YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot sta
 # One event in about this many is timed for the latency histograms: timing every event
 # would cost ~25% of the dispatch path; sampling costs one compare per event (~3%).
 SAMPLE_EVERY = 128
-MAX_TYPES = 4096  # event types counted apart in the stats
+MAX_TYPES = 4096  # event types kept apart in the stats and the route cache
 OTHER_TYPES = "(other types)"
 _NO_HANDLER_LOG_INTERVAL = 60.0
 _BACKOFF_MAX = 30.0
@@ -315,35 +315,38 @@ class Dispatcher:
         sampled = events[sample - 1] if sample else None
         first: Failure | None = None
         failure: Failure | None
-        etype = ""  # no event has this type: the first event looks its route up
+        etype: str | None = None  # the type of the current run of events
         entry: tuple[Plan | None, tuple[Plan, ...]] = (None, ())
         direct: Plan | None = None  # the type's processor when it is all there is to call
+        func: Callable[[Event], Any] | None = None  # its function
         run = 0
         for start in range(0, len(events), YIELD_EVERY):
             if start:
                 eventlet.sleep(0)  # a big frame must not starve the hub
             for event in events[start : start + YIELD_EVERY]:
                 if event.type != etype:
-                    if run:
+                    if etype is not None:
                         _tally(self.stats.by_type, etype, run)
                     etype, run = event.type, 0
                     entry = self._entries.get(etype) or self._entry(etype)
                     processor, listeners = entry
                     plain = processor is not None and processor.direct and not listeners
                     direct = processor if plain else None
+                    func = direct.func if direct is not None else None
                 run += 1
-                if direct is not None and event is not sampled:
+                if func is not None and event is not sampled:
                     try:
-                        direct.func(event)
+                        func(event)
                         continue
                     except _HANDLER_ERRORS as exc:
+                        assert direct is not None
                         failure = self._failed(direct, event, exc, 1, traceback.format_exc())
                 else:
                     failure = (self._timed if event is sampled else self._handle)(
                         entry, event, False)[1]
                 if failure is not None and first is None:
                     first = failure
-        if run:
+        if etype is not None:
             _tally(self.stats.by_type, etype, run)
         return first
 
@@ -408,7 +411,7 @@ class Dispatcher:
         finally:
             hist = self.stats.latency.get(event.type)
             if hist is None:
-                if len(self.stats.latency) >= 4096:  # clients choose types: stay bounded
+                if len(self.stats.latency) >= MAX_TYPES:  # clients choose types: stay bounded
                     self.stats.latency.clear()
                 hist = self.stats.latency[event.type] = Histogram()
             hist.observe(time.perf_counter() - start)
@@ -420,7 +423,7 @@ class Dispatcher:
             self._plan(route.processor) if route.processor is not None else None,
             tuple(self._plan(h) for h in route.listeners),
         )
-        if len(self._entries) >= 4096:
+        if len(self._entries) >= MAX_TYPES:
             self._entries.clear()
         self._entries[etype] = entry
         return entry

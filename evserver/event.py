@@ -69,7 +69,7 @@ class Event:
         self._meta = value
 
     def __repr__(self) -> str:
-        return f"Event(type={self.type!r}, id={self.id!r}, data={self.data!r})"
+        return f"{type(self).__name__}(type={self.type!r}, id={self.id!r}, data={self.data!r})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Event):

@@ -118,7 +118,7 @@ class ForwardRequest:
     waits for ``ack_bytes(chunk)``. ``mode`` is "message", "forward", "packed" or "compressed".
     ``size`` is the encoded size on the wire, for metrics and limits. ``count`` is how many
     requests on the wire this one stands for: ``ForwardConnection.requests`` merges runs of
-    Message-mode requests without options (each event keeps its tag as ``event.type``).
+    Message-mode requests with the same tag and no options.
     """
 
     __slots__ = ("chunk", "count", "events", "mode", "options", "size", "skipped", "tag")
@@ -492,11 +492,11 @@ class ForwardConnection:
     def requests(self, max_events: int = 0) -> list[ForwardRequest]:
         """The complete requests buffered now, the fast way a server reads them.
 
-        Runs of Message-mode requests without options (fluent-logger's ``emit``) come back
-        merged into one request (see ``ForwardRequest.count``): one object per event instead
-        of four. With ``max_events`` decoding stops after the request that reaches that many
-        events; the next call goes on. Requests before a malformed one are returned, and the
-        error is raised by the next call.
+        Runs of Message-mode requests with one tag and no options (fluent-logger's ``emit``)
+        come back merged into one request (see ``ForwardRequest.count``): one object per
+        event instead of four. With ``max_events`` decoding stops after the request that
+        reaches that many events; the next call goes on. Requests before a malformed one
+        are returned, and the error is raised by the next call.
         """
         if self._error is not None:
             raise self._error
@@ -519,7 +519,7 @@ class ForwardConnection:
                 t, record = msg[1], msg[2]
                 if (type(t) is int or type(t) is float) and type(record) is dict:
                     event = decoded(ForwardEvent, tag, record, t or _now(), None)
-                    if merged is None:
+                    if merged is None or merged.tag != tag:
                         merged = ForwardRequest(tag, [event], None, {}, 0, size, "message")
                         out.append(merged)
                     else:

@@ -84,6 +84,11 @@ class Frame:
     __hash__ = None  # type: ignore[assignment]
 
 
+def weight(frame: Frame) -> int:
+    """How much of a job a frame is: its events, or one for a frame without events."""
+    return len(frame.body) if frame.kind in EVENT_KINDS else 1
+
+
 def _bad(msg: str) -> ProtocolError:
     return ProtocolError(msg)
 
@@ -313,7 +318,7 @@ class FrameReader:
                 if frame is None:
                     return
                 out.append(frame)
-                count += len(frame.body) if frame.kind in EVENT_KINDS else 1
+                count += weight(frame)
                 if count >= limit:
                     return
                 continue
@@ -329,22 +334,21 @@ class FrameReader:
                     if (fast and type(raw) is list and len(raw) == 3 and raw[0] == EVENT
                             and raw[1] == 0 and type(ev := raw[2]) is list and len(ev) == 2
                             and type(etype := ev[0]) is str and etype and type(raw[1]) is int):
+                        event: Event | None = decoded(Event, etype, ev[1], now, None)
+                    else:
+                        frame = _parse_fast(raw, accept, now)
+                        event = frame.body[0] if (
+                            coalesce and frame.kind == EVENT and not frame.corr) else None
+                        if event is None:
+                            batch = None  # keep frames in order: a later event starts anew
+                            out.append(frame)
+                            count += weight(frame)
+                    if event is not None:
                         if batch is None or len(batch) >= coalesce:
                             batch = []
                             out.append(Frame(BATCH, 0, batch))
-                        batch.append(decoded(Event, etype, ev[1], now, None))
+                        batch.append(event)
                         count += 1
-                    else:
-                        frame = _parse_fast(raw, accept, now)
-                        if coalesce and frame.kind == EVENT and not frame.corr:
-                            if batch is None or len(batch) >= coalesce:
-                                batch = []
-                                out.append(Frame(BATCH, 0, batch))
-                            batch.append(frame.body[0])
-                        else:
-                            batch = None  # keep frames in order: a later event starts anew
-                            out.append(frame)
-                        count += len(frame.body) if frame.kind in EVENT_KINDS else 1
                     if count >= limit:
                         self._pos = pos
                         return

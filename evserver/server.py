@@ -1,9 +1,11 @@
 """The eventlet adapter: listen, accept, read, write, drain.
 
-One green thread per connection reads: ``recv_into`` a buffer shared by every connection of
-the process (nothing yields between the ``recv_into`` and the decoder copying the bytes, so
-sharing is safe and an idle connection costs no buffer), decodes with ``protocol.FrameReader``
-and hands each read's frames to the dispatcher as one job. Responses go through
+A connection with bytes to read has one reader green thread: it ``recv_into``s a buffer
+shared by every connection of the process (nothing yields between the ``recv_into`` and the
+decoder copying the bytes, so sharing is safe and an idle connection costs no buffer),
+decodes with ``protocol.FrameReader`` and hands the frames to the dispatcher a job of about
+``JOB_EVENTS`` events at a time. A silent connection has no green thread at all: it is
+parked in the hub until bytes arrive (``StreamConnection``). Responses go through
 ``Connection.write``: whichever green thread finds the connection idle becomes its single
 writer and drains everything queued meanwhile, so writes coalesce and two green threads never
 write one socket at once (eventlet raises if they do).
@@ -20,14 +22,13 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import greenlet
 
 from . import __version__
 from . import protocol as p
-from ._eventlet import call_in_hub, eventlet, on_readable
+from ._eventlet import ReadWait, call_in_hub, eventlet
 from .app import App
 from .auth import Authenticator, FailureLog
 from .deadletters import DeadLetterStore
@@ -68,16 +69,17 @@ class StreamConnection:
     (the dispatcher's ``Sink``), calling ``_job_finished`` so a reader waiting for pipeline
     room wakes up.
 
-    Parking: a connection silent for ``park_after`` seconds with nothing in flight gives up
-    its reader green thread (whose stack is most of an idle connection's memory) and waits
-    in the hub instead; data, EOF or its idle timeout start a new reader, which goes on
-    where the old one stopped, since all a reader's state lives on the connection.
+    Parking: a connection waits for its first bytes, and again after ``park_after``
+    seconds without data with nothing in flight, as a ``ReadWait`` in the hub instead of a
+    reader green thread blocked in ``recv`` (whose stack is most of an idle connection's
+    memory). Data, EOF, a graceful stop or the idle timeout start a new reader, which goes
+    on where the last one stopped: all a reader's state lives on the connection.
     """
 
     __slots__ = (
-        "addr", "cancel_wait", "closing", "flush_waiter", "idle_expired", "inline_skip",
-        "jobs", "out", "out_bytes", "quiet", "quiet_since", "reader_glet", "receiving",
-        "server", "sock", "waiter", "writing",
+        "addr", "closing", "flush_waiter", "idle_expired", "inline_skip", "jobs", "last_data",
+        "out", "out_bytes", "parked", "reader_glet", "receiving", "server", "sock", "waiter",
+        "writing",
     )
 
     protocol = "native"  # for log lines
@@ -96,10 +98,9 @@ class StreamConnection:
         self.waiter: tuple[int, Any] | None = None  # (below, Event) for _wait_jobs
         self.reader_glet: Any = None  # the reader's green thread, None while parked
         self.receiving = False  # the reader is blocked in recv (where it may be parked)
-        self.quiet = False  # no data since the last sweep
-        self.quiet_since = 0.0
-        self.cancel_wait: Callable[[], None] | None = None  # set while parked
-        self.idle_expired = False
+        self.last_data = time.monotonic()  # when bytes last arrived
+        self.parked: ReadWait | None = None
+        self.idle_expired = False  # woken by the idle timeout while parked
 
     # ------------------------------------------------------------------ writing
 
@@ -133,8 +134,7 @@ class StreamConnection:
         if not self.greet():
             eventlet.spawn_n(self.run)
         elif self.server.park_after > 0:
-            self.quiet_since = time.monotonic()
-            self.cancel_wait = on_readable(self.sock.fileno(), self._wake)
+            self._park_wait()
         else:
             eventlet.spawn_n(self.run, True)
 
@@ -156,7 +156,7 @@ class StreamConnection:
             log.exception("internal error on %s connection %s", self.protocol, _peer(self.addr))
         finally:
             self.reader_glet = None
-            if self.cancel_wait is None:
+            if self.parked is None:
                 self._finish()
 
     def serve(self, resumed: bool) -> None:
@@ -169,42 +169,42 @@ class StreamConnection:
         before anything can yield); empty at EOF; None when the connection was parked
         instead (``serve`` must then return). TimeoutError when idle for ``idle_timeout``."""
         if self.idle_expired:
+            self.idle_expired = False
             raise TimeoutError
         self.receiving = True
         try:
             n = self.sock.recv_into(_BUF)
         except _Park:
-            self.cancel_wait = on_readable(self.sock.fileno(), self._wake)
+            self._park_wait()
             return None
         finally:
             self.receiving = False
-        self.quiet = False
+        self.last_data = time.monotonic()
         return _VIEW[:n]
 
     def sweep(self, now: float) -> None:
-        """Called every ``park_after`` seconds: park a reader that got nothing since the last
-        call, and wake a parked connection that has been silent for ``idle_timeout``."""
-        if self.cancel_wait is not None:
-            timeout = self.server.idle_timeout
-            if timeout and now - self.quiet_since >= timeout:
-                self.idle_expired = True
-                self._wake()
-        elif not self.quiet:
-            self.quiet, self.quiet_since = True, now
-        elif self.receiving and not self.jobs and not isinstance(self.sock, ssl.SSLSocket):
-            call_in_hub(self._park)  # TLS may hold decrypted bytes the fd does not show
+        """Called every ``park_after`` seconds: park a reader that has been waiting in recv
+        that long with nothing in flight. TLS readers stay: decrypted bytes may be waiting
+        where the fd does not show them."""
+        if (self.receiving and not self.jobs and now - self.last_data >= self.server.park_after
+                and not isinstance(self.sock, ssl.SSLSocket)):
+            call_in_hub(self._park)
 
     def _park(self) -> None:
         """In the hub: end the reader if it is still blocked in recv with nothing in flight."""
         if self.receiving and not self.jobs and not self.closing and self.reader_glet is not None:
             self.reader_glet.throw(_Park())
 
-    def _wake(self) -> None:
-        """In the hub (data arrived) or the sweeper (idle timeout): a new reader goes on."""
-        if self.cancel_wait is not None:
-            self.cancel_wait()
-            self.cancel_wait = None
-            eventlet.spawn_n(self.run, True)
+    def _park_wait(self) -> None:
+        timeout = self.server.idle_timeout
+        left = max(0.0, self.last_data + timeout - time.monotonic()) if timeout else None
+        self.parked = ReadWait(self.sock.fileno(), self._wake, left)
+
+    def _wake(self, timed_out: bool) -> None:
+        """In the hub, when the parked connection's wait ended: a new reader goes on."""
+        self.parked = None
+        self.idle_expired = timed_out
+        eventlet.spawn_n(self.run, True)
 
     @staticmethod
     def refuse(sock: Any, limit: int) -> None:
@@ -352,6 +352,9 @@ class Connection(StreamConnection):
         except ProtocolError as exc:
             server.counters["protocol_errors"] += 1
             server.limit_log("protocol", "closing %s: %s", _peer(self.addr), exc)
+            # The frames before the bad one are answered first: a client that sees the
+            # connection-level error gives up on whatever is still unanswered.
+            self._wait_jobs(1, timeout=server.drain_timeout)
             self._error(p.encode_error(0, exc.code, type(exc).__name__, str(exc)))
 
     def _take(self, frames: list[p.Frame]) -> bool:
@@ -393,7 +396,7 @@ def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
             jobs.append([])
             size = 0
         jobs[-1].append(frame)
-        size += len(frame.body) if frame.kind in p.EVENT_KINDS else 1
+        size += p.weight(frame)
     return jobs
 
 
@@ -577,12 +580,15 @@ class Server:
                 log.error("cannot fsync dead letters: %s", exc)
 
     def _sweep(self) -> None:
-        """Park connections that went silent, and time out parked ones (``sweep``)."""
+        """Park connections that went silent (``StreamConnection.sweep``)."""
         while not self.stopping:
             eventlet.sleep(self.park_after)
             now = time.monotonic()
             for conn in list(self.connections):
-                conn.sweep(now)
+                try:
+                    conn.sweep(now)
+                except Exception:  # never let one connection stop the parking of all
+                    log.exception("internal error while parking %s", _peer(conn.addr))
 
     def limit_log(self, kind: str, msg: str, *args: Any) -> None:
         """A warning about a misbehaving peer, at most a few per second per kind: a flood of

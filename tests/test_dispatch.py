@@ -69,3 +69,13 @@ def test_runs_of_one_type_are_counted_like_single_events() -> None:
     assert dict(dispatcher.stats.by_type) == {"a": 4, "b": 4, "c": 1}
     assert dispatcher.stats.unrouted == 1
     assert sink.results[0][0].failure.code == "no_handler"
+
+
+def test_the_empty_type_is_routed_like_any_other() -> None:
+    """Forward tags may be empty; a run of them must still reach a catch-all processor."""
+    app, seen = App(), []
+    app.processor("**")(lambda event: seen.append(event.data))
+    dispatcher, sink = run(app, [Event("", 1), Event("", 2), Event("x", 3)])
+    assert seen == [1, 2, 3] and dispatcher.stats.unrouted == 0
+    assert dict(dispatcher.stats.by_type) == {"": 2, "x": 1}
+    assert sink.results[0][0].failure is None

@@ -728,7 +728,7 @@ def test_events_and_requests_are_slotted() -> None:
     assert type(event) is ForwardEvent
     assert (event.type, event.data, event.time, event.meta) == (
         "tag", {"a": 1}, T0, {"protocol": "forward"})
-    assert "Event(type='tag'" in repr(event) and "tag" in repr(request)
+    assert "ForwardEvent(type='tag'" in repr(event) and "tag" in repr(request)
 
 
 # --- The server's bulk read ------------------------------------------------------------------
@@ -736,7 +736,8 @@ def test_events_and_requests_are_slotted() -> None:
 
 def test_requests_merges_runs_of_plain_messages_and_keeps_everything_else_apart() -> None:
     wire = b"".join([
-        packb(["a", T0, {"i": 0}]), packb(["b", 0, {"i": 1}]),       # merged
+        packb(["a", T0, {"i": 0}]), packb(["a", 0, {"i": 1}]),       # merged
+        packb(["b", T0, {"i": 1.5}]),                                # another tag: apart
         packb(["f", [[T0, {"i": 2}]], {"chunk": "c1"}]),            # Forward mode, acked
         packb(["c", T0, {"i": 3}]),                                   # a new run
         packb(["d", T0, {"i": 4}, {"chunk": "c2"}]),                 # has options: alone
@@ -746,14 +747,15 @@ def test_requests_merges_runs_of_plain_messages_and_keeps_everything_else_apart(
     conn.receive_data(wire)
     requests = conn.requests()
     assert [(r.tag, r.mode, r.chunk, r.count, r.skipped) for r in requests] == [
-        ("a", "message", None, 2, 0), ("f", "forward", "c1", 1, 0),
+        ("a", "message", None, 2, 0), ("b", "message", None, 1, 0), ("f", "forward", "c1", 1, 0),
         ("c", "message", None, 1, 0), ("d", "message", "c2", 1, 0),
         ("e", "message", None, 1, 0), ("e", "message", None, 1, 1)]
     events = [e for r in requests for e in r.events]
     assert [(e.type, e.data["i"], e.time) for e in events] == [
-        ("a", 0, T0), ("b", 1, NOW), ("f", 2, T0), ("c", 3, T0), ("d", 4, T0), ("e", 5, T0 + 0.5)]
+        ("a", 0, T0), ("a", 1, NOW), ("b", 1.5, T0), ("f", 2, T0), ("c", 3, T0), ("d", 4, T0),
+        ("e", 5, T0 + 0.5)]
     assert all(e.meta == {"protocol": "forward"} for e in events)
-    assert requests[0].size == len(packb(["a", T0, {"i": 0}])) + len(packb(["b", 0, {"i": 1}]))
+    assert requests[0].size == len(packb(["a", T0, {"i": 0}])) + len(packb(["a", 0, {"i": 1}]))
     assert conn.requests() == [] and not conn.in_request
 
 

@@ -198,7 +198,7 @@ def test_idle_timeout_closes_silent_connections(app, caplog):
 
 
 def parked(server):
-    return [c for c in list(server.connections) if c.cancel_wait is not None]
+    return [c for c in list(server.connections) if c.parked is not None]
 
 
 def test_a_silent_connection_parks_and_its_next_reader_goes_on_where_it_stopped(app):
@@ -230,6 +230,29 @@ def test_parked_connections_end_on_eof_idle_timeout_and_stop(app):
         wait_for(lambda: parked(server), 5, "the last connection to park")
     assert last.read_until_eof() == b""  # the graceful stop woke and closed it
     assert not server.connections
+
+
+def test_a_connection_parked_from_its_start_still_times_out_on_time(app):
+    with serve_in_thread(app, park_after=30, idle_timeout=0.3) as server:
+        started = time.monotonic()
+        peer = RawPeer(server.address)  # never sends: parked since it was accepted
+        wait_for(lambda: parked(server), 5, "the new connection to park")
+        assert peer.recv_frames(1)[0].body[0] == "idle_timeout"
+        assert time.monotonic() - started < 5  # its own timer, not a sweep 30 s away
+
+
+def test_requests_queued_for_the_pool_are_answered_before_a_protocol_error(app):
+    with serve_in_thread(app, pool_size=1, idle_timeout=0) as server:
+        busy = RawPeer(server.address)
+        busy.send(p.encode_event(1, ["slow", 0.3], request=True))  # holds the only slot
+        with app.started:
+            assert app.started.wait_for(lambda: app.running == 1, timeout=5)
+        bad = RawPeer(server.address)
+        bad.send(p.encode_event(7, ["echo", "queued"], request=True) + b"\xc1")
+        reply, error = bad.recv_frames(2)
+        assert (reply.kind, reply.corr, reply.body) == (p.REPLY, 7, "queued")
+        assert error.kind == p.ERROR and error.body[0] == "bad_frame"
+        assert busy.recv_frames(1)[0].body == "done"
 
 
 def test_idle_timeout_does_not_cut_a_slow_request(app):
