@@ -158,13 +158,12 @@ def _ext_hook(code: int, data: bytes) -> Any:
     return msgpack.ExtType(code, data)
 
 
+_DECODING: dict[str, Any] = {"ext_hook": _ext_hook, "unicode_errors": "surrogateescape"}
+_array_header = msgpack.Packer().pack_array_header
+
+
 def _unpacker(max_buffer_size: int) -> msgpack.Unpacker:
-    return msgpack.Unpacker(
-        None,
-        max_buffer_size=max_buffer_size,
-        ext_hook=_ext_hook,
-        unicode_errors="surrogateescape",
-    )
+    return msgpack.Unpacker(None, max_buffer_size=max_buffer_size, **_DECODING)
 
 
 def _raw(value: str | bytes) -> bytes:
@@ -237,10 +236,22 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _decode_packed(tag: str, data: bytes) -> tuple[list[Event], int]:
-    """Decode a MessagePackEventStream (concatenated entries) with one fresh Unpacker."""
+def _decode_packed(tag: str, data: bytes, count: Any) -> tuple[list[Event], int]:
+    """Decode a MessagePackEventStream (concatenated entries).
+
+    Fluentd and Fluent Bit send the entry count as the ``size`` option: then the stream is
+    decoded as one array in one C call, a fifth of the per-event time of pulling entries
+    one by one from an Unpacker, which is what a missing or wrong count falls back to.
+    """
     if not data:
         return [], 0
+    if type(count) is int and 0 < count <= len(data) // 3:  # an entry takes 3 bytes or more
+        try:
+            items = msgpack.unpackb(_array_header(count) + data, **_DECODING)
+        except _UNPACK_ERRORS:
+            pass
+        else:
+            return _decode_entries(tag, items)
     unpacker = _unpacker(len(data) + 1)
     unpacker.feed(data)
     try:
@@ -297,7 +308,7 @@ def decode_request(
                 data = _gunzip(data, max_decompressed_bytes)
             else:
                 raise ForwardError(f"unsupported compression {compressed!r}")
-            events, skipped = _decode_packed(tag, data)
+            events, skipped = _decode_packed(tag, data, options.get("size"))
     else:
         if n == 2:
             raise ForwardError("Message request has no record")

@@ -199,7 +199,10 @@ def frame(protocol: str, mode: str, batch: int, corr: int = 0) -> bytes:
     request = {"single": [tag, EVENT_TIME, record],
                "batch": [tag, [[EVENT_TIME, record]] * batch],
                "packed": [tag, msgpack.packb([EVENT_TIME, record]) * batch]}[mode]
-    return msgpack.packb([*request, {"chunk": str(corr)}] if corr else request)
+    options = {"size": batch} if mode == "packed" else {}  # as Fluentd and Fluent Bit send
+    if corr:
+        options["chunk"] = str(corr)
+    return msgpack.packb([*request, options] if options else request)
 
 
 # What ends a fire-and-forget run on each connection: (bytes, their answer, events in them).

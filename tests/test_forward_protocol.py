@@ -777,3 +777,17 @@ def test_requests_before_a_malformed_one_are_returned_then_the_error() -> None:
     for _ in range(2):
         with pytest.raises(ForwardError, match="not an array"):
             conn.requests()
+
+
+@pytest.mark.parametrize("size", [None, 3, 2, 4, 0, -1, "3", 10**9])
+def test_packed_size_option_is_only_a_hint(size: Any) -> None:
+    """The fast path taken with a right ``size`` decodes exactly like the stream; a wrong one
+    changes nothing."""
+    blob = entries_blob([T0, {"i": 0}], [[T0 + 1, {"m": 1}], {"i": 1}], [T0 + 2, {"i": 2}])
+    options = {} if size is None else {"size": size}
+    request = decode_one(packb(["tag", blob, options]))
+    assert simple(request) == [(T0, {"i": 0}, {}), (T0 + 1, {"i": 1}, {"m": 1}),
+                               (T0 + 2, {"i": 2}, {})]
+    for bad in (blob[:-1], blob + b"\xc1"):  # truncated, trailing garbage: the same errors
+        with pytest.raises(ForwardError):
+            decode_one(packb(["tag", bad, options]))
