@@ -193,7 +193,7 @@ SETTINGS: tuple[Setting, ...] = (
       "Seconds before closing a silent connection; 0 = off.", _number()),
     S("server", "park_after", float, 2.0,
       "Seconds of silence before an idle connection gives up its green thread; 0 = never.",
-      _number()),
+      Check("0 or a number >= 0.05", lambda v: v == 0 or v >= 0.05)),
     S("server", "max_pending_replies", int, 1024, "Unsent replies queued per connection.",
       _at_least(1)),
     S("server", "workers", int, 1, "Worker processes; \"auto\" = one per CPU.", _at_least(1),

@@ -77,7 +77,7 @@ class StreamConnection:
     """
 
     __slots__ = (
-        "addr", "closing", "flush_waiter", "idle_expired", "inline_skip", "jobs", "last_data",
+        "addr", "closing", "flush_waiter", "idle_expired", "inline_skip", "jobs", "last_active",
         "out", "out_bytes", "parked", "reader_glet", "receiving", "server", "sock", "waiter",
         "writing",
     )
@@ -98,7 +98,7 @@ class StreamConnection:
         self.waiter: tuple[int, Any] | None = None  # (below, Event) for _wait_jobs
         self.reader_glet: Any = None  # the reader's green thread, None while parked
         self.receiving = False  # the reader is blocked in recv (where it may be parked)
-        self.last_data = time.monotonic()  # when bytes last arrived
+        self.last_active = time.monotonic()  # when bytes last arrived or the last job ended
         self.parked: ReadWait | None = None
         self.idle_expired = False  # woken by the idle timeout while parked
 
@@ -179,25 +179,26 @@ class StreamConnection:
             return None
         finally:
             self.receiving = False
-        self.last_data = time.monotonic()
+        self.last_active = time.monotonic()
         return _VIEW[:n]
 
     def sweep(self, now: float) -> None:
         """Called every ``park_after`` seconds: park a reader that has been waiting in recv
         that long with nothing in flight. TLS readers stay: decrypted bytes may be waiting
         where the fd does not show them."""
-        if (self.receiving and not self.jobs and now - self.last_data >= self.server.park_after
+        if (self.receiving and not self.jobs and now - self.last_active >= self.server.park_after
                 and not isinstance(self.sock, ssl.SSLSocket)):
             call_in_hub(self._park)
 
     def _park(self) -> None:
         """In the hub: end the reader if it is still blocked in recv with nothing in flight."""
-        if self.receiving and not self.jobs and not self.closing and self.reader_glet is not None:
+        if (self.receiving and not self.jobs and not self.closing and self.reader_glet is not None
+                and time.monotonic() - self.last_active >= self.server.park_after):
             self.reader_glet.throw(_Park())
 
     def _park_wait(self) -> None:
         timeout = self.server.idle_timeout
-        left = max(0.0, self.last_data + timeout - time.monotonic()) if timeout else None
+        left = max(0.0, self.last_active + timeout - time.monotonic()) if timeout else None
         self.parked = ReadWait(self.sock.fileno(), self._wake, left)
 
     def _wake(self, timed_out: bool) -> None:
@@ -240,6 +241,8 @@ class StreamConnection:
 
     def _job_finished(self) -> None:
         self.jobs -= 1
+        if not self.jobs:  # waiting on its own handlers is not idleness: the clock restarts
+            self.last_active = time.monotonic()
         waiter = self.waiter
         if waiter is not None and self.jobs < waiter[0]:
             self.waiter = None

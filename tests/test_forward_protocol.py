@@ -791,3 +791,13 @@ def test_packed_size_option_is_only_a_hint(size: Any) -> None:
     for bad in (blob[:-1], blob + b"\xc1"):  # truncated, trailing garbage: the same errors
         with pytest.raises(ForwardError):
             decode_one(packb(["tag", bad, options]))
+
+
+def test_a_request_of_mostly_invalid_entries_fails_fast() -> None:
+    """64 KB of gzip inflates to 64 MiB of one-byte non-entries: fail, do not skip them all."""
+    bomb = gzip.compress(b"\x00" * (1 << 20))
+    with pytest.raises(ForwardError, match="more than 1000 invalid entries"):
+        decode_one(packb(["tag", bomb, {"compressed": "gzip"}]))
+    few = entries_blob(*([0, "not a map"] for _ in range(forward.MAX_INVALID_ENTRIES)))
+    request = decode_one(packb(["tag", few + entries_blob([T0, {"ok": 1}])]))
+    assert request.skipped == forward.MAX_INVALID_ENTRIES and len(request.events) == 1

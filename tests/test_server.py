@@ -241,6 +241,15 @@ def test_a_connection_parked_from_its_start_still_times_out_on_time(app):
         assert time.monotonic() - started < 5  # its own timer, not a sweep 30 s away
 
 
+def test_waiting_on_a_slow_reply_is_not_idleness_for_a_parked_connection(app):
+    with serve_in_thread(app, park_after=0.05, idle_timeout=0.5) as server:
+        peer = RawPeer(server.address)
+        assert peer.request(1, "slow", 0.8).body == "done"  # longer than idle_timeout
+        wait_for(lambda: parked(server), 5, "the connection to park after the reply")
+        assert peer.request(2, "echo", "still served").body == "still served"
+        assert server.counters["idle_closed"] == 0
+
+
 def test_requests_queued_for_the_pool_are_answered_before_a_protocol_error(app):
     with serve_in_thread(app, pool_size=1, idle_timeout=0) as server:
         busy = RawPeer(server.address)
