@@ -75,11 +75,12 @@ def run_single(
 def tune_gc(threshold: int) -> None:
     """Collect young garbage every ``threshold`` allocations, and exempt startup objects.
 
-    A read decodes up to a few thousand events that stay alive until they are dispatched. At
-    Python's threshold of 700 allocations every read triggers collections that find them
-    alive and promote them, so older generations keep filling with soon-dead objects and are
-    rescanned: ~30 % of the per-event time in batch mode (docs/performance.md). Freezing
-    moves the modules, the app and the server out of every later collection.
+    Decoded events stay alive until their job has run, which under load means waiting in
+    the queue. At Python's threshold of 700 allocations collections keep finding them alive
+    and promote them, so the older generations fill with soon-dead objects and are rescanned:
+    with 8 connections sending acked batches that cost a third of the per-event time and
+    raised p99 eightfold (docs/performance.md). Freezing moves the modules, the app and the
+    server out of every later collection.
     """
     if threshold:
         gc.freeze()
