@@ -234,6 +234,8 @@ SETTINGS: tuple[Setting, ...] = (
       "Also require a user in the handshake: name:password pairs separated by commas.",
       Check("name:password pairs separated by commas", _users_ok),
       optional=True),
+    S("forward", "tls", bool, False,
+      "Serve Forward over TLS with the [tls] certificate (Fluent Bit: tls on)."),
     S("forward", "max_request_bytes", int, 8 << 20,
       "Largest Forward request (one msgpack array), in bytes.", _at_least(1024)),
     S("forward", "max_decompressed_bytes", int, 64 << 20,
@@ -422,7 +424,21 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
         elif any(var.startswith(p) for p in prefixes):
             raise _unknown("environment variable", var, env_names, "environment")
     _apply_overrides(values, origins, overrides or {})
+    _check_together(values, origins)
     return Config(values, origins, source)
+
+
+# Settings that only make sense with another one: (setting, needs, why).
+_NEEDS = (
+    ("forward.users", "forward.shared_key", "a user handshake needs a shared key too"),
+    ("forward.tls", "tls.cert", "TLS needs a certificate"),
+)
+
+
+def _check_together(values: dict[str, Any], origins: dict[str, str]) -> None:
+    for name, needed, why in _NEEDS:
+        if values[name] and not values[needed]:
+            raise ConfigError(f"{name}: {why} ({needed}); {name} came from {origins[name]}")
 
 
 def _toml_value(value: Any) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ class ForwardSettings:
     users: dict[str, str] | None = None
     max_request_bytes: int = 8 << 20
     max_decompressed_bytes: int = 64 << 20
+    tls: bool = False  # with the server's SSLContext, the [tls] certificate
     hostname: str = field(default_factory=socket.gethostname)  # sent in PONG
 
     def __post_init__(self) -> None:
@@ -64,7 +66,7 @@ class ForwardSettings:
         if not f.enabled:
             return None
         return cls(f.host, f.port, f.shared_key, parse_users(f.users) if f.users else None,
-                   f.max_request_bytes, f.max_decompressed_bytes)
+                   f.max_request_bytes, f.max_decompressed_bytes, f.tls)
 
     def decoder(self) -> ForwardDecoder:
         """A fresh sans-I/O decoder for one connection (HELO queued when a key is set)."""
@@ -109,13 +111,19 @@ class ForwardListener:
             if self._listener is not None:
                 self._listener.close()
             raise OSError(exc.errno, f"Forward {host}:{port}: {exc.strerror or exc}") from exc
+        if self.settings.tls:
+            if self.server.ssl_context is None:
+                raise ConfigError("forward.tls: the server has no TLS certificate")
+            self._listener = self.server.ssl_context.wrap_socket(self._listener,
+                                                                 server_side=True)
         self._udp = eventlet.greenio.GreenSocket(udp)
         self._threads = [
             eventlet.spawn(self.server.accept_loop, self._listener, ForwardConnection),
             eventlet.spawn(self._heartbeats),
         ]
         auth = "shared key" + (" and users" if self.settings.users else "")
-        log.info("Forward protocol listening on %s:%d (TCP, UDP heartbeat; %s)", *self.address,
+        log.info("Forward protocol listening on %s:%d (TCP%s, UDP heartbeat; %s)", *self.address,
+                 " with TLS" if self.settings.tls else "",
                  auth if self.settings.shared_key else "no handshake")
 
     def close(self) -> None:
@@ -166,14 +174,39 @@ class ForwardConnection(StreamConnection):
 
     def greet(self) -> bool:
         self.server.counters["forward_connections"] += 1
+        if isinstance(self.sock, ssl.SSLSocket):
+            return False  # the reader runs the TLS handshake first
+        self._send_helo()
+        return True
+
+    def _send_helo(self) -> None:
         if helo := self.decoder.data_to_send():
             self.write(helo)  # HELO, when a shared key is configured
-        return True
+
+    def _start_tls(self) -> bool:
+        """The TLS handshake eventlet's accept deferred, bounded by ``handshake_timeout``."""
+        server = self.server
+        try:
+            with eventlet.Timeout(server.handshake_timeout):
+                self.sock.do_handshake()
+            return True
+        except eventlet.Timeout:
+            server.counters["handshake_timeouts"] += 1
+            reason = f"no TLS handshake within {server.handshake_timeout:g}s"
+        except ssl.SSLError as exc:
+            server.counters["tls_failures"] += 1
+            reason = f"TLS handshake failed: {exc.reason or exc}"
+        log.info("Forward %s: %s", _peer(self.addr), reason)
+        return False
 
     def serve(self, resumed: bool) -> None:
         server = self.server
         decoder = self.decoder
         counters = server.counters
+        if not resumed:
+            if not self._start_tls():
+                return
+            self._send_helo()
         try:
             while not server.stopping:
                 try:

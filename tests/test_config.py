@@ -239,7 +239,20 @@ def test_readme_settings_table_is_current():
 
 
 def test_forward_users_pairs() -> None:
-    cfg = load_config(env={"EVSERVER_FORWARD_USERS": "alice:pw:1, bob:x"})
+    key = {"EVSERVER_FORWARD_SHARED_KEY": "s3cret"}
+    cfg = load_config(env={**key, "EVSERVER_FORWARD_USERS": "alice:pw:1, bob:x"})
     assert parse_users(cfg.forward.users) == {"alice": "pw:1", "bob": "x"}
     with pytest.raises(ConfigError, match=r"forward.users: expected name:password pairs"):
-        load_config(env={"EVSERVER_FORWARD_USERS": "alice"})
+        load_config(env={**key, "EVSERVER_FORWARD_USERS": "alice"})
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"EVSERVER_FORWARD_USERS": "a:b"},
+     "forward.users: a user handshake needs a shared key too (forward.shared_key); "
+     "forward.users came from EVSERVER_FORWARD_USERS"),
+    ({"EVSERVER_FORWARD_TLS": "true"}, "forward.tls: TLS needs a certificate (tls.cert)"),
+])
+def test_settings_that_need_another_one(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env)
+    assert message in str(info.value)

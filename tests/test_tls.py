@@ -192,3 +192,42 @@ def test_serve_bad_tls_files_exit_2(tmp_path: Path) -> None:
         [sys.executable, "-m", "evserver", "serve", "x:app", "--port", "0", "--tls-cert",
          str(tmp_path / "missing.pem")], capture_output=True, text=True, timeout=30, env=env)
     assert result.returncode == 2 and "[tls]" in result.stderr
+
+
+def test_forward_over_tls_acks_and_turns_plaintext_away(pki: Pki) -> None:
+    """Fluent Bit's ``tls on``: the Forward listener speaks TLS with the [tls] certificate."""
+    import msgpack
+
+    from evserver.forward_server import ForwardSettings
+
+    app = make_app()
+    with serve_in_thread(app, ssl_context=server_context(pki.server_cert, pki.server_key),
+                         handshake_timeout=0.5,
+                         forward=ForwardSettings(port=0, tls=True)) as server:
+        assert server.forward is not None
+        address = server.forward.address
+        with client_context(pki.ca).wrap_socket(socket.create_connection(address, timeout=10),
+                                                server_hostname="localhost") as tls:
+            tls.sendall(msgpack.packb(["echo", 1700000000, {"n": 1}])
+                        + msgpack.packb(["echo", 1700000000, {"n": 2}, {"chunk": "c1"}]))
+            assert msgpack.unpackb(tls.recv(100)) == {"ack": "c1"}
+        with socket.create_connection(address, timeout=10) as plain:
+            plain.sendall(msgpack.packb(["echo", 1700000000, {"n": 3}, {"chunk": "c2"}]))
+            received = b""
+            try:
+                while chunk := plain.recv(100):  # a TLS alert, then EOF; never an ack
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            assert b"ack" not in received
+        assert server.counters["tls_failures"] + server.counters["handshake_timeouts"] == 1
+    assert app.seen == [{"n": 1}, {"n": 2}]
+
+
+def test_forward_tls_needs_a_certificate(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "evserver", "serve", f"{APPS}/basic.py:app", "--port", "0",
+         "--forward-enabled", "--forward-port", "0", "--forward-tls"],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "forward.tls: TLS needs a certificate (tls.cert)" in result.stderr
