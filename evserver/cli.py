@@ -113,7 +113,9 @@ def _client(admin_url: str | None, token: str | None) -> Any:
         from .tls import client_context
 
         ca = os.environ.get("EVSERVER_ADMIN_CA") or (cfg.tls.ca if cfg is not None else None)
-        context = client_context(ca)
+        # A client certificate, for a server whose [tls] require_client_cert covers admin too.
+        context = client_context(ca, os.environ.get("EVSERVER_ADMIN_CERT") or None,
+                                 os.environ.get("EVSERVER_ADMIN_KEY") or None)
     return AdminClient(admin_url, token, ssl_context=context)
 
 

@@ -24,6 +24,8 @@ from evserver.errors import ConfigError
 
 DEFAULT_PATH = Path("config", "evserver.toml")
 ENV_PREFIX = "EVSERVER_"
+# Read by the admin CLI (its TLS trust and client certificate), not settings of the server.
+ADMIN_CLIENT_ENV = frozenset({"EVSERVER_ADMIN_CA", "EVSERVER_ADMIN_CERT", "EVSERVER_ADMIN_KEY"})
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _F = TypeVar("_F", bound=Callable[..., Any])
 _NOUNS = {bool: "a boolean (true/false, 1/0, yes/no, on/off)", int: "an integer",
@@ -421,7 +423,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     for var, raw in sorted((os.environ if env is None else env).items()):
         if var in env_names:
             _set(values, origins, env_names[var], raw, var)
-        elif any(var.startswith(p) for p in prefixes):
+        elif any(var.startswith(p) for p in prefixes) and var not in ADMIN_CLIENT_ENV:
             raise _unknown("environment variable", var, env_names, "environment")
     _apply_overrides(values, origins, overrides or {})
     _check_together(values, origins)

@@ -230,3 +230,34 @@ def test_forward_tls_needs_a_certificate(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "forward.tls: TLS needs a certificate (tls.cert)" in result.stderr
+
+
+def test_admin_cli_presents_a_client_certificate_when_the_server_demands_one(pki: Pki) -> None:
+    admin_port, port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evserver", "serve", f"{APPS}/basic.py:app", "--port", str(port),
+         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+         "--tls-ca", str(pki.ca), "--tls-require-client-cert", "--admin-port", str(admin_port)],
+        env=env, cwd=pki.ca.parent, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with Client("127.0.0.1", port, timeout=5, cafile=str(pki.ca),
+                    certfile=str(pki.client_cert), keyfile=str(pki.client_key), retries=40,
+                    backoff=0.05, backoff_max=0.25) as client:
+            assert client.ping() > 0  # the server is up
+        stats = [sys.executable, "-m", "evserver", "stats", "--json",
+                 "--admin", f"https://127.0.0.1:{admin_port}"]
+        env["EVSERVER_ADMIN_CA"] = str(pki.ca)
+        refused = subprocess.run(stats, capture_output=True, text=True, timeout=30, env=env,
+                                 cwd=pki.ca.parent)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        env["EVSERVER_ADMIN_CERT"] = str(pki.client_cert)
+        env["EVSERVER_ADMIN_KEY"] = str(pki.client_key)
+        ok = subprocess.run(stats, capture_output=True, text=True, timeout=30, env=env,
+                            cwd=pki.ca.parent)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["totals"]["counters"]["connections_total"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(15)
