@@ -57,6 +57,26 @@ def make_app() -> App:
     return app
 
 
+def clean_env() -> dict[str, str]:
+    """The environment for an ``evserver`` subprocess: this checkout, no EVSERVER_* leaking in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def serve_tls(pki: Pki, *args: str, stderr: int = subprocess.DEVNULL
+              ) -> tuple[subprocess.Popen[bytes], int, int]:
+    """``evserver serve`` the basic app with the [tls] certificate (plus ``args``); return the
+    process, its event port and its admin port."""
+    port, admin_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evserver", "serve", f"{APPS}/basic.py:app", "--port", str(port),
+         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+         "--admin-port", str(admin_port), *args],
+        env=clean_env(), cwd=pki.ca.parent, stdin=subprocess.DEVNULL, stderr=stderr)
+    return proc, port, admin_port
+
+
 def until_closed(sock: socket.socket) -> bytes:
     """What a plaintext peer of a TLS port gets: maybe an alert, then EOF or a reset."""
     received = b""
@@ -160,14 +180,8 @@ def test_serve_tls_event_and_admin_ports(pki: Pki, workers: str) -> None:
     """``serve`` with [tls] flags: both ports speak TLS. Started by hand, since the
     server_factory fixture's readiness probe speaks plaintext; the client's bounded
     reconnection backoff waits for the port instead."""
-    admin_port, port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "evserver", "serve", f"{APPS}/basic.py:app", "--port", str(port),
-         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-         "--admin-port", str(admin_port), "--workers", workers],
-        env=env, cwd=pki.ca.parent, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = clean_env()
+    proc, port, admin_port = serve_tls(pki, "--workers", workers, stderr=subprocess.PIPE)
     try:
         with Client("127.0.0.1", port, timeout=5, cafile=str(pki.ca), retries=40,
                     backoff=0.05, backoff_max=0.25) as client:
@@ -191,8 +205,7 @@ def test_serve_tls_event_and_admin_ports(pki: Pki, workers: str) -> None:
 
 
 def test_serve_bad_tls_files_exit_2(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
-    env["PYTHONPATH"] = str(REPO)
+    env = clean_env()
     result = subprocess.run(
         [sys.executable, "-m", "evserver", "serve", "x:app", "--port", "0", "--tls-cert",
          str(tmp_path / "missing.pem")], capture_output=True, text=True, timeout=30, env=env)
@@ -227,20 +240,14 @@ def test_forward_tls_needs_a_certificate(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "evserver", "serve", f"{APPS}/basic.py:app", "--port", "0",
          "--forward-enabled", "--forward-port", "0", "--forward-tls"],
-        capture_output=True, text=True, timeout=60, cwd=REPO)
+        capture_output=True, text=True, timeout=60, cwd=REPO, env=clean_env())
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "forward.tls: TLS needs a certificate (tls.cert)" in result.stderr
 
 
 def test_admin_cli_presents_a_client_certificate_when_the_server_demands_one(pki: Pki) -> None:
-    admin_port, port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "evserver", "serve", f"{APPS}/basic.py:app", "--port", str(port),
-         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-         "--tls-ca", str(pki.ca), "--tls-require-client-cert", "--admin-port", str(admin_port)],
-        env=env, cwd=pki.ca.parent, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = clean_env()
+    proc, port, admin_port = serve_tls(pki, "--tls-ca", str(pki.ca), "--tls-require-client-cert")
     try:
         with Client("127.0.0.1", port, timeout=5, cafile=str(pki.ca),
                     certfile=str(pki.client_cert), keyfile=str(pki.client_key), retries=40,
