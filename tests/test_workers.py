@@ -265,7 +265,9 @@ def test_hup_under_acked_load_replaces_workers_without_losing_events(start, tmp_
         c.stop()
     assert [c.failures for c in clients] == [[], [], []]
     assert sum(c.refused for c in clients) == 0
-    assert all(c.reconnects <= 2 for c in clients), [c.reconnects for c in clients]
+    # Each retiring worker can close a client's connection once, and a listener closing with
+    # a connection still in its backlog resets it once more; nothing beyond that.
+    assert all(c.reconnects <= len(old) + 1 for c in clients), [c.reconnects for c in clients]
     acked = {e for c in clients for e in c.acked}
     assert len(acked) >= 120
     assert acked <= m.recorded()
