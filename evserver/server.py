@@ -36,6 +36,7 @@ from .dispatch import Dispatcher, Job, Result
 from .errors import ProtocolError
 from .handshake import open_connection
 from .logs import LogBudget
+from .reuseport import allow_migration
 from .security import security_options
 from .tls import shutdown_read
 
@@ -534,6 +535,8 @@ class Server:
             (self.host, self.port), family=family, backlog=self.backlog,
             reuse_port=self.reuse_port,
         )
+        if self.reuse_port:  # a reload or a killed worker must not reset queued connections
+            allow_migration(self._listener)
         if self.ssl_context is not None:
             self._listener = self.ssl_context.wrap_socket(self._listener, server_side=True)
         self.started_at = time.time()
