@@ -17,10 +17,13 @@ their responses flush -> close -> stop the workers; bounded by ``drain_timeout``
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import signal
 import socket
 import ssl
+import struct
+import termios
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +60,8 @@ JOB_EVENTS = 64
 _INLINE_MAX_SECONDS = 0.002
 _INLINE_BACKOFF_JOBS = 256
 _OUT_LIMIT = 4 << 20  # reply bytes queued for one connection before its reader pauses
+_UNREAD_GRACE = 0.5  # seconds a stop lets readers take bytes peers sent before it
+_QUIET = 0.1  # ... until each connection has been silent this long
 
 
 class _Park(BaseException):
@@ -417,6 +422,15 @@ def _encode_result(result: Result) -> bytes:
     return p.encode_pong(frame.corr) if frame.kind == p.PING else p.encode_ack(frame.corr)
 
 
+def _unread(sock: Any) -> int:
+    """Bytes received on ``sock`` and not read yet (0 once it is closed)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,
+                                                  b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
+
+
 def _peer(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return f"{addr[0]}:{addr[1]}"
@@ -624,13 +638,25 @@ class Server:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
+    def _read_what_arrived(self) -> None:
+        """Before reads stop: let readers take what peers sent, or are sending, right now.
+
+        A connection accepted just before a reload has its first request in the kernel or
+        on its way; shutting reads then would close it with unread data, which Linux
+        answers with a reset. So reads go on until every connection has no unread bytes and
+        has been quiet for ``_QUIET`` seconds, for at most ``_UNREAD_GRACE`` seconds (a peer
+        that keeps sending, or that is held back by its unread replies, uses it all)."""
+        end = time.monotonic() + _UNREAD_GRACE
+        while (now := time.monotonic()) < end and any(
+                now - c.last_active < _QUIET or _unread(c.sock) for c in list(self.connections)):
+            eventlet.sleep(0.01)
+
     def stop(self) -> None:
         """Graceful stop: nothing acknowledged is lost; bounded by ``drain_timeout``."""
         if self._stop_started:
             self._stopped.wait()
             return
         self._stop_started = True
-        self.stopping = True
         deadline = time.monotonic() + self.drain_timeout
         log.info("stopping: draining %d connection(s)", len(self.connections))
         if self._accepter is not None:
@@ -639,6 +665,8 @@ class Server:
             self._listener.close()
         if self.forward is not None:
             self.forward.close()
+        self._read_what_arrived()  # readers still read: ``stopping`` ends their loops
+        self.stopping = True
         for conn in list(self.connections):
             # EOF for the reader; in-flight jobs still run and their responses still flush.
             try:
