@@ -256,6 +256,7 @@ class Dispatcher:
         while (job := get()) is not None:
             self._slots.acquire()  # inline runs hold slots too: pool_size bounds both
             self._run(job)
+            del job  # an idle worker must not keep its last job (events, replies) alive
             eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
 
     def _run(self, job: Job) -> None:

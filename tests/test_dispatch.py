@@ -79,3 +79,27 @@ def test_the_empty_type_is_routed_like_any_other() -> None:
     assert seen == [1, 2, 3] and dispatcher.stats.unrouted == 0
     assert dict(dispatcher.stats.by_type) == {"": 2, "x": 1}
     assert sink.results[0][0].failure is None
+
+
+def test_idle_pool_workers_keep_no_finished_job_alive() -> None:
+    """A worker waiting for its next job used to hold its last one (events and replies)
+    until then: up to pool_size jobs of memory kept after the traffic ended (the soak found
+    a worker 3x its size after a few clients that stopped reading 16 KiB replies)."""
+    import gc
+
+    app = App()
+    app.processor("big")(lambda event: b"x" * 16384)
+    dispatcher, sink = Dispatcher(app, pool_size=4), Sink()
+    dispatcher.start()
+    for corr in range(1, 9):
+        dispatcher.submit(Job(sink, [p.Frame(p.REQUEST, corr, [Event("big", None)])]))
+    for _ in range(500):  # bounded: the 8 jobs finish in a few hub turns
+        if len(sink.results) == 8:
+            break
+        eventlet.sleep(0.01)
+    assert [len(r[0].value) for r in sink.results] == [16384] * 8
+    sink.results.clear()
+    eventlet.sleep(0)  # every worker is back waiting for work
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, Job)] == []
+    assert dispatcher.stop(timeout=5)
