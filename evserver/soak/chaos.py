@@ -85,6 +85,7 @@ class ChaosLog:
     garbage_unanswered: int = 0
     idle_refused: int = 0
     nonreader_bytes: int = 0
+    nonreader_held: int = 0  # non-reading clients the server stopped reading
 
 
 class Chaos(threading.Thread):
@@ -245,22 +246,41 @@ class Chaos(threading.Thread):
                 s.close()
 
     def nonreader(self, seconds: float = 10.0) -> None:
-        """A client that sends requests with 16 KiB replies and never reads them."""
-        request = p.encode_event(1, p.event_wire("soak.blob", None, "blob", 0.0, None),
-                                 request=True)
+        """A client that sends requests with 16 KiB replies and never reads them.
+
+        It writes 50 requests every 10 ms (fewer than ``max_pending_replies`` in flight per
+        read), so the server's reply backpressure stops reading it (its socket fills:
+        ``nonreader_held``) rather than the pending-replies limit closing it.
+        """
+        corr = 0
+        pending = b""
         with socket.create_connection(self.server.address, timeout=5) as s:
             s.setblocking(False)
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline and not self.halt.is_set():
+                if not pending:
+                    frames = []
+                    for _ in range(50):
+                        corr += 1
+                        frames.append(p.encode_event(
+                            corr, p.event_wire("soak.blob", None, f"blob-{corr}"), request=True))
+                    pending = b"".join(frames)
                 try:
-                    self.log.nonreader_bytes += s.send(request * 16)
+                    sent = s.send(pending)
                 except BlockingIOError:
-                    time.sleep(0.05)  # the server stopped reading us: backpressure holds
+                    sent = 0
                 except OSError:
-                    return  # the server closed us (its reply limits): fine
+                    return  # the server closed us
+                self.log.nonreader_bytes += sent
+                pending = pending[sent:]
+                if pending:  # the server stopped reading us: backpressure holds
+                    self.log.nonreader_held += 1
+                    self.halt.wait(max(0.0, deadline - time.monotonic()))
+                    return
+                time.sleep(0.01)
 
 
 def summary(log: ChaosLog) -> dict[str, Any]:
     return {"done": dict(log.done), "problems": log.problems,
             "garbage_unanswered": log.garbage_unanswered, "idle_refused": log.idle_refused,
-            "nonreader_bytes": log.nonreader_bytes}
+            "nonreader_bytes": log.nonreader_bytes, "nonreader_held": log.nonreader_held}
