@@ -79,10 +79,10 @@ def _log_startup(cfg: Any) -> None:
     log.info("evserver %s (Python %s, pid %d), %s", __version__,
              platform.python_version(), os.getpid(), describe_sources(cfg))
     srv = cfg.server
-    log.info("%d worker%s, pool %d and queue %d per worker; Forward %s, admin %s",
+    log.info("%d worker%s, pool %d and queue %d per worker; [forward] %s, [admin] %s",
              srv.workers, "" if srv.workers == 1 else "s", srv.pool_size, srv.queue_size,
-             f"on {cfg.forward.host}:{cfg.forward.port}" if cfg.forward.enabled else "off",
-             f"on {cfg.admin.host}:{cfg.admin.port}" if cfg.admin.enabled else "off")
+             f"{cfg.forward.host}:{cfg.forward.port}" if cfg.forward.enabled else "off",
+             f"{cfg.admin.host}:{cfg.admin.port}" if cfg.admin.enabled else "off")
     if cfg.security.debug:
         log.warning("[security] debug is on: clients receive handler tracebacks in error "
                     "messages; never use it in production")

@@ -202,7 +202,8 @@ def test_startup_log_names_version_config_addresses_and_sizes(server_factory: Se
     assert f"evserver {__version__} (Python " in log
     assert f"config file {config}; environment EVSERVER_ADMIN_PORT; flags " in log
     assert "--forward-enabled" in log
-    assert "1 worker, pool 7 and queue 256 per worker; Forward on 127.0.0.1:0, admin on " in log
+    assert ("1 worker, pool 7 and queue 256 per worker; [forward] 127.0.0.1:0, "
+            "[admin] 127.0.0.1:0") in log
     assert f"listening on 127.0.0.1:{server.port} (pool 7)" in log
     assert "Forward protocol listening on 127.0.0.1:" in log
     assert "admin listening on http://127.0.0.1:" in log
