@@ -33,6 +33,17 @@ class _Closed(Exception):
     """The peer went away during the handshake."""
 
 
+class _NoKey(AuthError):
+    """The client did not try to authenticate: most likely it was not given the key."""
+
+
+#: What a client that sent no proof at all is told. It reveals nothing the server's HELLO
+#: (which announces the scheme) does not, and saves its operator a trip to the server log.
+NO_KEY_HINT = ("authentication failed: this server requires a shared key and the client "
+               "sent none (set EVSERVER_SHARED_KEY or pass --shared-key; --key-id names one "
+               "of several keys)")
+
+
 def open_connection(conn: Connection) -> bytes | None:
     """Make ``conn`` ready to serve; return the bytes the client pipelined behind its HELLO
     (to be decoded as ordinary frames), or None when the connection must be closed.
@@ -58,8 +69,10 @@ def open_connection(conn: Connection) -> bytes | None:
         timer.cancel()
         server.counters["auth_failures"] += 1
         server.auth_failures.record(_peer(conn), str(exc))
-        # The client learns no more than "no": which key or field was wrong is for the log.
-        conn._error(p.encode_error(0, AuthError.code, "AuthError", "authentication failed"))
+        # The client learns no more than "no" (and whether it sent a key at all): which key
+        # or field was wrong is for the log.
+        message = NO_KEY_HINT if isinstance(exc, _NoKey) else "authentication failed"
+        conn._error(p.encode_error(0, AuthError.code, "AuthError", message))
         return None
     except ssl.SSLError as exc:
         timer.cancel()
@@ -91,8 +104,10 @@ def _handshake(conn: Connection) -> bytes:
             raise _Closed
         reader.receive_data(data)
     if frame.kind != p.HELLO:
-        raise AuthError(f"first frame is {p.KIND_NAMES.get(frame.kind, frame.kind)}, "
-                        "not an authenticating HELLO")
+        raise _NoKey(f"first frame is {p.KIND_NAMES.get(frame.kind, frame.kind)}, "
+                     "not an authenticating HELLO")
+    if not isinstance(frame.body.get("auth"), dict):
+        raise _NoKey("the client HELLO carries no auth map")
     key_id, reply = authenticator.verify(nonce, frame.body)
     sock.sendall(p.encode_hello(reply))
     log.debug("%s authenticated with key id %r", _peer(conn), key_id)

@@ -106,8 +106,10 @@ def _event(raw: Any, now: float | None = None) -> Event:
     eid = raw[2] if n > 2 else None
     etime = raw[3] if n > 3 else None
     meta = raw[4] if n > 4 else None
-    if eid is not None and type(eid) is not str:
-        raise _bad("event id must be a string or nil")
+    if eid is not None and (type(eid) is not str or not eid):
+        # "" would be kept as the id of every such event: deduplication on it would drop all
+        # but the first, so it is refused like any other malformed id.
+        raise _bad("event id must be a non-empty string or nil")
     if etime is not None and type(etime) not in (float, int):
         raise _bad("event time must be a number or nil")
     if meta is not None and type(meta) is not dict:
@@ -118,9 +120,29 @@ def _event(raw: Any, now: float | None = None) -> Event:
 def _corr(raw: list[Any], *, required: bool) -> int:
     corr = raw[1] if len(raw) > 1 else None
     if type(corr) is not int or not 0 <= corr <= MAX_CORR or (required and corr == 0):
-        raise _bad(f"{KIND_NAMES[raw[0]]} needs a correlation id"
-                   f"{' > 0' if required else ' >= 0'}")
+        shown = "nothing" if len(raw) < 2 else repr(corr)[:40]
+        raise _bad(f"{KIND_NAMES[raw[0]]} needs a correlation id: an integer from "
+                   f"{1 if required else 0} to {MAX_CORR} (2^63-1), got {shown}")
     return corr
+
+
+# msgpack's words for a map key it refuses, in the protocol's (msgpack's spec) words.
+_KEY_NAMES = {"int": "an integer", "float": "a float", "bool": "a boolean", "NoneType": "nil",
+              "list": "an array", "tuple": "an array", "dict": "a map", "ExtType": "an ext"}
+
+
+def _undecodable(exc: Exception) -> ProtocolError:
+    """What was wrong with bytes msgpack refused, in the peer's terms, not the decoder's
+    (``strict_map_key=True``, or an empty ``FormatError``)."""
+    text = str(exc)
+    if "is not allowed for map key" in text:
+        name = text.split(" is not allowed", 1)[0]
+        return _bad(f"a map has {_KEY_NAMES.get(name, name)} key; map keys must be strings")
+    if isinstance(exc, msgpack.StackError):
+        return _bad("values are nested too deeply to decode")
+    if isinstance(exc, msgpack.FormatError):
+        return _bad("bytes that are not msgpack (a byte that starts no msgpack value)")
+    return _bad("bytes that are not valid msgpack" + (f": {text}" if text else ""))
 
 
 def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
@@ -268,7 +290,7 @@ class FrameReader:
             return None
         except (ValueError, TypeError, msgpack.UnpackException) as exc:  # FormatError, ...
             self._fail()
-            raise _bad(f"undecodable bytes ({type(exc).__name__}: {exc})") from None
+            raise _undecodable(exc) from None
         pos = unpacker.tell()
         size, self._pos = pos - self._pos, pos
         if size > self._max:
@@ -357,7 +379,7 @@ class FrameReader:
                 raise
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 self._fail()
-                raise _bad(f"undecodable bytes ({type(exc).__name__}: {exc})") from None
+                raise _undecodable(exc) from None
             self._pos = pos
             if self._backlog:
                 self._feed(self._backlog.pop(0))
