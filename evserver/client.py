@@ -37,7 +37,7 @@ from .errors import (
     RemoteError,
     UnsupportedVersion,
 )
-from .event import new_event_id
+from .event import new_event_id, type_problem
 
 __all__ = ["Client"]
 
@@ -255,8 +255,8 @@ class Client:
         type: str, data: Any, meta: Mapping[str, Any] | None, id: str | None
     ) -> list[Any]:
         """The wire event with a client-assigned id and time, so a re-send is recognisable."""
-        if not isinstance(type, str) or not type:
-            raise ValueError(f"event type must be a non-empty string, got {type!r}")
+        if (problem := type_problem(type)) is not None:  # the server's rule, checked here
+            raise ValueError(f"event type {problem}")
         return p.event_wire(type, data, id or new_event_id(), time.time(),
                             dict(meta) if meta else None)
 

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from .errors import FrameTooLarge, ProtocolError, UnsupportedVersion
-from .event import Event, decoded
+from .event import KNOWN_TYPES, Event, decoded, type_problem
 
 VERSION = 1
 
@@ -95,13 +95,13 @@ def _bad(msg: str) -> ProtocolError:
 
 def _event(raw: Any, now: float | None = None) -> Event:
     """Build an Event from its wire form ``[type, data, id?, time?, meta?]``."""
-    if type(raw) is list and len(raw) == 2 and type(raw[0]) is str and raw[0]:
+    if type(raw) is list and len(raw) == 2 and type(raw[0]) is str and raw[0] in KNOWN_TYPES:
         return Event(raw[0], raw[1], None, now)  # the common minimal form, checked cheaply
     if type(raw) is not list or not 2 <= len(raw) <= 5:
         raise _bad("an event must be an array [type, data, id?, time?, meta?]")
     etype = raw[0]
-    if type(etype) is not str or not etype:
-        raise _bad("event type must be a non-empty string")
+    if (problem := type_problem(etype)) is not None:
+        raise _bad(f"event type {problem}")
     n = len(raw)
     eid = raw[2] if n > 2 else None
     etime = raw[3] if n > 3 else None
@@ -164,8 +164,9 @@ def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
             now = _time.time()
         body: list[Event] = []
         append = body.append
+        known = KNOWN_TYPES
         for e in raw[2]:  # the minimal form inlined: this loop is the batch hot path
-            if type(e) is list and len(e) == 2 and type(etype := e[0]) is str and etype:
+            if type(e) is list and len(e) == 2 and type(etype := e[0]) is str and etype in known:
                 append(decoded(Event, etype, e[1], now, None))
             else:
                 append(_event(e, now))
@@ -196,7 +197,7 @@ def _parse_fast(raw: Any, accept: frozenset[int], now: float) -> Frame:
     if type(raw) is list and len(raw) == 3 and raw[0] == EVENT:
         corr, ev = raw[1], raw[2]
         if (type(corr) is int and 0 <= corr <= MAX_CORR and type(ev) is list and len(ev) == 2
-                and type(ev[0]) is str and ev[0] and EVENT in accept):
+                and type(ev[0]) is str and ev[0] in KNOWN_TYPES and EVENT in accept):
             return Frame(EVENT, corr, [Event(ev[0], ev[1], None, now)])
     return _parse(raw, accept, now)
 
@@ -331,6 +332,7 @@ class FrameReader:
     def _decode(self, out: list[Frame], coalesce: int, max_events: int) -> None:
         """``frames``' loop: append to ``out`` until the buffer or the event budget ends."""
         accept = self._accept
+        known = KNOWN_TYPES
         fast = coalesce and EVENT in accept
         limit = max_events or sys.maxsize
         count = 0
@@ -355,7 +357,8 @@ class FrameReader:
                     # fire-and-forget minimal event): no Frame per event when coalescing.
                     if (fast and type(raw) is list and len(raw) == 3 and raw[0] == EVENT
                             and raw[1] == 0 and type(ev := raw[2]) is list and len(ev) == 2
-                            and type(etype := ev[0]) is str and etype and type(raw[1]) is int):
+                            and type(etype := ev[0]) is str and etype in known
+                            and type(raw[1]) is int):
                         event: Event | None = decoded(Event, etype, ev[1], now, None)
                     else:
                         frame = _parse_fast(raw, accept, now)
