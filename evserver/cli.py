@@ -125,7 +125,7 @@ def _admin(func: Any) -> Any:
 
     @functools.wraps(func)
     def command(*args: Any, **kwargs: Any) -> Any:
-        from .console import AdminFailure
+        from .errors import AdminFailure
 
         try:
             return func(*args, **kwargs)
@@ -304,8 +304,8 @@ def _client_command(func: Any) -> Any:
     def command(host: str, port: int, timeout: float, shared_key: str | None,
                 key_id: str | None, tls: bool, tls_ca: str | None, tls_cert: str | None,
                 tls_key: str | None, **kwargs: Any) -> None:
-        from .auth import AuthError
         from .client import Client
+        from .errors import AuthError
 
         try:
             with Client(host, port, timeout, retries=_CLI_RETRIES, shared_key=shared_key or None,

@@ -8,13 +8,9 @@ import os
 import sys
 
 from .app import App
-from .errors import EvserverError
+from .errors import AppLoadError
 
-
-class AppLoadError(EvserverError, ImportError):
-    """The app spec cannot be imported or does not name an ``App``."""
-
-    code = "app_load_error"
+__all__ = ["AppLoadError", "load_app"]
 
 
 def load_app(spec: str) -> App:
