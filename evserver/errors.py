@@ -44,9 +44,17 @@ class RegistrationError(LocalError, ValueError):
 
 
 class AppLoadError(LocalError, ImportError):
-    """The app spec cannot be imported or does not name an ``App``."""
+    """The app spec cannot be imported or does not name an ``App``.
+
+    ``details`` is the traceback of the exception the app's import raised (empty when the
+    spec itself is wrong): the message alone, ``KeyError: 'x'``, does not say where.
+    """
 
     code = "app_load_error"
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class AddressInUse(LocalError, OSError):

@@ -6,11 +6,22 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 
 from .app import App
 from .errors import AppLoadError
 
 __all__ = ["AppLoadError", "load_app"]
+
+
+def _app_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback without the frames of this loader and of importlib: what is left
+    starts at the app's own module, as when Python itself reports a failed import."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if f.filename != __file__ and "importlib" not in f.filename]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames),
+             *traceback.format_exception_only(exc)]
+    return "".join(lines).rstrip("\n")
 
 
 def load_app(spec: str) -> App:
@@ -43,7 +54,8 @@ def load_app(spec: str) -> App:
     except AppLoadError:
         raise
     except Exception as exc:
-        raise AppLoadError(f"cannot import {target!r}: {type(exc).__name__}: {exc}") from exc
+        raise AppLoadError(f"cannot import {target!r}: {type(exc).__name__}: {exc}",
+                           _app_traceback(exc)) from exc
     try:
         app = getattr(module, attr)
     except AttributeError:
