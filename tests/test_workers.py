@@ -292,6 +292,8 @@ def test_hup_keeps_an_ephemeral_forward_port(start) -> None:
     m.wait_log("HUP: 2 new workers ready; retiring 2 old ones", 15)
     ports = [int(n) for n in listening.findall(m.log)]
     assert len(ports) == 4 and set(ports) == {port}, m.log
+    # A listener that closes resets the connections in its backlog: wait for the old ones.
+    wait_for(lambda: m.log.count("(gen 1) exited") == 2, 15, "the old workers to exit")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # still served
         sock.sendall(msgpack.packb(["hup.forward", [[1, {"x": 1}]], {"chunk": "c1"}]))
         assert sock.recv(100) == ack_bytes("c1")
