@@ -24,8 +24,10 @@ import eventlet.hubs  # noqa: E402
 import eventlet.queue  # noqa: E402
 import eventlet.semaphore  # noqa: E402
 import eventlet.tpool  # noqa: E402
+from greenlet import GreenletExit, getcurrent  # noqa: E402
 
-__all__ = ["ReadWait", "call_in_hub", "eventlet", "monkey_patch", "wake_hub_on_signals"]
+__all__ = ["GreenletExit", "ReadWait", "call_in_hub", "eventlet", "monkey_patch", "on_yield",
+           "wake_hub_on_signals"]
 
 
 def monkey_patch() -> None:
@@ -70,6 +72,20 @@ class ReadWait:
         if self._timer is not None:
             self._timer.cancel()
         return True
+
+
+def on_yield(hook: Callable[[], None] | None) -> Callable[[], None] | None:
+    """Have the hub call ``hook`` each time the calling green thread is about to block
+    (``None``: stop); returns the hook it replaces, to restore when done.
+
+    This is eventlet's ``switch_out`` attribute, which its hub calls (squelching errors)
+    just before switching away from a green thread. The hook runs inside that switch, so it
+    must not block. The dispatcher uses it to share a job once a handler waits.
+    """
+    current = getcurrent()
+    previous: Callable[[], None] | None = getattr(current, "switch_out", None)
+    current.switch_out = hook
+    return previous
 
 
 def call_in_hub(fn: Callable[[], Any]) -> None:

@@ -32,7 +32,7 @@ from ._eventlet import ReadWait, call_in_hub, eventlet
 from .app import App
 from .auth import Authenticator, FailureLog
 from .deadletters import DeadLetterStore
-from .dispatch import Dispatcher, Job, Result
+from .dispatch import Dispatcher, Job
 from .errors import ProtocolError
 from .handshake import open_connection
 from .logs import LogBudget
@@ -212,7 +212,7 @@ class StreamConnection:
         """Turn away a socket accepted beyond ``max_connections`` (close it, at least)."""
         sock.close()
 
-    def job_done(self, job: Job, results: list[Result]) -> None:
+    def job_done(self, job: Job) -> None:
         """The dispatcher's ``Sink`` callback: each protocol answers in its own way."""
         raise NotImplementedError
 
@@ -223,7 +223,7 @@ class StreamConnection:
         dispatcher = server.dispatcher
         for job_frames in _split(frames):
             self.jobs += 1
-            job = Job(self, job_frames)
+            job = _job(self, job_frames)
             started = time.perf_counter()
             if not self.inline_skip and dispatcher.run_inline(job):
                 if time.perf_counter() - started > _INLINE_MAX_SECONDS:
@@ -304,10 +304,17 @@ class Connection(StreamConnection):
         finally:
             sock.close()
 
-    def job_done(self, job: Job, results: list[Result]) -> None:
-        if results:
-            self.replies_pending -= sum(1 for r in results if r.frame.corr)
-            self.write(b"".join(map(_encode_result, results)))
+    def job_done(self, job: Job) -> None:
+        answers = []
+        start = 0
+        for frame in job.context:
+            stop = start + len(frame.body) if frame.kind in p.EVENT_KINDS else start
+            if frame.corr or frame.kind == p.PING:
+                answers.append(_answer(frame, job, start, stop))
+            start = stop
+        if answers:
+            self.replies_pending -= sum(1 for f in job.context if f.corr)
+            self.write(b"".join(answers))
         self._job_finished()
 
     # ------------------------------------------------------------------ reading
@@ -403,17 +410,40 @@ def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
     return jobs
 
 
-def _encode_result(result: Result) -> bytes:
-    frame, failure = result.frame, result.failure
+def _job(sink: StreamConnection, frames: list[p.Frame]) -> Job:
+    """The dispatcher's unit of work for frames: their events, flat, and which are requests
+    (the frames ride along as the job's context, to answer them)."""
+    if len(frames) == 1 and frames[0].kind in p.EVENT_KINDS:  # a batch, usually
+        frame = frames[0]
+        return Job(sink, frame.body, _FIRST if frame.kind == p.REQUEST else _NONE, frames)
+    events: list[Any] = []
+    requests = []
+    for frame in frames:
+        if frame.kind in p.EVENT_KINDS:
+            if frame.kind == p.REQUEST:
+                requests.append(len(events))
+            events += frame.body
+    return Job(sink, events, frozenset(requests) if requests else _NONE, frames)
+
+
+_NONE: frozenset[int] = frozenset()
+_FIRST = frozenset({0})
+
+
+def _answer(frame: p.Frame, job: Job, start: int, stop: int) -> bytes:
+    """The response a frame owes, from the outcome of its events ``start:stop`` in the job."""
+    if frame.kind == p.PING:
+        return p.encode_pong(frame.corr)
+    failure = job.failure(start, stop)
     if failure is not None:
         return p.encode_error(frame.corr, failure.code, failure.type, failure.message)
     if frame.kind == p.REQUEST:
         try:
-            return p.encode_reply(frame.corr, result.value)
+            return p.encode_reply(frame.corr, job.values.get(start))
         except (TypeError, ValueError, OverflowError) as exc:
             return p.encode_error(frame.corr, "handler_error", "TypeError",
                                   f"the processor's return value cannot be sent: {exc}")
-    return p.encode_pong(frame.corr) if frame.kind == p.PING else p.encode_ack(frame.corr)
+    return p.encode_ack(frame.corr)
 
 
 def _peer(addr: Any) -> str:
