@@ -19,11 +19,9 @@ the pool is idle), jobs from the queue and the helpers that join them each hold 
 full queue blocks the reader that adds to it, so a saturated pool turns into TCP
 backpressure instead of memory growth.
 
-``ordered_by``: events whose processor has a key get a ticket per key when the job is
-submitted (that is the arrival order). A runner runs an event only when its ticket is the
-key's next; otherwise it *parks* the event and goes on, and whoever finishes the previous
-ticket runs it. Runners never wait on each other, so ordering cannot deadlock the pool, and
-different keys run in parallel. A job completes when the last of its events has run.
+``ordered_by`` (``evserver.ordering``): an event whose key has an earlier event still
+running is parked and run later by whoever finishes that one, so runners never wait on each
+other and different keys run in parallel. A job completes when the last of its events ran.
 """
 
 from __future__ import annotations
@@ -34,18 +32,17 @@ import os
 import random
 import time
 import traceback
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from operator import length_hint
 from typing import Any, Protocol
 
 from ._eventlet import GreenletExit, eventlet, on_yield
 from .app import App, Handler
-from .deadletters import DeadLetter, DeadLetterStore
-from .errors import HandlerTimeout, RoutingError
+from .deadletters import DeadLetterStore
+from .errors import HandlerTimeout
 from .event import Event
-from .logs import LogBudget
-from .metrics import Histogram
+from .ordering import Sequencer, Ticket
+from .outcomes import MAX_TYPES, Outcomes, Stats, tally
 from .plan import Entry, Failure, Plan
 
 log = logging.getLogger("evserver.dispatch")
@@ -54,9 +51,6 @@ YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot sta
 # One event in about this many is timed for the latency histograms: timing every event
 # would cost ~25% of the dispatch path; sampling costs one compare per event (~3%).
 SAMPLE_EVERY = 128
-MAX_TYPES = 4096  # event types kept apart in the stats and the route cache
-OTHER_TYPES = "(other types)"
-_NO_HANDLER_LOG_INTERVAL = 60.0
 _BACKOFF_MAX = 30.0
 # What a handler may raise that fails its event: eventlet.Timeout (a BaseException) from the
 # handler's own timeouts, sys.exit(), KeyboardInterrupt. GreenletExit is not among them: it
@@ -73,14 +67,6 @@ def _bare(entry: Entry) -> tuple[Plan | None, Plan | None]:
     if not plans or len(listeners) > 1 or not all(plan.direct for plan in plans):
         return None, None
     return plans[0], plans[1] if len(plans) > 1 else None
-
-
-def _tally(counts: defaultdict[str, int], etype: str, n: int) -> None:
-    """Add to a type's count; clients choose types, so at most MAX_TYPES are kept apart and
-    the rest are counted together under OTHER_TYPES."""
-    if etype not in counts and len(counts) >= MAX_TYPES:
-        etype = OTHER_TYPES
-    counts[etype] += n
 
 
 class Sink(Protocol):
@@ -138,7 +124,7 @@ class Job(_Shared):
         self.failures: dict[int, Failure] = {}
         self.values: dict[int, Any] = {}
         self.broken: Failure | None = None  # an internal error stopped the job half-way
-        self.tickets: dict[int, tuple[Any, int]] | None = None
+        self.tickets: dict[int, Ticket] | None = None
         self.sampled: Event | None = None  # the event timed for the latency histogram
         self._src = iter(events)
         # What runners take events from: the events themselves, or (index, event) pairs
@@ -175,36 +161,8 @@ class _Listeners(_Shared):
         return length_hint(self.it)
 
 
-class _KeyState:
-    """Per ``ordered_by`` key: the next ticket to hand out, the next to run, parked events."""
-
-    __slots__ = ("issued", "next", "parked")
-
-    def __init__(self) -> None:
-        self.issued = 0
-        self.next = 0
-        self.parked: dict[int, tuple[Job, int, Event] | None] = {}  # None: skip it
-
-
-class Stats:
-    """Counters the server and admin views read."""
-
-    def __init__(self) -> None:
-        self.events_in = 0
-        self.events_processed = 0
-        self.handler_errors = 0
-        self.dead_letters = 0
-        self.unrouted = 0
-        self.by_type: defaultdict[str, int] = defaultdict(int)
-        self.errors_by_type: defaultdict[str, int] = defaultdict(int)
-        # Sampled handler durations per type (see SAMPLE_EVERY); bounded by the route cache.
-        self.latency: dict[str, Histogram] = {}
-
-
 class Dispatcher:
     """Owns the worker green threads, the queue in front of them and the ordering state."""
-
-    debug = False  # [security] debug: send tracebacks (paths and all) to clients
 
     def __init__(
         self,
@@ -225,10 +183,10 @@ class Dispatcher:
         self._plans = {id(h): Plan(h, self._defaults) for h in app.handlers}
         self._entries: dict[str, Entry] = {}
         self._ordered = any(plan.key is not None for plan in self._plans.values())
-        self._keys: dict[Any, _KeyState] = {}
+        self._sequencer = Sequencer(self._run_parked)
         self._workers: list[Any] = []
-        self._unrouted_logged: dict[str, float] = {}
-        self._error_log = LogBudget()
+        self.outcomes = Outcomes(self.stats, dead_letters)
+        self._failed = self.outcomes.failed
         self._slots: Any = eventlet.semaphore.Semaphore(pool_size)
         self._offered = 0  # offers to join running work, queued and not yet taken
         self._until_sample = SAMPLE_EVERY
@@ -268,7 +226,8 @@ class Dispatcher:
     def _admit(self, job: Job) -> None:
         job.dispatcher = self
         if self._ordered:
-            self._issue_tickets(job)
+            job.tickets = self._sequencer.issue(
+                job.events, lambda etype: (self._entries.get(etype) or self._entry(etype))[0])
         if self.tap is not None:
             self.tap(job.events)
         if sample := self._sample_at(len(job.events)):
@@ -373,11 +332,7 @@ class Dispatcher:
             return
         for i, _ in job.cursor:
             if (ticket := job.tickets.get(i)) is not None:
-                key, number = ticket
-                state = self._keys.get(key)
-                if state is not None and number >= state.next and number not in state.parked:
-                    state.parked[number] = None
-                    self._resume(key, state)
+                self._sequencer.skip(ticket)
 
     @staticmethod
     def _pause() -> None:
@@ -413,7 +368,7 @@ class Dispatcher:
             for event in itertools.islice(cursor, YIELD_EVERY) if chunks else cursor:
                 if event.type != etype:
                     if etype is not None:
-                        _tally(by_type, etype, run)
+                        tally(by_type, etype, run)
                         processed += run
                     etype, run = event.type, 0
                     entry = self._entries.get(etype) or self._entry(etype)
@@ -439,7 +394,7 @@ class Dispatcher:
                 break
             self._pause()  # a big job must not starve the hub
         if etype is not None:
-            _tally(by_type, etype, run)
+            tally(by_type, etype, run)
             processed += run
         self.stats.events_processed += processed
 
@@ -449,7 +404,7 @@ class Dispatcher:
         processed = 0
         while True:
             for i, event in itertools.islice(job.cursor, YIELD_EVERY):
-                _tally(by_type, event.type, 1)
+                tally(by_type, event.type, 1)
                 processed += 1
                 self._event(job, i, event, entries.get(event.type) or self._entry(event.type))
             if not job.left():
@@ -464,17 +419,20 @@ class Dispatcher:
         if ticket is None:
             self._process(job, i, event, entry)
             return
-        key, number = ticket
-        state = self._keys[key]
-        if state.next != number:  # not its turn: whoever runs the previous ticket runs it
-            state.parked[number] = (job, i, event)
-            job.holds += 1
+        if self._sequencer.park(ticket, job, i, event):
+            job.holds += 1  # not its turn: whoever runs the previous ticket runs it
             return
         try:
             self._process(job, i, event, entry)
         finally:
-            state.next += 1
-            self._resume(key, state)
+            self._sequencer.done(ticket)
+
+    def _run_parked(self, job: Job, i: int, event: Event) -> None:
+        """Run an ordered event whose turn has come, in whichever green thread got there."""
+        try:
+            self._process(job, i, event, self._entries.get(event.type) or self._entry(event.type))
+        finally:
+            self._release(job)
 
     def _process(self, job: Job, i: int, event: Event, entry: Entry) -> None:
         request = i in job.requests
@@ -498,7 +456,7 @@ class Dispatcher:
             # only failures nobody hears of (events, listeners) are dead-lettered.
             value, failure = self._call(processor, event, dead_letter=not request)
         elif request or not listeners:
-            return None, self._unrouted(event.type, request)
+            return None, self.outcomes.unrouted(event.type, request)
         if listeners:
             if len(listeners) == 1:
                 listener_failure = self._call(listeners[0], event)[1]
@@ -569,12 +527,7 @@ class Dispatcher:
         try:
             return self._handle(entry, event, request)
         finally:
-            hist = self.stats.latency.get(event.type)
-            if hist is None:
-                if len(self.stats.latency) >= MAX_TYPES:  # clients choose types: stay bounded
-                    self.stats.latency.clear()
-                hist = self.stats.latency[event.type] = Histogram()
-            hist.observe(time.perf_counter() - start)
+            self.stats.observe(event.type, time.perf_counter() - start)
 
     def _entry(self, etype: str) -> Entry:
         """Resolve a type to the plans of its handlers once; bounded like the app's cache."""
@@ -628,94 +581,3 @@ class Dispatcher:
         if plan is None:  # registered after the dispatcher was built (tests do this)
             plan = self._plans[id(handler)] = Plan(handler, self._defaults)
         return plan
-
-    def _failed(
-        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
-        dead_letter: bool = True,
-    ) -> Failure:
-        failure = self._record_failure(plan, event, exc, attempts, tb, dead_letter)
-        if self.debug:
-            failure.message = f"{failure.message}\n{tb}"
-        return failure
-
-    def _record_failure(
-        self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
-        dead_letter: bool,
-    ) -> Failure:
-        handler = plan.handler
-        self.stats.handler_errors += 1
-        _tally(self.stats.errors_by_type, event.type, 1)
-        if self._error_log.allow(handler.name):
-            # The traceback goes to the server log only (clients get type and message).
-            log.error(
-                "%s %s failed on %s (id %s) after %d attempt(s): %s: %s%s\n%s", handler.kind,
-                handler.name, event.type, event.id, attempts, type(exc).__name__, exc,
-                self._error_log.suppressed_note(handler.name), tb.rstrip(),
-            )
-        if self.dead_letters is None or not dead_letter:
-            return Failure.from_exception(exc)
-        try:
-            self.dead_letters.append(DeadLetter(
-                event.type, event.data, event.id, event.time, event.meta, handler.name,
-                handler.kind, type(exc).__name__, str(exc), tb, attempts, time.time(),
-            ))
-        except Exception:
-            log.exception("could not store dead letter for %s", event.id)
-            return Failure.from_exception(exc)
-        self.stats.dead_letters += 1
-        return Failure.from_exception(exc, note=f"dead-lettered after {attempts} attempt(s): ")
-
-    # ------------------------------------------------------------------ ordering
-
-    def _issue_tickets(self, job: Job) -> None:
-        tickets: dict[int, tuple[Any, int]] = {}
-        for i, event in enumerate(job.events):
-            plan = (self._entries.get(event.type) or self._entry(event.type))[0]
-            if plan is None or plan.key is None:
-                continue
-            try:
-                key = (plan.handler.pattern, plan.key(event))
-                hash(key)
-            except Exception as exc:
-                log.warning("ordered_by key of %s failed (%s: %s); processing unordered",
-                            event.id, type(exc).__name__, exc)
-                continue
-            state = self._keys.get(key)
-            if state is None:
-                state = self._keys[key] = _KeyState()
-            tickets[i] = (key, state.issued)
-            state.issued += 1
-        job.tickets = tickets or None
-
-    def _resume(self, key: Any, state: _KeyState) -> None:
-        """Run (or skip, for abandoned tickets) every parked event whose turn has come."""
-        while state.next in state.parked:
-            parked = state.parked.pop(state.next)
-            if parked is None:  # a ticket of an abandoned job
-                state.next += 1
-                continue
-            job, i, event = parked
-            try:
-                self._process(job, i, event, self._entries.get(event.type)
-                              or self._entry(event.type))
-            finally:
-                state.next += 1
-                self._release(job)
-        if state.next == state.issued and self._keys.get(key) is state:
-            del self._keys[key]  # nothing outstanding: keep memory bounded by live keys
-
-    # ------------------------------------------------------------------ unrouted
-
-    def _unrouted(self, etype: str, request: bool) -> Failure:
-        self.stats.unrouted += 1
-        what = "processor" if request else "processor or listener"
-        if not request:
-            t = time.monotonic()
-            last = self._unrouted_logged.get(etype)
-            if last is None or t - last >= _NO_HANDLER_LOG_INTERVAL:
-                if len(self._unrouted_logged) > 1024:
-                    self._unrouted_logged.clear()
-                self._unrouted_logged[etype] = t
-                log.warning("no %s for event type %r (logged once a minute per type)",
-                            what, etype)
-        return Failure(RoutingError.code, "RoutingError", f"no {what} for event type {etype!r}")

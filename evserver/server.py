@@ -502,7 +502,7 @@ class Server:
         self.dispatcher = Dispatcher(app, pool_size=pool_size, queue_size=queue_size,
                                      handler_defaults=handler_defaults,
                                      dead_letters=dead_letters)
-        self.dispatcher.debug = debug
+        self.dispatcher.outcomes.debug = debug
         # Security (evserver.handshake): with neither, a connection costs exactly as before.
         self.auth = auth
         self.ssl_context = ssl_context

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evserver import App, dispatch
+from evserver import App, dispatch, outcomes
 from evserver._eventlet import eventlet
 from evserver.dispatch import Dispatcher, Job
 from evserver.event import Event
@@ -44,7 +44,7 @@ def test_a_big_batch_lets_other_green_threads_run_while_it_is_processed() -> Non
 
 
 def test_counts_by_type_are_bounded_because_clients_choose_types(monkeypatch) -> None:
-    monkeypatch.setattr(dispatch, "MAX_TYPES", 10)
+    monkeypatch.setattr(outcomes, "MAX_TYPES", 10)
     app = App()
     app.processor("**")(lambda event: None)
     app.processor("bad.*")(lambda event: 1 / 0)
@@ -52,8 +52,8 @@ def test_counts_by_type_are_bounded_because_clients_choose_types(monkeypatch) ->
     dispatcher, _ = run(app, events)
     stats = dispatcher.stats
     assert len(stats.by_type) == 11 and sum(stats.by_type.values()) == 130
-    assert stats.by_type[dispatch.OTHER_TYPES] == 130 - sum(
-        n for t, n in stats.by_type.items() if t != dispatch.OTHER_TYPES)
+    assert stats.by_type[outcomes.OTHER_TYPES] == 130 - sum(
+        n for t, n in stats.by_type.items() if t != outcomes.OTHER_TYPES)
     assert stats.by_type["t0"] == 4  # a type seen before the bound keeps its own count
     assert len(stats.errors_by_type) == 11 and sum(stats.errors_by_type.values()) == 30
     assert stats.events_processed == 130
