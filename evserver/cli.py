@@ -11,12 +11,19 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
-from .config import ConfigError, click_options, load_config
+from .config import (
+    ConfigError,
+    click_options,
+    describe_sources,
+    effective_settings,
+    load_config,
+)
 
 log = logging.getLogger("evserver")
 
@@ -38,20 +45,13 @@ def main() -> None:
     """
 
 
-@main.command()
-@click.argument("app_spec", metavar="APP")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML config file [default: config/evserver.toml if present].")
-@click_options
-def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> None:
-    """Serve APP (`module:attr` or `path/to/file.py:attr`) until SIGTERM/SIGINT.
+_serve_config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                                 help="TOML config file [default: config/evserver.toml if "
+                                      "present].")
 
-    With --workers N (N > 1 or "auto") a master supervises N worker processes; see
-    docs/workers.md for its signals (HUP reloads, TTIN/TTOU add/remove a worker).
 
-    Settings come from defaults < config file < EVSERVER_<TABLE>_<KEY> environment
-    variables < these flags.
-    """
+def _checked_config(config_path: str | None, overrides: dict[str, Any]) -> Any:
+    """The settings ``serve`` would run with, or exit 2 saying what is wrong with them."""
     try:
         cfg = load_config(config_path, overrides=overrides)
         from .security import exposure_problem
@@ -67,9 +67,45 @@ def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
         context_from_config(cfg.tls, green=False)  # bad files: a clear error, not a traceback
     except (OSError, ValueError) as exc:
         _fail(f"cannot use the [tls] certificate/key: {exc}", 2)
+    return cfg
+
+
+def _log_startup(cfg: Any) -> None:
+    """What an operator needs to know before the first event: which code, which settings
+    (a ``config/evserver.toml`` in the cwd is read silently otherwise), how many workers.
+    The listeners log their own bound addresses as they bind."""
+    import platform
+
+    log.info("evserver %s (Python %s, pid %d), %s", __version__,
+             platform.python_version(), os.getpid(), describe_sources(cfg))
+    srv = cfg.server
+    log.info("%d worker%s, pool %d and queue %d per worker; [forward] %s, [admin] %s",
+             srv.workers, "" if srv.workers == 1 else "s", srv.pool_size, srv.queue_size,
+             f"{cfg.forward.host}:{cfg.forward.port}" if cfg.forward.enabled else "off",
+             f"{cfg.admin.host}:{cfg.admin.port}" if cfg.admin.enabled else "off")
+    if cfg.security.debug:
+        log.warning("[security] debug is on: clients receive handler tracebacks in error "
+                    "messages; never use it in production")
+
+
+@main.command()
+@click.argument("app_spec", metavar="APP")
+@_serve_config_opt
+@click_options
+def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> None:
+    """Serve APP (`module:attr` or `path/to/file.py:attr`) until SIGTERM/SIGINT.
+
+    With --workers N (N > 1 or "auto") a master supervises N worker processes; see
+    docs/workers.md for its signals (HUP reloads, TTIN/TTOU add/remove a worker).
+
+    Settings come from defaults < config file < EVSERVER_<TABLE>_<KEY> environment
+    variables < these flags.
+    """
+    cfg = _checked_config(config_path, overrides)
     from .logs import configure_logging
 
     configure_logging(cfg.server.log_level, cfg.server.log_format)
+    _log_startup(cfg)
     if cfg.server.workers > 1:
         from .supervisor import run_supervisor
 
@@ -77,6 +113,59 @@ def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
     from .runner import run_single
 
     sys.exit(run_single(app_spec, cfg))
+
+
+@main.command()
+@click.argument("app_spec", metavar="APP")
+@_serve_config_opt
+@click_options
+def check(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> None:
+    """Check what `serve APP` would run, without serving: the settings, then the app.
+
+    Validates the config (the same layers and flags as `serve`), imports APP and lists its
+    routes. Exit 0 when all is well, 2 for a bad config, 4 when the app cannot be imported.
+    """
+    from .admin import describe_handlers, handler_defaults
+    from .console import format_handlers
+    from .loader import AppLoadError, load_app
+    from .runner import EXIT_APP_LOAD_ERROR
+
+    cfg = _checked_config(config_path, overrides)
+    click.echo(f"config ok: {describe_sources(cfg)}")
+    try:
+        app = load_app(app_spec)
+    except AppLoadError as exc:
+        click.echo(f"evserver: {exc}" + (f"\n{exc.details}" if exc.details else ""), err=True)
+        sys.exit(EXIT_APP_LOAD_ERROR)
+    routes = describe_handlers(app, handler_defaults(cfg))
+    click.echo(f"app ok: {app_spec}, {len(routes)} handler(s)")
+    if routes:
+        click.echo(format_handlers(routes))
+
+
+@main.command("config")
+@_serve_config_opt
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: setting -> value, "
+                                                      "source.")
+@click_options
+def show_config(config_path: str | None, as_json: bool, overrides: dict[str, Any]) -> None:
+    """Print the effective settings `serve` would use and where each comes from.
+
+    Secrets (keys, tokens, passwords) are masked. Takes the same --config, environment and
+    flags as `serve`.
+    """
+    try:
+        cfg = load_config(config_path, overrides=overrides)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    rows = effective_settings(cfg)
+    if as_json:
+        _print_json({name: {"value": value, "source": source} for name, value, source in rows})
+        return
+    from .console import table
+
+    click.echo(table(["SETTING", "VALUE", "SOURCE"],
+                     [[name, json.dumps(value), source] for name, value, source in rows]))
 
 
 # --------------------------------------------------------------------------- admin commands
@@ -277,15 +366,28 @@ _CLI_RETRIES = 2  # a person at a shell wants a quick answer, not a minute of ba
 
 
 class _Json(click.ParamType):
+    """JSON text, or ``-`` (read it from stdin) or ``@FILE`` (read it from FILE): one
+    command-line argument cannot exceed the OS limit of about 128 KiB, a frame can."""
+
     name = "json"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
+        text, source = value, ""
         try:
-            return json.loads(value)
+            if value == "-":
+                text, source = sys.stdin.read(), " (from stdin)"
+            elif value.startswith("@"):
+                text, source = Path(value[1:]).read_text(), f" (from {value[1:]})"
+        except (OSError, UnicodeDecodeError) as exc:
+            self.fail(f"cannot read {value[1:]}: {getattr(exc, 'strerror', None) or exc}",
+                      param, ctx)
+        try:
+            return json.loads(text)
         except ValueError as exc:
-            self.fail(f"not valid JSON ({exc}): {value!r}", param, ctx)
+            shown = repr(text) if len(text) <= 200 else f"{text[:200]!r}..."
+            self.fail(f"not valid JSON{source} ({exc}): {shown}", param, ctx)
 
 
 def _meta(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -296,21 +398,55 @@ def _meta(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -
     return {key: value for key, _, value in pairs}
 
 
-def _client_command(func: Any) -> Any:
-    """The options every client command shares, and one way of reporting failures."""
+def _connect_options(cfg: Any, host: str | None, port: int | None, shared_key: str | None,
+                     key_id: str | None, tls: bool, tls_ca: str | None) -> dict[str, Any]:
+    """Where and how to connect: the flags first, then the settings ``serve`` would use.
+
+    A server told to listen on every address (``0.0.0.0``, ``::``) is reached on loopback.
+    The key comes from ``[security] shared_key``, else (for rotation) the named key of
+    ``--key-id``, else the last of ``[security.shared_keys]``; TLS and its CA from ``[tls]``.
+    """
+    srv, sec = cfg.server, cfg.security
+    host = host or {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(srv.host, srv.host)
+    if shared_key is None and key_id is not None and key_id in sec.shared_keys:
+        shared_key = sec.shared_keys[key_id]
+    elif shared_key is None and sec.shared_key:
+        shared_key = sec.shared_key
+    elif shared_key is None and sec.shared_keys:
+        key_id, shared_key = list(sec.shared_keys.items())[-1]
+    tls = tls or bool(cfg.tls.cert)
+    return dict(host=host, port=srv.port if port is None else port, shared_key=shared_key,
+                key_id=key_id, tls=tls, cafile=tls_ca or (cfg.tls.ca if tls else None))
+
+
+def _client_command(func: Any = None, *, config_path_to_func: bool = False) -> Any:
+    """The options every client command shares, and one way of reporting failures.
+
+    Client commands read the same settings as ``serve`` (``--config`` or
+    ``config/evserver.toml``, then ``EVSERVER_*`` variables, then these flags), so a server
+    configured on another port or with a key is reached without repeating it on every call.
+    """
+    if func is None:
+        return functools.partial(_client_command, config_path_to_func=config_path_to_func)
     from .errors import ClientConnectionError, RemoteError
 
     @functools.wraps(func)
-    def command(host: str, port: int, timeout: float, shared_key: str | None,
+    def command(host: str | None, port: int | None, timeout: float, shared_key: str | None,
                 key_id: str | None, tls: bool, tls_ca: str | None, tls_cert: str | None,
-                tls_key: str | None, **kwargs: Any) -> None:
+                tls_key: str | None, config_path: str | None, **kwargs: Any) -> None:
         from .auth import AuthError
         from .client import Client
 
         try:
-            with Client(host, port, timeout, retries=_CLI_RETRIES, shared_key=shared_key or None,
-                        key_id=key_id, tls=tls, cafile=tls_ca, certfile=tls_cert,
-                        keyfile=tls_key) as client:
+            cfg = load_config(config_path)
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        options = _connect_options(cfg, host, port, shared_key or None, key_id, tls, tls_ca)
+        if config_path_to_func:
+            kwargs["config_path"] = config_path
+        try:
+            with Client(timeout=timeout, retries=_CLI_RETRIES, certfile=tls_cert,
+                        keyfile=tls_key, **options) as client:
                 func(client, **kwargs)
         except RemoteError as exc:
             _fail(f"remote error: {exc.type}: {exc.message}")
@@ -320,33 +456,40 @@ def _client_command(func: Any) -> Any:
             _fail(str(exc))
 
     for decorator in reversed((
-        click.option("--host", envvar="EVSERVER_HOST", default="127.0.0.1", show_default=True,
-                     help="Server address [env EVSERVER_HOST]."),
-        click.option("--port", envvar="EVSERVER_PORT", type=int, default=7878,
-                     show_default=True, help="Server port [env EVSERVER_PORT]."),
+        click.option("--host", envvar="EVSERVER_HOST", default=None,
+                     help="Server address [env EVSERVER_HOST; default: [server] host of the "
+                          "config, 127.0.0.1]."),
+        click.option("--port", envvar="EVSERVER_PORT", type=int, default=None,
+                     help="Server port [env EVSERVER_PORT; default: [server] port of the "
+                          "config, 7878]."),
         click.option("--timeout", type=float, default=10.0, show_default=True,
                      help="Seconds to wait for the server."),
         click.option("--shared-key", envvar="EVSERVER_SHARED_KEY", default=None,
-                     help="Authenticate with this shared key [env EVSERVER_SHARED_KEY; the "
-                          "env var keeps it out of the process list]."),
+                     help="Authenticate with this shared key [env EVSERVER_SHARED_KEY; "
+                          "default: [security] of the config; the env var keeps it out of "
+                          "the process list]."),
         click.option("--key-id", envvar="EVSERVER_KEY_ID", default=None,
                      help="Which of the server's keys it is [env EVSERVER_KEY_ID; default: "
                           "the server tries them all]."),
         click.option("--tls", is_flag=True, help="Connect with TLS (implied by --tls-ca/"
-                                                  "--tls-cert)."),
+                                                  "--tls-cert and by [tls] cert)."),
         click.option("--tls-ca", type=click.Path(dir_okay=False), default=None,
-                     help="CA bundle to verify the server with [default: system store]."),
+                     help="CA bundle to verify the server with [default: [tls] ca of the "
+                          "config, else the system store]."),
         click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
                      help="Client certificate, for servers that require one."),
         click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
                      help="Private key of --tls-cert [default: in the cert file]."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="The config file `serve` uses [default: config/evserver.toml if "
+                          "present]."),
     )):
         command = decorator(command)
     return command
 
 
 _type_arg = click.argument("type")
-_data_arg = click.argument("data", type=_Json(), required=False, metavar="[JSON]")
+_data_arg = click.argument("data", type=_Json(), required=False, metavar="[JSON|-|@FILE]")
 _meta_opt = click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=_meta,
                          help="Event metadata; repeatable.")
 
@@ -358,7 +501,11 @@ _meta_opt = click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=
 @_meta_opt
 @_client_command
 def send(client: Any, type: str, data: Any, ack: bool, meta: dict[str, str]) -> None:
-    """Send one event of TYPE with JSON data (default null); print its id with --ack."""
+    """Send one event of TYPE with JSON data (default null); print its id with --ack.
+
+    The data is JSON text, `-` to read it from stdin or `@FILE` to read it from FILE (for
+    payloads beyond the ~128 KiB an argument may hold; up to the server's max_frame_bytes).
+    """
     event_id = client.send(type, data, meta=meta, ack=ack)
     if ack:
         click.echo(event_id)
@@ -370,7 +517,11 @@ def send(client: Any, type: str, data: Any, ack: bool, meta: dict[str, str]) -> 
 @_meta_opt
 @_client_command
 def request(client: Any, type: str, data: Any, meta: dict[str, str]) -> None:
-    """Send a request of TYPE with JSON data (default null); print the reply as JSON."""
+    """Send a request of TYPE with JSON data (default null); print the reply as JSON.
+
+    The data is JSON text, `-` to read it from stdin or `@FILE` to read it from FILE (for
+    payloads beyond the ~128 KiB an argument may hold; up to the server's max_frame_bytes).
+    """
     click.echo(json.dumps(client.request(type, data, meta=meta), default=_jsonable))
 
 
@@ -449,9 +600,8 @@ def dead_letters_list(config_path: str | None, pattern: str | None, as_json: boo
 
 
 @dead_letters.command("replay")
-@_config_opt
 @_pattern_opt
-@_client_command
+@_client_command(config_path_to_func=True)
 def dead_letters_replay(client: Any, config_path: str | None, pattern: str | None) -> None:
     """Re-send dead letters with ack=True under their own event ids; remove the acked ones.
 
@@ -487,7 +637,6 @@ def dead_letters_replay(client: Any, config_path: str | None, pattern: str | Non
 def bench(args: tuple[str, ...]) -> None:
     """Run scripts/bench.py (needs a source checkout); `evserver bench --help` for options."""
     import runpy
-    from pathlib import Path
 
     candidates = [Path.cwd() / "scripts" / "bench.py",
                   Path(__file__).resolve().parent.parent / "scripts" / "bench.py"]
