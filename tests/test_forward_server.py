@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import urllib.request
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,16 +93,21 @@ def forward(server_factory: ServerFactory, tmp_path: Path) -> Iterator[Callable[
     yield start
 
 
+_READERS: weakref.WeakKeyDictionary[socket.socket, tuple[msgpack.Unpacker, list[Any]]] = (
+    weakref.WeakKeyDictionary())
+
+
 def read_msgs(sock: socket.socket, n: int) -> list[Any]:
-    """Read exactly ``n`` msgpack values (bin stays bytes, str stays str)."""
-    unpacker = msgpack.Unpacker(raw=False)
-    out: list[Any] = []
-    while len(out) < n:
+    """Read exactly ``n`` msgpack values (bin stays bytes, str stays str); values that
+    arrived in the same read as the last of them wait for the next call on that socket."""
+    unpacker, pending = _READERS.setdefault(sock, (msgpack.Unpacker(raw=False), []))
+    while len(pending) < n:
         data = sock.recv(65536)
         if not data:
-            raise ConnectionError(f"EOF after {len(out)} of {n} messages")
+            raise ConnectionError(f"EOF after {len(pending)} of {n} messages")
         unpacker.feed(data)
-        out.extend(unpacker)
+        pending.extend(unpacker)
+    out, pending[:] = pending[:n], pending[n:]
     return out
 
 
