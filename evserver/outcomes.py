@@ -22,7 +22,6 @@ log = logging.getLogger("evserver.dispatch")
 
 MAX_TYPES = 4096  # event types kept apart in the stats and the route cache
 OTHER_TYPES = "(other types)"
-_NO_HANDLER_LOG_INTERVAL = 60.0
 
 
 def tally(counts: defaultdict[str, int], etype: str, n: int) -> None:
@@ -66,7 +65,7 @@ class Outcomes:
         self.dead_letters = dead_letters
         self.debug = False  # [security] debug: send tracebacks (paths and all) to clients
         self._error_log = LogBudget()
-        self._unrouted_logged: dict[str, float] = {}
+        self._unrouted_log = LogBudget(per_interval=1, interval=60.0)  # per event type
 
     def failed(
         self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
@@ -110,12 +109,6 @@ class Outcomes:
         self.stats.unrouted += 1
         what = "processor" if request else "processor or listener"
         if not request:
-            t = time.monotonic()
-            last = self._unrouted_logged.get(etype)
-            if last is None or t - last >= _NO_HANDLER_LOG_INTERVAL:
-                if len(self._unrouted_logged) > 1024:
-                    self._unrouted_logged.clear()
-                self._unrouted_logged[etype] = t
-                log.warning("no %s for event type %r (logged once a minute per type)",
-                            what, etype)
+            self._unrouted_log.warning(log, etype, "no %s for event type %r (logged once a "
+                                       "minute per type)", what, etype)
         return Failure(RoutingError.code, "RoutingError", f"no {what} for event type {etype!r}")
