@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -34,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 from .app import _matches, compile_pattern
-from .errors import RegistrationError
+from .errors import AdminError, RegistrationError
 from .metrics import PROMETHEUS_CONTENT_TYPE, aggregate, render_prometheus, snapshot
+from .security import is_loopback
 
 if TYPE_CHECKING:
     from .app import App
@@ -52,25 +52,7 @@ TAIL_FLUSH = 0.25  # seconds between a tail's batches
 KEEPALIVE = 1.0  # seconds of silence before a tail writes a blank line (detects a gone reader)
 
 
-class AdminError(Exception):
-    """An admin request that cannot be done; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 # --------------------------------------------------------------------------- access
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; False for anything unparsable."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return bool((mapped or addr).is_loopback)
 
 
 def check_access(peer: str, token: str | None, authorization: str | None) -> AdminError | None:
@@ -103,7 +85,7 @@ def event_dict(event: Any) -> dict[str, Any]:
 class Tap:
     """Sample events matching ``pattern`` into a bounded ring, at most ``rate`` a second.
 
-    Called with each submitted job's frames; the cost is a clock read per job, plus a
+    Called with each submitted job's events; the cost is a clock read per job, plus a
     cached type match per event only while this second's budget lasts.
     """
 
@@ -115,7 +97,7 @@ class Tap:
         self._window_end = 0.0
         self._left = 0
 
-    def __call__(self, frames: list[Any]) -> None:
+    def __call__(self, events: list[Any]) -> None:
         now = time.monotonic()
         if now >= self._window_end:
             self._window_end = now + 1.0
@@ -123,20 +105,17 @@ class Tap:
         if self._left <= 0:
             return
         match = self._match
-        for frame in frames:
-            if not isinstance(frame.body, list):
-                continue  # PING and the like
-            for event in frame.body:
-                hit = match.get(event.type)
-                if hit is None:
-                    if len(match) > 4096:
-                        match.clear()
-                    hit = match[event.type] = _matches(self.segments, event.type.split("."))
-                if hit:
-                    self.ring.append(event)
-                    self._left -= 1
-                    if self._left <= 0:
-                        return
+        for event in events:
+            hit = match.get(event.type)
+            if hit is None:
+                if len(match) > 4096:
+                    match.clear()
+                hit = match[event.type] = _matches(self.segments, event.type.split("."))
+            if hit:
+                self.ring.append(event)
+                self._left -= 1
+                if self._left <= 0:
+                    return
 
     def drain(self) -> list[dict[str, Any]]:
         out = []
@@ -168,9 +147,9 @@ class Taps:
         elif len(taps) == 1:
             self.dispatcher.tap = taps[0]
         else:
-            def fan_out(frames: list[Any]) -> None:
+            def fan_out(events: list[Any]) -> None:
                 for tap in taps:
-                    tap(frames)
+                    tap(events)
 
             self.dispatcher.tap = fan_out
 
@@ -232,9 +211,9 @@ def describe_handlers(app: App, defaults: dict[str, Any]) -> list[dict[str, Any]
         opts = {k: v for k, v in h.options.items() if v is not None}
         ordered = opts.pop("ordered_by", None)
         effective = {**defaults, **opts}
-        if ordered is not None:
-            effective["ordered_by"] = ordered if isinstance(ordered, str) else getattr(
-                ordered, "__qualname__", repr(ordered))
+        if h.kind == "processor":  # always shown: "not ordered" is worth seeing too
+            effective["ordered_by"] = ordered if ordered is None or isinstance(ordered, str) \
+                else getattr(ordered, "__qualname__", repr(ordered))
         out.append({"kind": h.kind, "pattern": h.pattern, "name": h.name,
                     "options": effective})
     return out
@@ -439,21 +418,19 @@ def serve_green(app: AdminApp, host: str, port: int,
                 ssl_context: Any = None) -> tuple[Any, tuple[str, int]]:
     """Serve ``app`` on the calling thread's hub; returns (green thread, bound address).
 
-    eventlet.notes §2.8: no tracebacks to clients, no keep-alive, a socket timeout, so idle
+    No tracebacks to clients, no keep-alive, a socket timeout, so idle
     admin clients cannot pin green threads, and ``kill()`` (not closing the socket) stops it.
     """
     import socket
 
-    import eventlet.wsgi  # the hub already runs: evserver._eventlet imported eventlet quietly
-
-    from ._eventlet import eventlet
+    from ._eventlet import eventlet, wsgi_server
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = eventlet.listen((host, port), family=family, reuse_port=False)
     if ssl_context is not None:  # a green context (evserver.tls): handshakes per request
         sock = ssl_context.wrap_socket(sock, server_side=True)
-    gt = eventlet.spawn(eventlet.wsgi.server, sock, app, log=log, log_output=False,
-                        debug=False, keepalive=False, socket_timeout=5, max_size=64)
+    gt = wsgi_server(sock, app, log=log, log_output=False, debug=False, keepalive=False,
+                     socket_timeout=5, max_size=64)
     return gt, sock.getsockname()[:2]
 
 

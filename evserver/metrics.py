@@ -17,10 +17,7 @@ import bisect
 import os
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .server import Server
+from typing import Any, Protocol
 
 # Upper bounds (seconds) of the latency buckets: 5 us .. 30 s, about three per decade.
 BUCKETS: tuple[float, ...] = (
@@ -67,7 +64,16 @@ def quantile(counts: list[int], q: float) -> float | None:
     return BUCKETS[-1]
 
 
-def snapshot(server: Server) -> dict[str, Any]:
+class Source(Protocol):
+    """What a snapshot reads from a serving process (a ``Server``, seen from here)."""
+
+    started_at: float
+    connections: Any  # sized
+    counters: dict[str, int]
+    dispatcher: Any
+
+
+def snapshot(server: Source) -> dict[str, Any]:
     """One process's counters and gauges, as plain data (the control channel's ``stats``)."""
     d = server.dispatcher
     s = d.stats
