@@ -30,7 +30,7 @@ import eventlet.tpool  # noqa: E402
 from greenlet import GreenletExit, getcurrent  # noqa: E402
 
 __all__ = ["GreenletExit", "ReadWait", "call_in_hub", "eventlet", "getcurrent",
-           "monkey_patch", "wake_hub_on_signals", "wrap_server_socket", "wsgi_server"]
+           "monkey_patch", "on_yield", "wake_hub_on_signals", "wrap_server_socket", "wsgi_server"]
 
 
 def monkey_patch() -> None:
@@ -82,6 +82,20 @@ def wrap_server_socket(context: ssl.SSLContext, sock: Any) -> Any:
     the accepted sockets trampoline instead of blocking the hub, and their TLS handshake
     waits for the first read (or an explicit ``do_handshake``) in the connection's thread."""
     return eventlet.green.ssl.GreenSSLContext.wrap_socket(context, sock, server_side=True)
+
+
+def on_yield(hook: Callable[[], None] | None) -> Callable[[], None] | None:
+    """Have the hub call ``hook`` each time the calling green thread is about to block
+    (``None``: stop); returns the hook it replaces, to restore when done.
+
+    This is eventlet's ``switch_out`` attribute, which its hub calls (squelching errors)
+    just before switching away from a green thread. The hook runs inside that switch, so it
+    must not block. The dispatcher uses it to share a job once a handler waits.
+    """
+    current = getcurrent()
+    previous: Callable[[], None] | None = getattr(current, "switch_out", None)
+    current.switch_out = hook
+    return previous
 
 
 def wsgi_server(sock: Any, app: Any, **options: Any) -> Any:
