@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import protocol as p
+from . import tracing
 from ._eventlet import GreenletExit, eventlet
 from .app import App, Handler
 from .deadletters import DeadLetter, DeadLetterStore
@@ -181,7 +182,9 @@ class Dispatcher:
         self.busy = 0
         self.dead_letters = dead_letters
         self._defaults = handler_defaults or {}
-        self._plans = {id(h): Plan(h, self._defaults) for h in app.handlers}
+        # OpenTelemetry spans around handlers, when configured (see evserver/tracing.py).
+        self.tracing = tracing.dispatch_tracing(cancelled=GreenletExit)
+        self._plans = {id(h): self._new_plan(h) for h in app.handlers}
         self._entries: dict[str, tuple[Plan | None, tuple[Plan, ...]]] = {}
         self._ordered = any(plan.key is not None for plan in self._plans.values())
         self._keys: dict[Any, _KeyState] = {}
@@ -463,7 +466,13 @@ class Dispatcher:
     def _plan(self, handler: Handler) -> Plan:
         plan = self._plans.get(id(handler))
         if plan is None:  # registered after the dispatcher was built (tests do this)
-            plan = self._plans[id(handler)] = Plan(handler, self._defaults)
+            plan = self._plans[id(handler)] = self._new_plan(handler)
+        return plan
+
+    def _new_plan(self, handler: Handler) -> Plan:
+        plan = Plan(handler, self._defaults)
+        if self.tracing is not None:
+            self.tracing.wrap(plan)  # only now: untraced plans call the handler itself
         return plan
 
     debug = False  # [security] debug: send tracebacks (paths and all) to clients
@@ -472,7 +481,10 @@ class Dispatcher:
         self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
         dead_letter: bool = True,
     ) -> Failure:
+        lettered = self.stats.dead_letters
         failure = self._record_failure(plan, event, exc, attempts, tb, dead_letter)
+        if self.tracing is not None:
+            self.tracing.failed(plan, event, attempts, self.stats.dead_letters > lettered)
         if self.debug:
             failure.message = f"{failure.message}\n{tb}"
         return failure
