@@ -13,16 +13,19 @@ a sender's span carried through every handler that runs its event.
 
 Cost. Without the package nothing is imported: ``available()`` asks importlib where the
 package would be, which does not import it, and ``meta_hook``/``Dispatcher.tracing`` stay
-None (one ``is None`` check per sent event; none per handled event). With the package, the
-server traces only once a tracer provider is configured (by the app module, or by
-``opentelemetry-instrument``); until then no handler is wrapped, so the dispatch path is the
-untraced one. ``OTEL_SDK_DISABLED=true`` turns both sides off.
+None (one ``is None`` check per sent event; none per handled event). With the package,
+evserver still imports nothing of it until the application has (no span can be active and
+no provider configured before that), and the server traces only once a tracer provider is
+configured (by the app module, or by ``opentelemetry-instrument``); until then no handler
+is wrapped, so the dispatch path is the untraced one. ``OTEL_SDK_DISABLED=true`` turns both
+sides off.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -46,23 +49,38 @@ def available() -> bool:
     """True when OpenTelemetry's API is installed and not disabled by ``OTEL_SDK_DISABLED``."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    try:
-        return importlib.util.find_spec("opentelemetry.trace") is not None
-    except ModuleNotFoundError:  # no ``opentelemetry`` namespace at all
+    try:  # the top-level name only: finding a submodule would import its parent package
+        return importlib.util.find_spec("opentelemetry") is not None
+    except (ImportError, ValueError):  # a finder that refuses it, a half-imported module
         return False
+
+
+def _loaded_trace_api() -> Any:
+    """``opentelemetry.trace`` if this process uses OpenTelemetry already, else None.
+
+    A span can only be active, and a provider only configured, once the application has
+    imported the API; until then evserver does not import it either (it costs ~0.15 s of a
+    worker's start)."""
+    return sys.modules.get("opentelemetry.trace")
 
 
 def client_meta_hook() -> MetaHook | None:
     """The clients' meta hook: adds the active span's context; None without OpenTelemetry."""
     if not available():
         return None
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    get_current_span = trace.get_current_span
-    inject = TraceContextTextMapPropagator().inject
+    calls: list[Any] = []  # (get_current_span, inject) once the application loaded the API
 
     def add_context(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not calls:
+            trace = _loaded_trace_api()
+            if trace is None:
+                return meta  # no OpenTelemetry in use: no span can be active
+            from opentelemetry.trace.propagation.tracecontext import (
+                TraceContextTextMapPropagator,
+            )
+
+            calls[:] = (trace.get_current_span, TraceContextTextMapPropagator().inject)
+        get_current_span, inject = calls
         if not get_current_span().get_span_context().is_valid:
             return meta
         carrier = {} if meta is None else meta  # the client's own copy of the caller's meta
@@ -78,10 +96,9 @@ def dispatch_tracing(cancelled: type[BaseException]) -> DispatchTracing | None:
 
     ``cancelled`` is what ends a handler from outside (the hub's ``GreenletExit`` at the
     drain timeout): no retry and no failure report follow it, so its span ends at once."""
-    if not available():
+    trace = _loaded_trace_api() if available() else None
+    if trace is None:
         return None
-    from opentelemetry import trace
-
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None

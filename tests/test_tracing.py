@@ -142,11 +142,8 @@ def test_without_a_tracer_provider_nothing_is_wrapped_or_added(tracer: Any) -> N
         assert traceparent == f"00-{trace_id}-{span_id}-{flags:02x}"
 
 
-def test_without_opentelemetry_installed_nothing_imports_it() -> None:
-    """A fresh interpreter where ``opentelemetry`` cannot be found: clients, server and a
-    round trip work, and no module of it is ever loaded."""
-    code = """
-import asyncio, importlib.abc, sys
+NOT_INSTALLED = """
+import importlib.abc, sys
 
 class NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -154,6 +151,16 @@ class NotInstalled(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(name)
 
 sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_opentelemetry_is_not_imported_unless_the_application_uses_it(installed: bool) -> None:
+    """A fresh interpreter where ``opentelemetry`` cannot be found, or is installed but not
+    used: clients, server and round trips work, and no module of it is ever loaded."""
+    hook = "session.meta_hook is not None" if installed else "session.meta_hook is None"
+    code = ("" if installed else NOT_INSTALLED) + """
+import asyncio, sys
 from evserver import App, Client, session
 from evserver.aio import AsyncClient
 from evserver.testing import serve_in_thread
@@ -161,7 +168,7 @@ from evserver.testing import serve_in_thread
 app = App()
 app.processor("echo")(lambda event: [event.data, event.meta])
 with serve_in_thread(app) as server:
-    assert server.dispatcher.tracing is None and session.meta_hook is None
+    assert server.dispatcher.tracing is None and HOOK
     with Client(*server.address) as client:
         assert client.request("echo", 1) == [1, {}]
     async def main():
@@ -170,7 +177,7 @@ with serve_in_thread(app) as server:
     assert asyncio.run(main()) == [2, {}]
 loaded = [m for m in sys.modules if m.startswith("opentelemetry")]
 assert not loaded, loaded
-"""
+""".replace("HOOK", hook)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=30)
