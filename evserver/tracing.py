@@ -27,22 +27,16 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from .event import Event
+from .plan import Plan
 
 __all__ = ["DispatchTracing", "available", "client_meta_hook", "dispatch_tracing"]
 
 MetaHook = Callable[[dict[str, Any] | None], dict[str, Any] | None]
 TRACEPARENT = "traceparent"
 _MAX_OPEN = 100_000  # spans kept open for a retry; a bound, in case a retry never comes
-
-
-class Plan(Protocol):
-    """What tracing needs of ``dispatch.Plan``: the handler and the function to call."""
-
-    handler: Any
-    func: Callable[[Event], Any]
 
 
 def available() -> bool:
