@@ -26,7 +26,7 @@ from .errors import (
     RemoteError,
     UnsupportedVersion,
 )
-from .event import new_event_id
+from .event import new_event_id, type_problem
 
 __all__ = ["BATCH_BYTES", "ClientSession", "ConnectionLost", "EventTuple", "remote_error"]
 
@@ -56,8 +56,8 @@ def remote_error(frame: p.Frame) -> RemoteError:
 
 def wire_event(type: str, data: Any, meta: Mapping[str, Any] | None, id: str | None) -> list[Any]:
     """The wire event with a client-assigned id and time, so a re-send is recognisable."""
-    if not isinstance(type, str) or not type:
-        raise ValueError(f"event type must be a non-empty string, got {type!r}")
+    if (problem := type_problem(type)) is not None:  # the server's rule, checked here
+        raise ValueError(f"event type {problem}")
     headers = dict(meta) if meta else None
     if meta_hook is not None:
         headers = meta_hook(headers)
