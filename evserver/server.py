@@ -49,6 +49,17 @@ class _Closed(Exception):
     """The peer went away during the handshake."""
 
 
+class _NoKey(AuthError):
+    """The client did not try to authenticate: most likely it was not given the key."""
+
+
+#: What a client that sent no proof at all is told. It reveals nothing the server's HELLO
+#: (which announces the scheme) does not, and saves its operator a trip to the server log.
+NO_KEY_HINT = ("authentication failed: this server requires a shared key and the client "
+               "sent none (set EVSERVER_SHARED_KEY or pass --shared-key; --key-id names one "
+               "of several keys)")
+
+
 class Connection(StreamConnection):
     """One native-protocol connection: its frame reader and the replies it still owes.
 
@@ -169,8 +180,10 @@ class Connection(StreamConnection):
             server.counters["auth_failures"] += 1
             server.auth_log.warning(security_log, "auth", "authentication failed for %s: %s",
                                     peer_name(self.addr), str(exc))
-            # The client learns no more than "no": which key or field was wrong is for the log.
-            self._error(p.encode_error(0, AuthError.code, "AuthError", "authentication failed"))
+            # The client learns no more than "no" (and whether it sent a key at all): which
+            # key or field was wrong is for the log.
+            message = NO_KEY_HINT if isinstance(exc, _NoKey) else "authentication failed"
+            self._error(p.encode_error(0, AuthError.code, "AuthError", message))
             return None
         except ssl.SSLError as exc:
             timer.cancel()
@@ -202,8 +215,10 @@ class Connection(StreamConnection):
                 raise _Closed
             reader.receive_data(data)
         if frame.kind != p.HELLO:
-            raise AuthError(f"first frame is {p.KIND_NAMES.get(frame.kind, frame.kind)}, "
-                            "not an authenticating HELLO")
+            raise _NoKey(f"first frame is {p.KIND_NAMES.get(frame.kind, frame.kind)}, "
+                         "not an authenticating HELLO")
+        if not isinstance(frame.body.get("auth"), dict):
+            raise _NoKey("the client HELLO carries no auth map")
         key_id, reply = authenticator.verify(nonce, frame.body)
         sock.sendall(p.encode_hello(reply))
         security_log.debug("%s authenticated with key id %r", peer_name(self.addr), key_id)
