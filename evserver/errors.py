@@ -80,3 +80,9 @@ class HandlerTimeout(EvserverError, TimeoutError):
     """A handler ran longer than its ``timeout`` option."""
 
     code = "timeout"
+
+
+class ClusterError(EvserverError):
+    """Cluster mode cannot work: Redis unreachable, or its stored settings disagree with ours."""
+
+    code = "cluster_unavailable"

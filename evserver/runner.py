@@ -41,6 +41,7 @@ def run_single(
 
     if cfg.server.monkey_patch:
         monkey_patch()
+    from .errors import ClusterError
     from .loader import AppLoadError, load_app
     from .server import Server
 
@@ -60,6 +61,8 @@ def run_single(
     except OSError as exc:
         return fail(EXIT_FAILURE, f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
                                   f"{exc.strerror or exc}")
+    except ClusterError as exc:
+        return fail(EXIT_FAILURE, str(exc))
     server.install_signals()
     tune_gc(cfg.server.gc_threshold)
     log.info("evserver ready: serving %s on %s:%d", app_spec, *server.address)

@@ -22,7 +22,7 @@ import signal
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import greenlet
 
@@ -40,6 +40,8 @@ from .security import security_options
 from .tls import shutdown_read
 
 if TYPE_CHECKING:
+    from .cluster import ClusterSettings
+    from .cluster.node import Node
     from .forward_server import ForwardListener, ForwardSettings
 
 log = logging.getLogger("evserver.server")
@@ -220,7 +222,7 @@ class StreamConnection:
         """Run a read's frames as jobs: inline while the pool is idle, else through the
         queue, holding the reader while this connection has too many jobs in flight."""
         server = self.server
-        dispatcher = server.dispatcher
+        dispatcher = server.intake
         for job_frames in _split(frames):
             self.jobs += 1
             job = Job(self, job_frames)
@@ -452,6 +454,7 @@ class Server:
         handshake_timeout: float = 10.0,
         debug: bool = False,
         forward: ForwardSettings | None = None,
+        cluster: ClusterSettings | None = None,
     ) -> None:
         self.app = app
         self.host = host
@@ -473,6 +476,11 @@ class Server:
                                      handler_defaults=handler_defaults,
                                      dead_letters=dead_letters)
         self.dispatcher.debug = debug
+        # Where connections hand their jobs: the dispatcher, or in cluster mode the node's
+        # edge, which appends them to Redis (the owned partitions feed the dispatcher).
+        self.intake: Dispatcher | Any = self.dispatcher
+        self.cluster_settings = cluster
+        self.cluster: Node | None = None
         # Security (evserver.handshake): with neither, a connection costs exactly as before.
         self.auth = auth
         self.ssl_context = ssl_context
@@ -504,6 +512,7 @@ class Server:
     @classmethod
     def from_config(cls, app: App, cfg: Any, **overrides: Any) -> Server:
         """Build a server from a loaded ``Config``'s tables."""
+        from .cluster import ClusterSettings
         from .forward_server import ForwardSettings
 
         srv = cfg.server
@@ -519,6 +528,7 @@ class Server:
                                          fsync_interval=cfg.dead_letters.fsync_interval),
             **security_options(cfg),
             forward=ForwardSettings.from_config(cfg),
+            cluster=ClusterSettings.from_config(cfg),
         )
         kwargs.update(overrides)
         return cls(app, **kwargs)
@@ -538,6 +548,8 @@ class Server:
             self._listener = self.ssl_context.wrap_socket(self._listener, server_side=True)
         self.started_at = time.time()
         self.dispatcher.start()
+        if self.cluster_settings is not None:
+            self._join_cluster(self.cluster_settings)
         self._accepter = eventlet.spawn(self.accept_loop, self._listener, Connection)
         if self.forward is not None:
             self.forward.start()
@@ -546,6 +558,22 @@ class Server:
         if self.park_after > 0:
             eventlet.spawn_n(self._sweep)
         log.info("listening on %s:%d (pool %d)", *self.address, self.dispatcher.pool_size)
+
+    def _join_cluster(self, settings: ClusterSettings) -> None:
+        """Become a node (ClusterError if Redis is unusable); dead letters go to the
+        cluster's stream, so every node and the CLI see one list."""
+        from .cluster.node import Node
+
+        node = Node(self, settings)
+        try:
+            node.start()
+        except BaseException:
+            self._listener.close()
+            self.dispatcher.stop(timeout=1.0)
+            raise
+        self.cluster = node
+        self.intake = node.edge
+        self.dispatcher.dead_letters = cast(Any, node.dead_letters)  # the file store's API
 
     def accept_loop(self, listener: Any, conn_type: type[StreamConnection]) -> None:
         """Accept sockets on ``listener`` (of any protocol) until stopping."""
@@ -648,6 +676,8 @@ class Server:
         ok = not self.connections
         for conn in list(self.connections):
             conn._abort("drain timeout")
+        if self.cluster is not None:  # hand partitions over: finish, ack, release
+            self.cluster.stop(timeout=max(0.1, deadline - time.monotonic()))
         ok = self.dispatcher.stop(timeout=max(0.1, deadline - time.monotonic())) and ok
         if not ok:
             log.warning("drain timeout (%gs) reached; abandoned unfinished work",
