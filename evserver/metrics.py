@@ -19,6 +19,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from .cluster import COUNTERS as CLUSTER_COUNTERS
+from .cluster import GAUGES as CLUSTER_GAUGES
+
 if TYPE_CHECKING:
     from .server import Server
 
@@ -84,6 +87,7 @@ def snapshot(server: Server) -> dict[str, Any]:
             "latency": {t: h.as_dict() for t, h in s.latency.items()},
             "busy": d.busy, "queued": d.queue.qsize(), "pool_size": d.pool_size,
         },
+        "cluster": server.cluster.stats() if server.cluster is not None else {},
     }
 
 
@@ -103,6 +107,8 @@ def retire(base: dict[str, Any], snap: dict[str, Any]) -> None:
     _add(into["by_type"], d.get("by_type", {}))
     _add(into["errors_by_type"], d.get("errors_by_type", {}))
     _add_latency(into["latency"], d.get("latency", {}))
+    cluster = snap.get("cluster") or {}
+    _add(base.setdefault("cluster", {}), {k: cluster[k] for k in CLUSTER_COUNTERS if k in cluster})
 
 
 def _add(into: dict[str, int], more: dict[str, int]) -> None:
@@ -128,8 +134,10 @@ def aggregate(snapshots: Iterable[dict[str, Any]], *, mode: str, uptime: float,
     errors = dict(base["dispatcher"]["errors_by_type"])
     latency: dict[str, dict[str, Any]] = {}
     _add_latency(latency, base["dispatcher"]["latency"])
+    cluster = dict(base.get("cluster", {}))
     workers = []
     for snap in snaps:
+        _add(cluster, snap.get("cluster") or {})
         d = snap["dispatcher"]
         for key in _COUNTERS:
             totals_d[key] += d.get(key, 0)
@@ -175,6 +183,7 @@ def aggregate(snapshots: Iterable[dict[str, Any]], *, mode: str, uptime: float,
             "dead_letters": totals_d["dead_letters"],
             "busy": sum(w["busy"] for w in workers), "queued": sum(w["queued"] for w in workers),
             "counters": counters,
+            "cluster": cluster,  # empty unless the workers are cluster nodes
         },
         "types": types,
         "retired_workers": base["workers"],
@@ -241,6 +250,10 @@ class _StatsCollector:
         yield by_type
         yield errors
         yield latency
+        for key, value in sorted(totals.get("cluster", {}).items()):
+            kind = GaugeMetricFamily if key in CLUSTER_GAUGES else CounterMetricFamily
+            yield kind(f"evserver_cluster_{key}", f"Cluster node {key.replace('_', ' ')}.",
+                         value=value)
         per_worker = {
             "events_received": ("events_in", CounterMetricFamily, "Events read, per worker."),
             "events_processed": ("events_out", CounterMetricFamily,

@@ -8,9 +8,11 @@ file shared by the nodes; what was acked, lost, duplicated and reordered is read
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -64,6 +66,15 @@ def runs(record: Path) -> list[tuple[str, str, int]]:
     return [(key, int(n), int(pid)) for _id, key, n, pid in (ln.split("\t") for ln in lines)]
 
 
+def cluster_cli(redis, cwd: Path, *args: str):
+    """``evserver cluster ARGS`` against this Redis; its JSON output."""
+    out = subprocess.run([sys.executable, "-m", "evserver", "cluster", *args],
+                         env={"EVSERVER_CLUSTER_ENABLED": "1", "EVSERVER_CLUSTER_URL": redis.url,
+                              "PYTHONPATH": str(REPO)}, capture_output=True, timeout=30, cwd=cwd)
+    assert out.returncode == 0, out.stderr.decode()
+    return json.loads(out.stdout)
+
+
 def stats(node) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{node.admin}/stats", timeout=10) as resp:
         return json.load(resp)
@@ -82,10 +93,13 @@ class Streamer(threading.Thread):
         self.acked: list[tuple[str, int]] = []
         self.errors: list[BaseException] = []
         self.progress = 0
+        self.halt = False  # set to stop after the current chunk
 
     def run(self) -> None:
         with Client(*self.node.address, timeout=30) as client:
             for start in range(0, len(self.events), self.chunk):
+                if self.halt:
+                    return
                 part = self.events[start:start + self.chunk]
                 try:
                     client.send_many(part, ack=True, batch_size=50)
@@ -133,6 +147,14 @@ def test_events_sent_to_any_node_are_processed_and_every_node_gets_a_share(
     by_pid = Counter(pid for _k, _n, pid in ran)
     assert set(by_pid) == {node.proc.pid for node in nodes}
     assert min(by_pid.values()) > len(sent) / 10, by_pid
+    status = cluster_cli(redis, tmp_path, "status", "--json")
+    assert {n["id"].split("-")[-2] for n in status["nodes"]} == {str(n.proc.pid) for n in nodes}
+    rows = status["partition_owners"]
+    assert len(rows) == PARTITIONS and all(r["owner"] and r["lag"] == 0 for r in rows)
+    assert sum(r["pending"] for r in rows) == 0
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{nodes[0].admin}/metrics",
+                                     timeout=10).read().decode()
+    assert "evserver_cluster_appended_events_total 2000.0" in metrics
 
 
 def test_a_request_to_one_node_is_answered_there_when_another_node_runs_it(
@@ -186,3 +208,143 @@ def test_without_a_cluster_table_redis_is_never_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
                          cwd=REPO)
     assert out.stdout.strip() == b"ok", out.stderr.decode()
+
+
+# --------------------------------------------------------------------------- failover
+
+
+def stream(nodes, total: int, clients: int = 3) -> list[Streamer]:
+    streamers = [Streamer(f"c{i}", nodes[i % len(nodes)], total // clients)
+                 for i in range(clients)]
+    for s in streamers:
+        s.start()
+    return streamers
+
+
+def finish(streamers: list[Streamer], timeout: float = 120.0) -> list[tuple[str, int]]:
+    deadline = time.monotonic() + timeout
+    for s in streamers:
+        s.join(max(0.0, deadline - time.monotonic()))
+        assert not s.is_alive(), "a client did not finish in time"
+    errors = [e for s in streamers for e in s.errors]
+    assert not errors, f"{len(errors)} chunks failed: {errors[:3]}"
+    return [e for s in streamers for e in s.acked]
+
+
+def test_sigkill_of_a_node_loses_nothing_acked_keeps_key_order_and_counts_duplicates(
+        server_factory, redis_factory, tmp_path):
+    redis = redis_factory()
+    record = tmp_path / "runs"
+    lease = 2.0
+    a, b, c = start_nodes(server_factory, redis, 3, record, lease=lease)
+    wait_balanced(redis, [a, b, c])
+    started = time.monotonic()
+    streamers = stream([a, b], 20_000)
+    wait_for(lambda: sum(s.progress for s in streamers) >= 5000, 60, "a quarter of the events")
+    c.stop(signal.SIGKILL)
+    acked = finish(streamers)
+    elapsed = time.monotonic() - started
+    assert len(acked) == 20_000 - 20_000 % 3
+    duplicates = check_runs(record, acked)
+    per_lease = len(acked) / elapsed * lease
+    assert duplicates < per_lease, (duplicates, per_lease)
+    assert set(owners(redis).values()) == {a.proc.pid, b.proc.pid}  # C's partitions moved
+    counted = sum(stats(n)["totals"]["cluster"]["redelivered_events"] for n in (a, b))
+    assert duplicates <= counted, (duplicates, counted)
+
+
+def test_a_node_stopped_past_its_lease_loses_its_partitions_and_rejoins(
+        server_factory, redis_factory, tmp_path):
+    redis = redis_factory()
+    record = tmp_path / "runs"
+    lease = 1.0
+    a, b = start_nodes(server_factory, redis, 2, record, lease=lease)
+    wait_balanced(redis, [a, b])
+    streamers = stream([a], 6000, clients=2)
+    wait_for(lambda: sum(s.progress for s in streamers) >= 1000, 60, "some events")
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: set(owners(redis).values()) == {a.proc.pid}, 10 * lease,
+                 "A to take every partition over")
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    acked = finish(streamers)
+    check_runs(record, acked)
+    wait_balanced(redis, [a, b])  # B rejoined and got its share back
+
+
+def test_a_node_joining_under_load_loses_nothing_and_duplicates_nothing(
+        server_factory, redis_factory, tmp_path):
+    redis = redis_factory()
+    record = tmp_path / "runs"
+    (a,) = start_nodes(server_factory, redis, 1, record)
+    wait_balanced(redis, [a])
+    streamers = stream([a], 300_000)
+
+    def progress():
+        return sum(s.progress for s in streamers)
+
+    wait_for(lambda: progress() >= 2000, 60, "some events")
+    (b,) = start_nodes(server_factory, redis, 1, record)
+    wait_balanced(redis, [a, b])
+    joined = progress()
+    wait_for(lambda: progress() >= joined + 2000, 60, "more events after B joined")
+    for s in streamers:
+        s.halt = True
+    acked = finish(streamers)
+    assert check_runs(record, acked) == 0
+    assert {pid for _k, _n, pid in runs(record)} == {a.proc.pid, b.proc.pid}
+
+
+def test_an_event_that_kills_its_node_is_dead_lettered_after_max_deliveries(
+        server_factory, redis_factory, tmp_path):
+    redis = redis_factory()
+    record = tmp_path / "runs"
+    nodes = start_nodes(server_factory, redis, 3, record, lease=1.0, max_deliveries=2)
+    wait_balanced(redis, nodes)
+    with Client(*nodes[0].address) as client:
+        client.send("job.die", {"key": "poison"})
+        client.ping()  # answered once the event's job was appended
+    # Delivery 1 and 2 each kill their node; delivery 3 goes to the dead-letter stream.
+    wait_for(lambda: sum(n.proc.poll() is not None for n in nodes) == 2, 30,
+             "two nodes to die of the poison event")
+    (survivor,) = [n for n in nodes if n.proc.poll() is None]
+    assert all(n.proc.returncode == 1 for n in nodes if n is not survivor)
+    with Client(*survivor.address, timeout=30) as client:  # the partition moved on
+        assert client.request("job.ok", {"key": "poison", "n": 1}) == survivor.proc.pid
+    dead = list(redis.client().xrange(KEYS.dead))
+    assert len(dead) == 1
+    out = subprocess.run(
+        [sys.executable, "-m", "evserver", "dead-letters", "list", "--json"],
+        env={"EVSERVER_CLUSTER_ENABLED": "1", "EVSERVER_CLUSTER_URL": redis.url,
+             "PYTHONPATH": str(REPO)}, capture_output=True, timeout=30, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr.decode()
+    (letter,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert (letter["event_type"], letter["data"], letter["attempts"]) == (
+        "job.die", {"key": "poison"}, 3)
+    assert stats(survivor)["totals"]["cluster"]["dead_lettered_events"] == 1
+
+
+def test_redis_restarting_with_aof_loses_nothing_acknowledged(
+        server_factory, redis_factory, tmp_path):
+    redis = redis_factory("--appendonly", "yes", "--appendfsync", "everysec")
+    record = tmp_path / "runs"
+    a, b = start_nodes(server_factory, redis, 2, record, lease=2.0)
+    wait_balanced(redis, [a, b])
+    streamers = stream([a, b], 6000, clients=2)
+    wait_for(lambda: sum(s.progress for s in streamers) >= 1500, 60, "some events")
+    redis.restart()
+    deadline = time.monotonic() + 120
+    for s in streamers:
+        s.join(max(0.0, deadline - time.monotonic()))
+        assert not s.is_alive()
+    acked = [e for s in streamers for e in s.acked]
+    failed = sum(len(s.errors) for s in streamers)
+    assert len(acked) + failed * 100 == 6000
+    check_runs(record, acked)  # every acknowledged event ran
+    # The nodes reconnected: the cluster works again through both.
+    wait_balanced(redis, [a, b])
+    for node in (a, b):
+        with Client(*node.address) as client:
+            client.send_many([("count", {"key": "after", "n": n}) for n in range(100)],
+                             ack=True)

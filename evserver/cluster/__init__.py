@@ -20,6 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# A node's numbers in /stats ("cluster") and /metrics (evserver_cluster_*): counters, which
+# the totals keep across worker restarts, and gauges of the moment.
+COUNTERS = ("appended_entries", "appended_events", "append_errors", "processed_entries",
+            "processed_events", "redelivered_events", "dead_lettered_events", "fenced_entries",
+            "partitions_acquired", "partitions_released", "partitions_lost", "redis_errors")
+GAUGES = ("partitions_owned", "nodes_live", "waiting_jobs")
+
 
 @dataclass(frozen=True)
 class ClusterSettings:
@@ -42,4 +49,4 @@ class ClusterSettings:
                    max_deliveries=c.max_deliveries)
 
 
-__all__ = ["ClusterSettings"]
+__all__ = ["COUNTERS", "GAUGES", "ClusterSettings"]

@@ -96,3 +96,12 @@ class StreamDeadLetters:
 
     def close(self) -> None:
         """Nothing to do: the Redis client belongs to the node."""
+
+
+def open_stream(url: str, name: str) -> StreamDeadLetters:
+    """The dead-letter stream of cluster ``name``, for the CLI (a plain blocking client)."""
+    import redis
+
+    from .keys import Keys
+
+    return StreamDeadLetters(redis.Redis.from_url(url, socket_timeout=10), Keys(name).dead)

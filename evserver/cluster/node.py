@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .._eventlet import eventlet
 from ..errors import ClusterError
 from ..logs import LogBudget
-from . import codec, housekeeping
+from . import COUNTERS, codec, housekeeping
 from .deadletters import StreamDeadLetters
 from .edge import Edge
 from .keys import Keys
@@ -42,10 +42,6 @@ FENCE_MARGIN = 0.2
 INBOX_TTL = 600.0  # seconds an inbox outlives its node (replies to it are then dropped)
 HOUSEKEEPING_EVERY = 5.0  # seconds between trims of the owned partitions
 
-COUNTERS = ("appended_entries", "appended_events", "append_errors", "processed_entries",
-            "processed_events", "redelivered_events", "dead_lettered_events", "fenced_entries",
-            "partitions_acquired", "partitions_released", "partitions_lost", "redis_errors")
-GAUGES = ("partitions_owned", "nodes_live", "waiting_jobs")
 
 
 def connect(url: str, max_connections: int) -> Any:
