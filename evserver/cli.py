@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -277,15 +278,28 @@ _CLI_RETRIES = 2  # a person at a shell wants a quick answer, not a minute of ba
 
 
 class _Json(click.ParamType):
+    """JSON text, or ``-`` (read it from stdin) or ``@FILE`` (read it from FILE): one
+    command-line argument cannot exceed the OS limit of about 128 KiB, a frame can."""
+
     name = "json"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
+        text, source = value, ""
         try:
-            return json.loads(value)
+            if value == "-":
+                text, source = sys.stdin.read(), " (from stdin)"
+            elif value.startswith("@"):
+                text, source = Path(value[1:]).read_text(), f" (from {value[1:]})"
+        except (OSError, UnicodeDecodeError) as exc:
+            self.fail(f"cannot read {value[1:]}: {getattr(exc, 'strerror', None) or exc}",
+                      param, ctx)
+        try:
+            return json.loads(text)
         except ValueError as exc:
-            self.fail(f"not valid JSON ({exc}): {value!r}", param, ctx)
+            shown = repr(text) if len(text) <= 200 else f"{text[:200]!r}..."
+            self.fail(f"not valid JSON{source} ({exc}): {shown}", param, ctx)
 
 
 def _meta(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -296,21 +310,55 @@ def _meta(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -
     return {key: value for key, _, value in pairs}
 
 
-def _client_command(func: Any) -> Any:
-    """The options every client command shares, and one way of reporting failures."""
+def _connect_options(cfg: Any, host: str | None, port: int | None, shared_key: str | None,
+                     key_id: str | None, tls: bool, tls_ca: str | None) -> dict[str, Any]:
+    """Where and how to connect: the flags first, then the settings ``serve`` would use.
+
+    A server told to listen on every address (``0.0.0.0``, ``::``) is reached on loopback.
+    The key comes from ``[security] shared_key``, else (for rotation) the named key of
+    ``--key-id``, else the last of ``[security.shared_keys]``; TLS and its CA from ``[tls]``.
+    """
+    srv, sec = cfg.server, cfg.security
+    host = host or {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(srv.host, srv.host)
+    if shared_key is None and key_id is not None and key_id in sec.shared_keys:
+        shared_key = sec.shared_keys[key_id]
+    elif shared_key is None and sec.shared_key:
+        shared_key = sec.shared_key
+    elif shared_key is None and sec.shared_keys:
+        key_id, shared_key = list(sec.shared_keys.items())[-1]
+    tls = tls or bool(cfg.tls.cert)
+    return dict(host=host, port=srv.port if port is None else port, shared_key=shared_key,
+                key_id=key_id, tls=tls, cafile=tls_ca or (cfg.tls.ca if tls else None))
+
+
+def _client_command(func: Any = None, *, config_path_to_func: bool = False) -> Any:
+    """The options every client command shares, and one way of reporting failures.
+
+    Client commands read the same settings as ``serve`` (``--config`` or
+    ``config/evserver.toml``, then ``EVSERVER_*`` variables, then these flags), so a server
+    configured on another port or with a key is reached without repeating it on every call.
+    """
+    if func is None:
+        return functools.partial(_client_command, config_path_to_func=config_path_to_func)
     from .errors import ClientConnectionError, RemoteError
 
     @functools.wraps(func)
-    def command(host: str, port: int, timeout: float, shared_key: str | None,
+    def command(host: str | None, port: int | None, timeout: float, shared_key: str | None,
                 key_id: str | None, tls: bool, tls_ca: str | None, tls_cert: str | None,
-                tls_key: str | None, **kwargs: Any) -> None:
+                tls_key: str | None, config_path: str | None, **kwargs: Any) -> None:
         from .auth import AuthError
         from .client import Client
 
         try:
-            with Client(host, port, timeout, retries=_CLI_RETRIES, shared_key=shared_key or None,
-                        key_id=key_id, tls=tls, cafile=tls_ca, certfile=tls_cert,
-                        keyfile=tls_key) as client:
+            cfg = load_config(config_path)
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        options = _connect_options(cfg, host, port, shared_key or None, key_id, tls, tls_ca)
+        if config_path_to_func:
+            kwargs["config_path"] = config_path
+        try:
+            with Client(timeout=timeout, retries=_CLI_RETRIES, certfile=tls_cert,
+                        keyfile=tls_key, **options) as client:
                 func(client, **kwargs)
         except RemoteError as exc:
             _fail(f"remote error: {exc.type}: {exc.message}")
@@ -320,33 +368,40 @@ def _client_command(func: Any) -> Any:
             _fail(str(exc))
 
     for decorator in reversed((
-        click.option("--host", envvar="EVSERVER_HOST", default="127.0.0.1", show_default=True,
-                     help="Server address [env EVSERVER_HOST]."),
-        click.option("--port", envvar="EVSERVER_PORT", type=int, default=7878,
-                     show_default=True, help="Server port [env EVSERVER_PORT]."),
+        click.option("--host", envvar="EVSERVER_HOST", default=None,
+                     help="Server address [env EVSERVER_HOST; default: [server] host of the "
+                          "config, 127.0.0.1]."),
+        click.option("--port", envvar="EVSERVER_PORT", type=int, default=None,
+                     help="Server port [env EVSERVER_PORT; default: [server] port of the "
+                          "config, 7878]."),
         click.option("--timeout", type=float, default=10.0, show_default=True,
                      help="Seconds to wait for the server."),
         click.option("--shared-key", envvar="EVSERVER_SHARED_KEY", default=None,
-                     help="Authenticate with this shared key [env EVSERVER_SHARED_KEY; the "
-                          "env var keeps it out of the process list]."),
+                     help="Authenticate with this shared key [env EVSERVER_SHARED_KEY; "
+                          "default: [security] of the config; the env var keeps it out of "
+                          "the process list]."),
         click.option("--key-id", envvar="EVSERVER_KEY_ID", default=None,
                      help="Which of the server's keys it is [env EVSERVER_KEY_ID; default: "
                           "the server tries them all]."),
         click.option("--tls", is_flag=True, help="Connect with TLS (implied by --tls-ca/"
-                                                  "--tls-cert)."),
+                                                  "--tls-cert and by [tls] cert)."),
         click.option("--tls-ca", type=click.Path(dir_okay=False), default=None,
-                     help="CA bundle to verify the server with [default: system store]."),
+                     help="CA bundle to verify the server with [default: [tls] ca of the "
+                          "config, else the system store]."),
         click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
                      help="Client certificate, for servers that require one."),
         click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
                      help="Private key of --tls-cert [default: in the cert file]."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="The config file `serve` uses [default: config/evserver.toml if "
+                          "present]."),
     )):
         command = decorator(command)
     return command
 
 
 _type_arg = click.argument("type")
-_data_arg = click.argument("data", type=_Json(), required=False, metavar="[JSON]")
+_data_arg = click.argument("data", type=_Json(), required=False, metavar="[JSON|-|@FILE]")
 _meta_opt = click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=_meta,
                          help="Event metadata; repeatable.")
 
@@ -358,7 +413,11 @@ _meta_opt = click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=
 @_meta_opt
 @_client_command
 def send(client: Any, type: str, data: Any, ack: bool, meta: dict[str, str]) -> None:
-    """Send one event of TYPE with JSON data (default null); print its id with --ack."""
+    """Send one event of TYPE with JSON data (default null); print its id with --ack.
+
+    The data is JSON text, `-` to read it from stdin or `@FILE` to read it from FILE (for
+    payloads beyond the ~128 KiB an argument may hold; up to the server's max_frame_bytes).
+    """
     event_id = client.send(type, data, meta=meta, ack=ack)
     if ack:
         click.echo(event_id)
@@ -370,7 +429,11 @@ def send(client: Any, type: str, data: Any, ack: bool, meta: dict[str, str]) -> 
 @_meta_opt
 @_client_command
 def request(client: Any, type: str, data: Any, meta: dict[str, str]) -> None:
-    """Send a request of TYPE with JSON data (default null); print the reply as JSON."""
+    """Send a request of TYPE with JSON data (default null); print the reply as JSON.
+
+    The data is JSON text, `-` to read it from stdin or `@FILE` to read it from FILE (for
+    payloads beyond the ~128 KiB an argument may hold; up to the server's max_frame_bytes).
+    """
     click.echo(json.dumps(client.request(type, data, meta=meta), default=_jsonable))
 
 
@@ -461,9 +524,8 @@ def dead_letters_list(config_path: str | None, pattern: str | None, as_json: boo
 
 
 @dead_letters.command("replay")
-@_config_opt
 @_pattern_opt
-@_client_command
+@_client_command(config_path_to_func=True)
 def dead_letters_replay(client: Any, config_path: str | None, pattern: str | None) -> None:
     """Re-send dead letters with ack=True under their own event ids; remove the acked ones.
 
@@ -531,7 +593,6 @@ def cluster_status(config_path: str | None, as_json: bool, overrides: dict[str, 
 def bench(args: tuple[str, ...]) -> None:
     """Run scripts/bench.py (needs a source checkout); `evserver bench --help` for options."""
     import runpy
-    from pathlib import Path
 
     candidates = [Path.cwd() / "scripts" / "bench.py",
                   Path(__file__).resolve().parent.parent / "scripts" / "bench.py"]

@@ -6,15 +6,34 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 
 from .app import App
 from .errors import EvserverError
 
 
 class AppLoadError(EvserverError, ImportError):
-    """The app spec cannot be imported or does not name an ``App``."""
+    """The app spec cannot be imported or does not name an ``App``.
+
+    ``details`` is the traceback of the exception the app's import raised (empty when the
+    spec itself is wrong): the message alone, ``KeyError: 'x'``, does not say where.
+    """
 
     code = "app_load_error"
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def _app_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback without the frames of this loader and of importlib: what is left
+    starts at the app's own module, as when Python itself reports a failed import."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if f.filename != __file__ and "importlib" not in f.filename]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames),
+             *traceback.format_exception_only(exc)]
+    return "".join(lines).rstrip("\n")
 
 
 def load_app(spec: str) -> App:
@@ -47,7 +66,8 @@ def load_app(spec: str) -> App:
     except AppLoadError:
         raise
     except Exception as exc:
-        raise AppLoadError(f"cannot import {target!r}: {type(exc).__name__}: {exc}") from exc
+        raise AppLoadError(f"cannot import {target!r}: {type(exc).__name__}: {exc}",
+                           _app_traceback(exc)) from exc
     try:
         app = getattr(module, attr)
     except AttributeError:

@@ -45,8 +45,8 @@ def run_single(
     from .loader import AppLoadError, load_app
     from .server import Server
 
-    def fail(code: int, message: str) -> int:
-        log.error("%s", message)
+    def fail(code: int, message: str, details: str = "") -> int:
+        log.error("%s", f"{message}\n{details}" if details else message)
         if on_error is not None:
             on_error(code, message)
         return code
@@ -54,11 +54,19 @@ def run_single(
     try:
         app = load_app(app_spec)
     except AppLoadError as exc:
-        return fail(EXIT_APP_LOAD_ERROR, str(exc))
+        return fail(EXIT_APP_LOAD_ERROR, str(exc), exc.details)
     server = Server.from_config(app, cfg, **server_overrides)
+    admin = None
+    if serve_admin and cfg.admin.enabled:  # first: a busy admin port refuses the start
+        try:
+            admin = start_admin(server, cfg)
+        except OSError as exc:
+            return fail(EXIT_FAILURE, admin_unavailable(cfg, exc))
     try:
         server.start()
     except OSError as exc:
+        if admin is not None:
+            admin.kill()
         return fail(EXIT_FAILURE, f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
                                   f"{exc.strerror or exc}")
     except ClusterError as exc:
@@ -66,7 +74,6 @@ def run_single(
     server.install_signals()
     tune_gc(cfg.server.gc_threshold)
     log.info("evserver ready: serving %s on %s:%d", app_spec, *server.address)
-    admin = start_admin(server, cfg) if serve_admin and cfg.admin.enabled else None
     if on_ready is not None:
         on_ready(server)
     server.serve_forever()
@@ -91,19 +98,23 @@ def tune_gc(threshold: int) -> None:
 
 
 def start_admin(server: Server, cfg: Any) -> Any:
-    """The admin listener on the server's hub; None (and an error logged) if it cannot bind.
-
-    A busy admin port does not stop event traffic from being served: that is the job.
-    """
+    """The admin listener on the server's hub (its green thread); OSError if it cannot bind."""
     from .admin import AdminApp, LocalBackend, handler_defaults, serve_green
 
     app = AdminApp(LocalBackend(server, handler_defaults(cfg)), token=cfg.admin.token)
-    try:
-        gt, address = serve_green(app, cfg.admin.host, cfg.admin.port, server.ssl_context)
-    except OSError as exc:
-        log.error("admin listener disabled: cannot listen on %s:%d: %s", cfg.admin.host,
-                  cfg.admin.port, exc.strerror or exc)
-        return None
+    gt, address = serve_green(app, cfg.admin.host, cfg.admin.port, server.ssl_context)
     log.info("admin listening on %s://%s:%d", "https" if server.ssl_context else "http",
              *address)
     return gt
+
+
+def admin_unavailable(cfg: Any, exc: OSError) -> str:
+    """Why the server refuses to start without its admin listener.
+
+    Serving events without it would look fine until someone runs ``evserver stop`` or
+    ``stats`` for this server and reaches whichever process holds the port instead.
+    """
+    return (f"refusing to start: cannot listen for admin on {cfg.admin.host}:"
+            f"{cfg.admin.port}: {exc.strerror or exc} (another evserver? its admin commands "
+            f"would reach that one); choose another [admin] port (--admin-port) or turn the "
+            f"listener off ([admin] enabled = false, --no-admin-enabled)")

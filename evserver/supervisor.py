@@ -37,7 +37,7 @@ from .admin import TAIL_FLUSH, AdminApp, AdminError, ThreadedAdmin
 from .channel import Channel
 from .config import Config, load_config
 from .errors import ConfigError, EvserverError
-from .runner import EXIT_APP_LOAD_ERROR, EXIT_FAILURE, EXIT_OK
+from .runner import EXIT_APP_LOAD_ERROR, EXIT_FAILURE, EXIT_OK, admin_unavailable
 from .worker import CONFIG_ENV, CONFIG_FROM_ENV
 
 log = logging.getLogger("evserver.supervisor")
@@ -246,7 +246,8 @@ class Supervisor:
             self._install_signals()
             log.info("master %d: starting %d workers for %s on %s:%d", os.getpid(),
                      self.num_workers, self.app_spec, self.claim.host, self.claim.port)
-            self._start_admin()
+            if not self._start_admin():
+                return EXIT_FAILURE
             while not (self.stopping and not self.workers):
                 self._tick()
             log.info("master %d: exiting with code %d", os.getpid(), self.exit_code)
@@ -632,10 +633,11 @@ class Supervisor:
     # for runs here, on the main loop, through ``call_soon``: the loop alone touches the
     # workers, their channels and the supervisor's state.
 
-    def _start_admin(self) -> None:
+    def _start_admin(self) -> bool:
+        """Serve the admin listener, if enabled; False (logged) when its port is busy."""
         admin = self.cfg.admin
         if not admin.enabled:
-            return
+            return True
         app = AdminApp(MasterAdmin(self), token=admin.token)
         try:
             from .tls import context_from_config
@@ -643,11 +645,11 @@ class Supervisor:
             ssl_context = context_from_config(self.cfg.tls, green=False)  # threads, no hub
             self.admin = ThreadedAdmin(app, admin.host, admin.port, ssl_context)
         except OSError as exc:
-            log.error("admin listener disabled: cannot listen on %s:%d: %s", admin.host,
-                      admin.port, exc.strerror or exc)
-            return
+            log.error("evserver: %s", admin_unavailable(self.cfg, exc))
+            return False
         log.info("admin listening on %s://%s:%d", "https" if ssl_context else "http",
                  *self.admin.address)
+        return True
 
     def call_soon(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` on the main loop (from any thread); its result arrives in the future."""

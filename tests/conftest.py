@@ -3,7 +3,8 @@
 ``server_factory(app_spec, *extra_args, env=None, port=None)`` starts
 ``python -m evserver serve APP --host 127.0.0.1 --port PORT *extra_args`` in a temporary
 directory (so no ``config/evserver.toml`` or ``EVSERVER_*`` variable of the developer leaks
-in), waits until the server's HELLO arrives (bounded by ``START_TIMEOUT``) and returns a
+in; the admin listener gets an ephemeral port, since a busy one refuses the start), waits
+until the server's HELLO arrives (bounded by ``START_TIMEOUT``) and returns a
 ``ServerProcess`` (``.host``, ``.port``, ``.address``, ``.proc``, ``.stop()``, ``.log()``).
 Pass ``port=`` to restart a server where a killed one listened. Every server a test started
 is stopped (SIGTERM, then SIGKILL) at teardown, and a failing test's report shows each
@@ -137,6 +138,7 @@ def server_factory(request: pytest.FixtureRequest,
               port: int | None = None) -> ServerProcess:
         port = free_port() if port is None else port
         environ = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
+        environ["EVSERVER_ADMIN_PORT"] = "0"  # a busy admin port refuses the start
         environ["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(REPO), environ.get("PYTHONPATH")]))
         environ.update(env or {})

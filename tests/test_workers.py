@@ -76,7 +76,7 @@ class Master:
         self.record = tmp_path / "record.txt"
         self.log_path = tmp_path / f"master-{self.port}.log"
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1",
-                   WORKERS_APP_RECORD=str(self.record), **(env or {}))
+                   WORKERS_APP_RECORD=str(self.record), EVSERVER_ADMIN_PORT="0", **(env or {}))
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "evserver", "serve", f"{app}:app", "--workers", "2",

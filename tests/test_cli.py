@@ -1,0 +1,186 @@
+"""The command line as an operator meets it: client commands that find the server ``serve``
+was configured for, payloads too large for one argument, exit codes and messages.
+
+Servers are real ``evserver serve`` subprocesses (``server_factory``); the commands run in
+process through click's runner, in a temporary directory so that its
+``config/evserver.toml`` is the only one found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import APPS, REPO, ServerFactory, ServerProcess, free_port
+
+from evserver.cli import main
+
+KEY = "k" * 24
+
+
+@pytest.fixture
+def server(server_factory: ServerFactory) -> ServerProcess:
+    return server_factory(f"{APPS}/basic.py:app")
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory and no ``EVSERVER_*`` variable of the developer."""
+    for var in [v for v in os.environ if v.startswith("EVSERVER_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def invoke(*args: str, env: dict[str, str] | None = None, input: Any = None) -> Any:
+    return CliRunner().invoke(main, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def write_config(directory: Path, text: str) -> Path:
+    path = directory / "config" / "evserver.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------ point 1: client commands read serve's config
+
+
+def test_client_commands_read_the_port_from_config_file(server: ServerProcess, cwd: Path) -> None:
+    write_config(cwd, f"[server]\nport = {server.port}\n")
+    result = invoke("ping")
+    assert result.exit_code == 0, result.output
+    assert f"pong from 127.0.0.1:{server.port}" in result.stdout
+    result = invoke("request", "echo", '{"a": 1}')
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"a": 1}
+    assert invoke("send", "echo", "1", "--ack").exit_code == 0
+
+
+def test_client_commands_read_an_explicit_config_and_the_server_env(
+        server: ServerProcess, cwd: Path) -> None:
+    other = cwd / "elsewhere.toml"
+    other.write_text(f'[server]\nhost = "0.0.0.0"\nport = {server.port}\n')
+    result = invoke("ping", "--config", str(other))  # listening everywhere: reach loopback
+    assert result.exit_code == 0 and f"127.0.0.1:{server.port}" in result.stdout, result.output
+    result = invoke("ping", env={"EVSERVER_SERVER_PORT": str(server.port)})
+    assert result.exit_code == 0, result.output
+    # The documented aliases and the flag still win over the config's layers.
+    write_config(cwd, "[server]\nport = 1\n")
+    assert invoke("ping", env={"EVSERVER_PORT": str(server.port)}).exit_code == 0
+    assert invoke("ping", "--port", str(server.port)).exit_code == 0
+    result = invoke("ping", "--config", str(cwd / "missing.toml"))
+    assert result.exit_code == 2 and "config file not found" in result.stderr
+
+
+def test_client_commands_use_the_configured_shared_key(server_factory: ServerFactory,
+                                                       cwd: Path) -> None:
+    server = server_factory(f"{APPS}/basic.py:app", env={"EVSERVER_SHARED_KEY": KEY})
+    assert invoke("ping", "--port", str(server.port)).exit_code == 1  # no key: refused
+    write_config(cwd, f'[server]\nport = {server.port}\n[security]\nshared_key = "{KEY}"\n')
+    result = invoke("request", "echo", "[1, 2]")
+    assert result.exit_code == 0 and json.loads(result.stdout) == [1, 2], result.output
+    # A rotation table: the last key is the newest.
+    write_config(cwd, f'[server]\nport = {server.port}\n[security.shared_keys]\n'
+                      f'old = "{"o" * 16}"\nnew = "{KEY}"\n')
+    assert invoke("ping").exit_code == 1  # the server holds only the "default" key
+    result = invoke("ping", "--key-id", "default", "--shared-key", KEY)
+    assert result.exit_code == 0, result.output
+
+
+def run_serve(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``evserver serve`` in a clean environment; for commands that exit by themselves."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "evserver", "serve", *args],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=cwd,
+                          stdin=subprocess.DEVNULL)
+
+
+# ---------------------------------------------- point 2: an app import error shows a traceback
+
+
+BROKEN_APP = '''\
+from evserver import App
+
+app = App()
+SETTINGS = {}
+timeout = SETTINGS["x"]
+'''
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_app_import_error_logs_the_traceback(tmp_path: Path, workers: str) -> None:
+    app = tmp_path / "broken_app.py"
+    app.write_text(BROKEN_APP)
+    result = run_serve(f"{app}:app", "--port", "0", "--no-admin-enabled", "--workers", workers,
+                       cwd=tmp_path)
+    assert result.returncode == 4, result.stderr
+    assert "cannot import" in result.stderr and "KeyError: 'x'" in result.stderr
+    assert "Traceback (most recent call last):" in result.stderr
+    assert f'File "{app}", line 5, in <module>' in result.stderr
+    assert 'timeout = SETTINGS["x"]' in result.stderr
+    assert "importlib" not in result.stderr and "loader.py" not in result.stderr
+
+
+# ------------------------------------------------ point 3: a busy admin port refuses the start
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_busy_admin_port_refuses_to_start(tmp_path: Path, workers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        port = free_port()
+        result = run_serve(f"{APPS}/basic.py:app", "--port", str(port), "--admin-port",
+                           str(busy), "--workers", workers, cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert f"refusing to start: cannot listen for admin on 127.0.0.1:{busy}" in result.stderr
+        assert "--no-admin-enabled" in result.stderr and "Traceback" not in result.stderr
+        # No event was ever served without its admin listener.
+        assert "evserver ready" not in result.stderr and "master ready" not in result.stderr
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_busy_admin_port_is_fine_with_admin_disabled(server_factory: ServerFactory) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        server = server_factory(f"{APPS}/basic.py:app", "--admin-port", busy,
+                                "--no-admin-enabled")
+        assert invoke("ping", "--port", str(server.port)).exit_code == 0
+
+
+# --------------------------------------------- point 4: payloads from stdin and @file
+
+
+def test_payloads_beyond_one_argument_from_stdin_and_file(server: ServerProcess,
+                                                          cwd: Path) -> None:
+    big = {"blob": "x" * 300_000}  # more than one argv string may hold (128 KiB)
+    port = str(server.port)
+    result = invoke("request", "echo", "-", "--port", port, input=json.dumps(big))
+    assert result.exit_code == 0, result.output[-300:]
+    assert json.loads(result.stdout) == big
+    (cwd / "big.json").write_text(json.dumps(big))
+    result = invoke("request", "echo", "@big.json", "--port", port)
+    assert result.exit_code == 0 and json.loads(result.stdout) == big
+    result = invoke("send", "echo", "@big.json", "--ack", "--port", port)
+    assert result.exit_code == 0 and result.stdout.strip()
+    # Beyond the server's max_frame_bytes (1 MiB): refused before sending, one line.
+    (cwd / "huge.json").write_text(json.dumps({"blob": "x" * 1_100_000}))
+    result = invoke("request", "echo", "@huge.json", "--port", port)
+    assert result.exit_code == 1 and "max_frame_bytes=1048576" in result.stderr
+    assert result.stderr.count("\n") == 1
+    result = invoke("request", "echo", "@missing.json", "--port", port)
+    assert result.exit_code == 2 and "cannot read missing.json" in result.stderr
+    result = invoke("request", "echo", "-", "--port", port, input="{nope")
+    assert result.exit_code == 2 and "not valid JSON (from stdin)" in result.stderr
