@@ -591,14 +591,18 @@ def cluster_status(config_path: str | None, as_json: bool, overrides: dict[str, 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Run scripts/bench.py (needs a source checkout); `evserver bench --help` for options."""
+    """Run scripts/bench.py (needs a source checkout); `evserver bench --help` for options.
+
+    `evserver bench --cluster` runs scripts/bench_cluster.py instead: 1 node against 2 nodes
+    of a cluster on a redis-server it starts (`evserver bench --cluster --help`)."""
     import runpy
 
-    candidates = [Path.cwd() / "scripts" / "bench.py",
-                  Path(__file__).resolve().parent.parent / "scripts" / "bench.py"]
+    name = "bench_cluster.py" if "--cluster" in args else "bench.py"
+    candidates = [Path.cwd() / "scripts" / name,
+                  Path(__file__).resolve().parent.parent / "scripts" / name]
     script = next((c for c in candidates if c.is_file()), None)
     if script is None:
-        _fail("evserver bench runs scripts/bench.py from a source checkout; none found here")
+        _fail(f"evserver bench runs scripts/{name} from a source checkout; none found here")
     sys.argv = [str(script), *args]
     runpy.run_path(str(script), run_name="__main__")
 
