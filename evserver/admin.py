@@ -232,9 +232,9 @@ def describe_handlers(app: App, defaults: dict[str, Any]) -> list[dict[str, Any]
         opts = {k: v for k, v in h.options.items() if v is not None}
         ordered = opts.pop("ordered_by", None)
         effective = {**defaults, **opts}
-        if ordered is not None:
-            effective["ordered_by"] = ordered if isinstance(ordered, str) else getattr(
-                ordered, "__qualname__", repr(ordered))
+        if h.kind == "processor":  # always shown: "not ordered" is worth seeing too
+            effective["ordered_by"] = ordered if ordered is None or isinstance(ordered, str) \
+                else getattr(ordered, "__qualname__", repr(ordered))
         out.append({"kind": h.kind, "pattern": h.pattern, "name": h.name,
                     "options": effective})
     return out

@@ -17,7 +17,13 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import ConfigError, click_options, load_config
+from .config import (
+    ConfigError,
+    click_options,
+    describe_sources,
+    effective_settings,
+    load_config,
+)
 
 log = logging.getLogger("evserver")
 
@@ -39,20 +45,13 @@ def main() -> None:
     """
 
 
-@main.command()
-@click.argument("app_spec", metavar="APP")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML config file [default: config/evserver.toml if present].")
-@click_options
-def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> None:
-    """Serve APP (`module:attr` or `path/to/file.py:attr`) until SIGTERM/SIGINT.
+_serve_config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                                 help="TOML config file [default: config/evserver.toml if "
+                                      "present].")
 
-    With --workers N (N > 1 or "auto") a master supervises N worker processes; see
-    docs/workers.md for its signals (HUP reloads, TTIN/TTOU add/remove a worker).
 
-    Settings come from defaults < config file < EVSERVER_<TABLE>_<KEY> environment
-    variables < these flags.
-    """
+def _checked_config(config_path: str | None, overrides: dict[str, Any]) -> Any:
+    """The settings ``serve`` would run with, or exit 2 saying what is wrong with them."""
     try:
         cfg = load_config(config_path, overrides=overrides)
         from .security import exposure_problem
@@ -68,9 +67,45 @@ def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
         context_from_config(cfg.tls, green=False)  # bad files: a clear error, not a traceback
     except (OSError, ValueError) as exc:
         _fail(f"cannot use the [tls] certificate/key: {exc}", 2)
+    return cfg
+
+
+def _log_startup(cfg: Any) -> None:
+    """What an operator needs to know before the first event: which code, which settings
+    (a ``config/evserver.toml`` in the cwd is read silently otherwise), how many workers.
+    The listeners log their own bound addresses as they bind."""
+    import platform
+
+    log.info("evserver %s (Python %s, pid %d), %s", __version__,
+             platform.python_version(), os.getpid(), describe_sources(cfg))
+    srv = cfg.server
+    log.info("%d worker%s, pool %d and queue %d per worker; [forward] %s, [admin] %s",
+             srv.workers, "" if srv.workers == 1 else "s", srv.pool_size, srv.queue_size,
+             f"{cfg.forward.host}:{cfg.forward.port}" if cfg.forward.enabled else "off",
+             f"{cfg.admin.host}:{cfg.admin.port}" if cfg.admin.enabled else "off")
+    if cfg.security.debug:
+        log.warning("[security] debug is on: clients receive handler tracebacks in error "
+                    "messages; never use it in production")
+
+
+@main.command()
+@click.argument("app_spec", metavar="APP")
+@_serve_config_opt
+@click_options
+def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> None:
+    """Serve APP (`module:attr` or `path/to/file.py:attr`) until SIGTERM/SIGINT.
+
+    With --workers N (N > 1 or "auto") a master supervises N worker processes; see
+    docs/workers.md for its signals (HUP reloads, TTIN/TTOU add/remove a worker).
+
+    Settings come from defaults < config file < EVSERVER_<TABLE>_<KEY> environment
+    variables < these flags.
+    """
+    cfg = _checked_config(config_path, overrides)
     from .logs import configure_logging
 
     configure_logging(cfg.server.log_level, cfg.server.log_format)
+    _log_startup(cfg)
     if cfg.server.workers > 1:
         from .supervisor import run_supervisor
 
@@ -78,6 +113,59 @@ def serve(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
     from .runner import run_single
 
     sys.exit(run_single(app_spec, cfg))
+
+
+@main.command()
+@click.argument("app_spec", metavar="APP")
+@_serve_config_opt
+@click_options
+def check(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> None:
+    """Check what `serve APP` would run, without serving: the settings, then the app.
+
+    Validates the config (the same layers and flags as `serve`), imports APP and lists its
+    routes. Exit 0 when all is well, 2 for a bad config, 4 when the app cannot be imported.
+    """
+    from .admin import describe_handlers, handler_defaults
+    from .console import format_handlers
+    from .loader import AppLoadError, load_app
+    from .runner import EXIT_APP_LOAD_ERROR
+
+    cfg = _checked_config(config_path, overrides)
+    click.echo(f"config ok: {describe_sources(cfg)}")
+    try:
+        app = load_app(app_spec)
+    except AppLoadError as exc:
+        click.echo(f"evserver: {exc}" + (f"\n{exc.details}" if exc.details else ""), err=True)
+        sys.exit(EXIT_APP_LOAD_ERROR)
+    routes = describe_handlers(app, handler_defaults(cfg))
+    click.echo(f"app ok: {app_spec}, {len(routes)} handler(s)")
+    if routes:
+        click.echo(format_handlers(routes))
+
+
+@main.command("config")
+@_serve_config_opt
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: setting -> value, "
+                                                      "source.")
+@click_options
+def show_config(config_path: str | None, as_json: bool, overrides: dict[str, Any]) -> None:
+    """Print the effective settings `serve` would use and where each comes from.
+
+    Secrets (keys, tokens, passwords) are masked. Takes the same --config, environment and
+    flags as `serve`.
+    """
+    try:
+        cfg = load_config(config_path, overrides=overrides)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    rows = effective_settings(cfg)
+    if as_json:
+        _print_json({name: {"value": value, "source": source} for name, value, source in rows})
+        return
+    from .console import table
+
+    click.echo(table(["SETTING", "VALUE", "SOURCE"],
+                     [[name, json.dumps(value), source] for name, value, source in rows]))
 
 
 # --------------------------------------------------------------------------- admin commands

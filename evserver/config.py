@@ -449,6 +449,35 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     return Config(values, origins, source)
 
 
+def describe_sources(cfg: Config) -> str:
+    """Where ``cfg``'s values came from, in one phrase for the startup log and ``check``."""
+    origins = set(cfg._origins.values())
+    env = sorted(o for o in origins if o.startswith(ENV_PREFIX))
+    flags = sorted(o for o in origins if o.startswith("--"))
+    parts = [f"config file {cfg.source}" if cfg.source is not None
+             else f"no config file ({DEFAULT_PATH} not in {Path.cwd()})"]
+    if env:
+        parts.append("environment " + ", ".join(env))
+    if flags:
+        parts.append("flags " + ", ".join(flags))
+    return "; ".join(parts)
+
+
+_MASK = "********"
+
+
+def effective_settings(cfg: Config) -> list[tuple[str, Any, str]]:
+    """Every setting as (name, value, source), with secrets masked (a table of secrets keeps
+    its key ids), for ``evserver config``."""
+    rows = []
+    for s in SETTINGS:
+        value = cfg.get(s.table, s.key)
+        if s.name in _SECRETS and value:
+            value = dict.fromkeys(value, _MASK) if isinstance(value, dict) else _MASK
+        rows.append((s.name, value, cfg.origin(s.table, s.key)))
+    return rows
+
+
 # Settings that only make sense with another one: (setting, needs, why).
 _NEEDS = (
     ("forward.users", "forward.shared_key", "a user handshake needs a shared key too"),
@@ -519,8 +548,17 @@ def click_options(func: _F) -> _F:
     return cast(_F, command)
 
 
+_USAGE = """usage: python -m evserver.config [--markdown]
+
+Print the default config/evserver.toml (every setting, commented out, with its default),
+or with --markdown the settings table of the README. `evserver config` prints the settings
+in effect instead."""
+
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1:] not in ([], ["--markdown"]):
+        print(_USAGE, file=sys.stdout if sys.argv[1:] in (["-h"], ["--help"]) else sys.stderr)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     print(settings_table_markdown() if sys.argv[1:] == ["--markdown"] else render_default_toml(),
           end="")

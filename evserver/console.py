@@ -179,7 +179,8 @@ def format_workers(doc: dict[str, Any], rates: dict[int, float]) -> str:
 
 def format_handlers(handlers: list[dict[str, Any]]) -> str:
     rows = [[h["kind"], h["pattern"], h["name"],
-             " ".join(f"{k}={v}" for k, v in h["options"].items())] for h in handlers]
+             " ".join(f"{k}={'-' if v is None else v}" for k, v in h["options"].items())]
+            for h in handlers]
     return table(["KIND", "PATTERN", "HANDLER", "OPTIONS"], rows)
 
 

@@ -13,10 +13,20 @@ listener (and to the reference's Forward twin): Message mode (single), Forward m
 acked), PackedForward (packed). Forward has no request/reply, so no rr or idle; its
 fire-and-forget runs end with one acked chunk instead of the PING.
 
+Handler costs (``--handler-wait MS``, ``--handler-cpu US``, ``--ordered-keys K``, and
+``--listener`` for a listener on every event) reach the servers as BENCH_* environment
+variables (scripts/bench_costs.py). Such runs also report the most handlers in flight at once,
+the bound a perfect server would reach (``min(pool, events in flight, K) / (wait + spin)``),
+and, with a wait, run the asyncio reference (scripts/ref_asyncio.py: a task per event under a
+semaphore of ``--pool-size``, uvloop when installed). ``--suite issue13`` runs the acceptance
+loads of parallel handlers, one table each.
+
     python scripts/bench.py --target ref --mode all --repeat 3          # reference only
     python scripts/bench.py --mode batch --batch 100 --json             # ref vs evserver
     python scripts/bench.py --protocol forward --mode acked             # Fluentd Forward
     python scripts/bench.py --server-cmd "python my_launcher.py {port}" # any other server
+    python scripts/bench.py --mode rr --handler-wait 10                 # 10 ms green waits
+    python scripts/bench.py --suite issue13 --duration 4 --repeat 3    # parallel handlers
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import argparse
 import array
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -39,6 +50,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 MODES = {"native": ("single", "batch", "acked", "rr", "idle"),
          "forward": ("single", "batch", "packed", "acked")}
+UNPACED = ("single", "batch", "packed")  # fire-and-forget: sent as fast as the socket takes
 CONNECTIONS = {"single": 1, "batch": 1, "packed": 1, "acked": 8, "rr": 50, "idle": 1}
 EVENT_BODY = ["bench", {"seq": 12345, "payload": "x" * 16}]  # ~40 bytes, like the notes' 48
 EVENT_TIME = 1700000000  # Forward entry time: an int, as fluent-logger sends by default
@@ -116,9 +129,12 @@ def fire(conns: list, chunk: bytes, per_chunk: int, finale: tuple[bytes, Any, in
     return sent + last_events * len(conns), []
 
 
-def windowed(conns: list, frames: list[bytes], per_frame: int, deadline: float) -> tuple[int, list]:
-    """Keep every frame (corr i+1) in flight on every connection; an answer resends its corr."""
-    window, lat, done = len(frames), [], 0
+def windowed(conns: list, variants: list[list[bytes]], first: int, per_frame: int,
+             deadline: float) -> tuple[int, list]:
+    """Keep every frame (corr i+1) in flight on every connection; an answer resends its corr.
+    Connection i (``first`` + i over all generators) sends variant i % len(variants)."""
+    frames_of = [variants[(first + i) % len(variants)] for i in range(len(conns))]
+    window, lat, done = len(variants[0]), [], 0
     sent_at = [[0.0] * (window + 1) for _ in conns]
     sel = None
     if len(conns) > 1:  # one connection: block in recv, no epoll round trip on the latency path
@@ -127,7 +143,7 @@ def windowed(conns: list, frames: list[bytes], per_frame: int, deadline: float) 
             sel.register(sock, selectors.EVENT_READ, i)
     for i, (sock, _) in enumerate(conns):
         sent_at[i] = [time.monotonic()] * (window + 1)
-        sock.sendall(b"".join(frames))
+        sock.sendall(b"".join(frames_of[i]))
     outstanding = window * len(conns)
     while outstanding:
         ready = [key.data for key, _ in sel.select(IO_TIMEOUT)] if sel else [0]
@@ -138,7 +154,7 @@ def windowed(conns: list, frames: list[bytes], per_frame: int, deadline: float) 
             if not (data := sock.recv(65536)):
                 raise ConnectionError("server closed the connection")
             unpacker.feed(data)
-            now, again, times = time.monotonic(), [], sent_at[i]
+            now, again, times, frames = time.monotonic(), [], sent_at[i], frames_of[i]
             for answer in unpacker:
                 corr = answer_corr(answer)
                 lat.append(now - times[corr])
@@ -172,9 +188,10 @@ def generator(job: dict, ready: Any, go: Any, results: Any) -> None:
             events, lat = fire(conns, job["chunk"], job["per_chunk"], job["finale"], deadline,
                                job["rate"])
         else:
-            events, lat = windowed(conns, job["frames"], job["per_frame"], deadline)
+            events, lat = windowed(conns, job["variants"], job["first"], job["per_frame"],
+                                   deadline)
         t1, cpu1 = time.monotonic(), os.times()
-        cpu = cpu1.user + cpu1.system - cpu0.user - cpu0.system
+        cpu = max(0.0, cpu1.user + cpu1.system - cpu0.user - cpu0.system)
         results.put({"events": events, "t0": t0, "t1": t1, "cpu": cpu, "rts": len(lat),
                      "lat": array.array("d", lat).tobytes()})
     except Exception as exc:
@@ -187,42 +204,70 @@ def generator(job: dict, ready: Any, go: Any, results: Any) -> None:
 # --- payloads: built once, in the parent ----------------------------------------------------
 
 
-def frame(protocol: str, mode: str, batch: int, corr: int = 0) -> bytes:
-    """One frame of a single event or of ``batch`` events, acked under ``corr`` if set.
+def body(key: int | None = None) -> list:
+    """One event's [type, data]; with ordered keys the data carries ``key``."""
+    if key is None:
+        return EVENT_BODY
+    return [EVENT_BODY[0], {**EVENT_BODY[1], "key": key}]
+
+
+def bodies(n: int, keys: int) -> list[list]:
+    """``n`` events, their keys cycling over ``keys`` (none if 0)."""
+    if not keys:
+        return [EVENT_BODY] * n
+    return [body(i % keys) for i in range(n)]
+
+
+def frame(protocol: str, mode: str, events: list[list], corr: int = 0) -> bytes:
+    """One frame of ``events`` ([type, data] each; one for "single"), acked under ``corr``
+    if set.
 
     Forward asks for the ack with option ``{"chunk": str(corr)}``, so the ack names the corr.
     """
     if protocol == "native":
-        return msgpack.packb([EVENT, corr, EVENT_BODY] if mode == "single"
-                             else [BATCH, corr, [EVENT_BODY] * batch])
-    tag, record = EVENT_BODY
-    request = {"single": [tag, EVENT_TIME, record],
-               "batch": [tag, [[EVENT_TIME, record]] * batch],
-               "packed": [tag, msgpack.packb([EVENT_TIME, record]) * batch]}[mode]
-    options = {"size": batch} if mode == "packed" else {}  # as Fluentd and Fluent Bit send
+        return msgpack.packb([EVENT, corr, events[0]] if mode == "single"
+                             else [BATCH, corr, events])
+    tag = EVENT_BODY[0]
+    request = {"single": [tag, EVENT_TIME, events[0][1]],
+               "batch": [tag, [[EVENT_TIME, record] for _, record in events]],
+               "packed": [tag, b"".join(msgpack.packb([EVENT_TIME, record])
+                                        for _, record in events)]}[mode]
+    options = {"size": len(events)} if mode == "packed" else {}  # as Fluentd, Fluent Bit send
     if corr:
         options["chunk"] = str(corr)
     return msgpack.packb([*request, options] if options else request)
 
 
-# What ends a fire-and-forget run on each connection: (bytes, their answer, events in them).
-# The answer proves every earlier frame of the connection was dispatched: the PONG, or the ack
-# of one chunk, since evserver acks in request order.
-FINALES = {"native": (PING_FRAME, [PONG, 1], 0),
-           "forward": (frame("forward", "batch", 1, corr=1), {"ack": "1"}, 1)}
+def finale(protocol: str, keys: int = 0) -> tuple[bytes, Any, int]:
+    """What ends a fire-and-forget run on each connection: (bytes, their answer, events in
+    them). The answer proves every earlier frame of the connection was dispatched: the PONG,
+    or the ack of one chunk, since evserver acks in request order."""
+    if protocol == "native":
+        return PING_FRAME, [PONG, 1], 0
+    return frame("forward", "batch", [body(0 if keys else None)], corr=1), {"ack": "1"}, 1
 
 
-def payload(protocol: str, mode: str, batch: int, window: int) -> dict:
-    """Pre-encoded bytes for a mode: a ~64 KiB chunk (fire-and-forget) or W corr'd frames."""
-    if mode in ("single", "batch", "packed"):
-        unit = frame(protocol, mode, batch)
+def payload(protocol: str, mode: str, batch: int, window: int, keys: int = 0) -> dict:
+    """Pre-encoded bytes for a mode: a ~64 KiB chunk (fire-and-forget) or W corr'd frames.
+
+    With ordered ``keys``, batches cycle over the keys, a fire-and-forget chunk of single
+    events holds one frame per key, and request/reply has one variant per key: connection i
+    sends key i % K (``variants``: one list of frames per key; ``frames`` is the first)."""
+    if mode in UNPACED:
+        if mode == "single":
+            unit = b"".join(frame(protocol, mode, [body(k)]) for k in range(keys)) if keys else (
+                frame(protocol, mode, [EVENT_BODY]))
+            per_unit = keys or 1
+        else:
+            unit, per_unit = frame(protocol, mode, bodies(batch, keys)), batch
         k = max(1, 65536 // len(unit))
-        return {"chunk": unit * k, "per_chunk": k * (1 if mode == "single" else batch),
-                "finale": FINALES[protocol]}
+        return {"chunk": unit * k, "per_chunk": k * per_unit, "finale": finale(protocol, keys)}
     if mode == "acked":
-        frames = [frame(protocol, "batch", batch, c) for c in range(1, window + 1)]
-        return {"chunk": None, "frames": frames, "per_frame": batch}
-    return {"chunk": None, "frames": [msgpack.packb([REQUEST, 1, EVENT_BODY])], "per_frame": 1}
+        frames = [frame(protocol, "batch", bodies(batch, keys), c) for c in range(1, window + 1)]
+        return {"chunk": None, "frames": frames, "variants": [frames], "per_frame": batch}
+    variants = [[msgpack.packb([REQUEST, 1, body(k if keys else None)])]
+                for k in range(keys or 1)]
+    return {"chunk": None, "frames": variants[0], "variants": variants, "per_frame": 1}
 
 
 def payload_bytes(p: dict) -> tuple[bytes, int]:
@@ -287,11 +332,11 @@ def server_rss(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def server(cmd: list[str], port: int, cpus: Any, hello: bool):
-    """Start the server in its own session, wait until ``port`` accepts (and sends HELLO if
-    ``hello``), stop it afterwards."""
+def server(cmd: list[str], port: int, cpus: Any, hello: bool, env: dict[str, str]):
+    """Start the server in its own session (``env`` added to ours), wait until ``port``
+    accepts (and sends HELLO if ``hello``), stop it afterwards."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(SCRIPTS)]),
-               PYTHONWARNINGS="ignore")
+               PYTHONWARNINGS="ignore", **env)
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -329,27 +374,49 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-def check_processed(admin_port: int, sent: int) -> None:
-    """Fail unless evserver's admin /stats counts exactly the ``sent`` events as processed."""
+def wait_processed(admin_port: int, sent: int) -> float | None:
+    """Wait until evserver's admin /stats counts exactly the ``sent`` events as processed.
+
+    Returns when that was first seen, or None if it already was at the first look: the
+    generators' own clock then holds. Handlers that wait may still run after a fire-and-forget
+    run's finale is answered (its answer proves dispatch, not completion), and their time
+    belongs to the run. Fails if more were processed, or if they never are (bounded)."""
     url = f"http://127.0.0.1:{admin_port}/stats"
-    with urllib.request.urlopen(url, timeout=IO_TIMEOUT) as resp:
-        done = json.load(resp)["totals"]["events_out"]
-    if done != sent:
-        raise RuntimeError(f"evserver processed {done:,} events; the generators sent {sent:,}")
+    deadline, first = time.monotonic() + 2 * IO_TIMEOUT, True
+    while True:
+        with urllib.request.urlopen(url, timeout=IO_TIMEOUT) as resp:
+            done = json.load(resp)["totals"]["events_out"]
+        if done == sent:
+            return None if first else time.monotonic()
+        if done > sent or time.monotonic() > deadline:
+            raise RuntimeError(f"evserver processed {done:,} events; the generators sent {sent:,}")
+        first = False
+        time.sleep(0.01)
+
+
+def max_in_flight(prefix: str) -> int | None:
+    """The most handlers a server process had in flight (bench_costs.Concurrency's files)."""
+    counts = [int(f.read_text()) for f in Path(prefix).parent.glob(Path(prefix).name + ".*")]
+    return max(counts) if counts else None
 
 
 # --- driving one run ------------------------------------------------------------------------
 
 
-def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float) -> dict:
-    """Spread ``conns`` over ``gens`` spawned generators, run them, collect the figures."""
+def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float,
+          settle: Callable[[int], float | None] | None = None) -> dict:
+    """Spread ``conns`` over ``gens`` spawned generators, run them, collect the figures.
+
+    ``settle(events)`` waits until the server has finished the events sent and returns when
+    it did (None: when the generators finished)."""
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     gens = max(1, min(gens, conns))
+    shares = [conns // gens + (g < conns % gens) for g in range(gens)]
     procs = [ctx.Process(target=generator, daemon=True, args=(
-        dict(job, port=port, duration=duration, conns=conns // gens + (g < conns % gens),
+        dict(job, port=port, duration=duration, conns=share, first=sum(shares[:g]),
              rate=job["rate"] / gens),
-        ready, go, results)) for g in range(gens)]
+        ready, go, results)) for g, share in enumerate(shares)]
     for p in procs:
         p.start()
     try:
@@ -359,16 +426,17 @@ def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float
         cpu0, w0 = server_cpu(pid), time.monotonic()
         go.set()
         outs = [results.get(timeout=duration + 90) for _ in procs]
+        if errors := [o["error"] for o in outs if "error" in o]:
+            raise RuntimeError(f"generator failed: {errors}")
+        events = sum(o["events"] for o in outs)
+        settled = settle(events) if settle else None
         cpu1, w1, rss = server_cpu(pid), time.monotonic(), server_rss(pid)
     finally:
         for p in procs:
             p.join(5)
             if p.is_alive():
                 p.kill()
-    if errors := [o["error"] for o in outs if "error" in o]:
-        raise RuntimeError(f"generator failed: {errors}")
-    wall = max(o["t1"] for o in outs) - min(o["t0"] for o in outs)
-    events = sum(o["events"] for o in outs)
+    wall = max(settled or 0, *(o["t1"] for o in outs)) - min(o["t0"] for o in outs)
     lat = sorted(x for o in outs for x in array.array("d", o["lat"]))
     res = {"events_per_s": events / wall, "srv_us_per_event": (cpu1 - cpu0) / events * 1e6,
            "srv_cpu_pct": (cpu1 - cpu0) / (w1 - w0) * 100, "srv_rss_mib": rss / 2**20,
@@ -380,31 +448,52 @@ def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float
     return res
 
 
+def costly(args: argparse.Namespace) -> bool:
+    """True when the handlers have a cost (a wait or a spin): the no-op paths are not used."""
+    return bool(args.handler_wait or args.handler_cpu)
+
+
+def handler_env(args: argparse.Namespace, stats: str) -> dict[str, str]:
+    """The bench's handler settings for scripts/bench_costs.py, in every server's environment."""
+    return {"BENCH_HANDLER_WAIT_MS": str(args.handler_wait),
+            "BENCH_HANDLER_CPU_US": str(args.handler_cpu),
+            "BENCH_ORDERED_KEYS": str(args.ordered_keys),
+            "BENCH_LISTENER": "1" if args.listener else "", "BENCH_STATS": stats}
+
+
 def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dict:
     """One run on a fresh server; the generators use its Forward port with --protocol forward.
 
-    ``target`` is "ref", "evserver" or "evserver-Nw" (N worker processes, left unpinned so
-    the kernel spreads them over the cores)."""
+    ``target`` is "ref" (the no-op eventlet receiver), "asyncio" (scripts/ref_asyncio.py, the
+    bench's handlers as tasks under a semaphore of --pool-size), "evserver" or "evserver-Nw"
+    (N worker processes, left unpinned so the kernel spreads them over the cores)."""
     workers = int(target[9:-1]) if target.startswith("evserver-") else 1
     port, forward_port, admin_port = free_ports(3)
     native = args.protocol == "native"
     gen_port = port if native else forward_port
-    if target == "ref":
-        cmd = [sys.executable, str(SCRIPTS / "ref_receiver.py"), "--port", str(gen_port),
-               "--protocol", args.protocol]
+    if target in ("ref", "asyncio"):
+        script = {"ref": "ref_receiver.py", "asyncio": "ref_asyncio.py"}[target]
+        cmd = [sys.executable, str(SCRIPTS / script), "--port", str(gen_port),
+               "--protocol", args.protocol,
+               *(["--pool-size", str(args.pool_size)] if target == "asyncio" else [])]
     elif args.server_cmd:
         cmd = shlex.split(args.server_cmd.format(port=port, forward_port=forward_port))
     else:
         cmd = [sys.executable, "-m", "evserver.cli", "serve", "bench_app:app",
                "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port),
-               "--workers", str(workers),
+               "--workers", str(workers), "--pool-size", str(args.pool_size),
                *([] if native else ["--forward-enabled", "--forward-port", str(forward_port)])]
     conns = args.connections or CONNECTIONS[mode]
-    job = dict(payload(args.protocol, "rr" if mode == "idle" else mode, args.batch, args.window),
+    job = dict(payload(args.protocol, "rr" if mode == "idle" else mode, args.batch, args.window,
+                       args.ordered_keys),
                cpus={1} if pin else None, hello=native, rate=args.rate * workers)
-    with server(cmd, gen_port, {0} if pin and workers == 1 else None, hello=native) as proc:
+    checked = target.startswith("evserver") and not args.server_cmd
+    settle = (lambda sent: wait_processed(admin_port, sent)) if checked else None
+    with (tempfile.TemporaryDirectory() as stats,
+          server(cmd, gen_port, {0} if pin and workers == 1 else None, hello=native,
+                 env=handler_env(args, str(Path(stats, "in-flight")))) as proc):
         if mode != "idle":
-            res = drive(gen_port, proc.pid, job, conns, args.generators, args.duration)
+            res = drive(gen_port, proc.pid, job, conns, args.generators, args.duration, settle)
         else:
             rss0, idle = server_rss(proc.pid), []
             try:
@@ -415,15 +504,31 @@ def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dic
                         break  # a limit in the server; report how many it took
                 time.sleep(IDLE_SETTLE)
                 rss1 = server_rss(proc.pid)
-                res = drive(port, proc.pid, job, conns, args.generators, args.duration)
+                res = drive(port, proc.pid, job, conns, args.generators, args.duration, settle)
             finally:
                 for sock in idle:
                     sock.close()
             res.update(idle_conns=len(idle),
                        kib_per_idle_conn=(rss1 - rss0) / 1024 / max(1, len(idle)))
-        if target.startswith("evserver") and not args.server_cmd:
-            check_processed(admin_port, res["events"])
+        if (most := max_in_flight(str(Path(stats, "in-flight")))) is not None:
+            res["max_in_flight"] = most
         return res
+
+
+def in_flight_bound(mode: str, args: argparse.Namespace) -> float:
+    """Events the generators keep in flight: unbounded for fire-and-forget."""
+    conns = args.connections or CONNECTIONS[mode]
+    return {"acked": conns * args.window * args.batch, "rr": conns,
+            "idle": conns}.get(mode, float("inf"))
+
+
+def bound(mode: str, args: argparse.Namespace) -> float:
+    """The events/s a perfect server reaches with these handlers: as many run at once as the
+    pool, the events in flight and (ordered) the keys allow, each taking wait + spin; the
+    spins share one core, and --rate caps it."""
+    wait, spin = args.handler_wait / 1e3, args.handler_cpu / 1e6
+    parallel = min(args.pool_size, in_flight_bound(mode, args), args.ordered_keys or math.inf)
+    return min(parallel / (wait + spin), 1 / spin if spin else math.inf, args.rate or math.inf)
 
 
 # --- reporting ------------------------------------------------------------------------------
@@ -432,7 +537,31 @@ COLUMNS = [("events_per_s", "events/s", "{:,.0f}"), ("rt_per_s", "rt/s", "{:,.0f
            ("p50_us", "p50 µs", "{:.0f}"), ("p99_us", "p99 µs", "{:.0f}"),
            ("p999_us", "p99.9 µs", "{:.0f}"), ("srv_us_per_event", "srv µs/ev", "{:.3f}"),
            ("srv_cpu_pct", "srv CPU%", "{:.0f}"), ("srv_rss_mib", "RSS MiB", "{:.1f}"),
-           ("gen_cpu_pct", "gen CPU%", "{:.0f}"), ("kib_per_idle_conn", "KiB/idle", "{:.1f}")]
+           ("gen_cpu_pct", "gen CPU%", "{:.0f}"), ("kib_per_idle_conn", "KiB/idle", "{:.1f}"),
+           ("max_in_flight", "max conc", "{:.0f}")]
+
+# The acceptance loads of issue 13 (handlers that run in parallel), one row each: (name, what,
+# options). Options given with --suite apply to every row unless the row sets them.
+SUITES = {"issue13": [
+    ("io-acked-64", "1 conn, acked batches of 1,000, 10 ms green wait, pool 64",
+     ["--mode", "acked", "--connections", "1", "--batch", "1000", "--handler-wait", "10",
+      "--pool-size", "64"]),
+    ("io-acked-512", "1 conn, acked batches of 1,000, 10 ms green wait, pool 512",
+     ["--mode", "acked", "--connections", "1", "--batch", "1000", "--handler-wait", "10",
+      "--pool-size", "512"]),
+    ("io-rr-50", "50 conns, request/reply, 10 ms green wait, pool 64",
+     ["--mode", "rr", "--connections", "50", "--handler-wait", "10", "--pool-size", "64"]),
+    ("ordered-10", "1 conn, acked batches of 1,000, 10 ms, ordered_by over 10 keys",
+     ["--mode", "acked", "--connections", "1", "--batch", "1000", "--handler-wait", "10",
+      "--ordered-keys", "10", "--pool-size", "64"]),
+    ("noop-acked", "no-op, acked batches of 100, 8 conns",
+     ["--mode", "acked", "--connections", "8"]),
+    ("noop-acked-listener", "no-op processor + matching listener, acked batches of 100, 8 conns",
+     ["--mode", "acked", "--connections", "8", "--listener"]),
+    ("noop-rr", "no-op, request/reply, 50 conns", ["--mode", "rr", "--connections", "50"]),
+    ("noop-rr-listener", "no-op processor + matching listener, request/reply, 50 conns",
+     ["--mode", "rr", "--connections", "50", "--listener"]),
+]}
 
 
 def median(runs: list[dict]) -> dict:
@@ -455,14 +584,20 @@ def table(report: dict) -> str:
                      for r in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def ratio(a: dict, b: dict) -> dict:
+    return {k: a[k] / b[k] for k, *_ in COLUMNS if b.get(k) and k in a}
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", default="all",
                     choices=[*dict.fromkeys(MODES["native"] + MODES["forward"]), "all"])
     ap.add_argument("--protocol", choices=MODES, default="native",
                     help="native frames, or Fluentd Forward to evserver's Forward listener")
-    ap.add_argument("--target", choices=["evserver", "ref", "both", "workers"], default="both",
-                    help="workers: evserver with 1 worker against --workers N, unpinned")
+    ap.add_argument("--target", choices=["evserver", "ref", "asyncio", "both", "workers"],
+                    default="both", help="workers: evserver with 1 worker against --workers "
+                    "N, unpinned; with --handler-wait, both and evserver also run the asyncio "
+                    "reference (scripts/ref_asyncio.py)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes for --target "
                     "workers")
     ap.add_argument("--rate", type=float, default=0,
@@ -479,29 +614,110 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-cmd", help="evserver command override; {port} and "
                     "{forward_port} are substituted (no processed-count check)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    costs = ap.add_argument_group("handler costs (default: no-op handlers)")
+    costs.add_argument("--handler-wait", type=float, default=0, metavar="MS",
+                       help="a green wait per event (I/O-bound; time.sleep under monkey "
+                       "patching, asyncio.sleep in the asyncio reference)")
+    costs.add_argument("--handler-cpu", type=float, default=0, metavar="US",
+                       help="a CPU spin per event")
+    costs.add_argument("--ordered-keys", type=int, default=0, metavar="K",
+                       help="the processor is ordered_by over K keys; events cycle over them "
+                       "(request/reply: connection i sends key i %% K)")
+    costs.add_argument("--listener", action="store_true",
+                       help="the app also has a (no-op) listener matching every event")
+    costs.add_argument("--pool-size", type=int, default=64,
+                       help="evserver's --pool-size and the asyncio reference's semaphore")
+    costs.add_argument("--no-asyncio", action="store_true",
+                       help="with --handler-wait, skip the asyncio reference")
+    ap.add_argument("--suite", choices=SUITES, help="run a named set of loads, one table each "
+                    "(other options apply to every row that does not set them)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    protocol_modes = MODES[args.protocol]
-    if args.mode not in (*protocol_modes, "all"):
+    if args.suite:
+        return suite(ap, argv, args)
+    check(ap, args)
+    report = measure(args)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    warn(report)
+    return 0
+
+
+def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse options that cannot run (exit 2 with one line), note what will be skipped."""
+    for name in ("handler_wait", "handler_cpu", "ordered_keys"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.pool_size < 1:
+        ap.error("--pool-size must be >= 1")
+    if args.mode not in (*MODES[args.protocol], "all"):
         why = ("Forward has no request/reply" if args.protocol == "forward"
                else "PackedForward is a Forward mode")
         ap.error(f"--mode {args.mode} is not a {args.protocol} mode ({why})")
     if args.mode == "all" and args.protocol == "forward":
         print("note: rr and idle skipped: Forward has no request/reply", file=sys.stderr)
+    if costly(args) and not args.rate:
+        if args.mode in UNPACED:
+            ap.error(f"--mode {args.mode} with handler costs needs --rate: unpaced, the socket "
+                     "buffers would queue minutes of handler work")
+        if args.mode == "all":
+            print("note: fire-and-forget modes skipped: with handler costs they need --rate",
+                  file=sys.stderr)
 
+
+def suite_rows(suite: str, argv: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(name, what, options) of each row of ``suite``: ``argv`` without --suite, then the
+    row's options, which win (argparse keeps the last)."""
+    base = [a for i, a in enumerate(argv) if a != "--suite" and not a.startswith("--suite=")
+            and (i == 0 or argv[i - 1] != "--suite")]
+    return [(name, what, [*base, *row]) for name, what, row in SUITES[suite]]
+
+
+def suite(ap: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> int:
+    """Each row of the suite as its own measurement, one table each."""
+    reports = {}
+    for name, what, row in suite_rows(args.suite, argv):
+        row_args = ap.parse_args(row)
+        if row_args.mode not in MODES[row_args.protocol]:
+            print(f"note: {name} skipped: Forward has no request/reply", file=sys.stderr)
+            continue
+        check(ap, row_args)
+        print(f"== {name}: {what}", file=sys.stderr)
+        reports[name] = report = measure(row_args)
+        if not args.json:
+            print(f"\n## {name}: {what}\n$ scripts/bench.py {shlex.join(row)}\n{table(report)}",
+                  flush=True)
+        warn(report)
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run every target on every mode of ``args``, interleaved, and report medians and ratios."""
+    protocol_modes = MODES[args.protocol]
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the server
     pin = not args.no_pin and {0, 1} <= os.sched_getaffinity(0)
     modes = protocol_modes if args.mode == "all" else (args.mode,)
+    if costly(args) and not args.rate:
+        modes = tuple(m for m in modes if m not in UNPACED)
     prefix = "" if args.protocol == "native" else "fwd-"  # in mode names: fwd-single, ...
     targets = {"both": ["ref", "evserver"], "workers": ["evserver", f"evserver-{args.workers}w"]
                }.get(args.target, [args.target])
+    if args.handler_wait and args.target in ("both", "evserver") and not args.no_asyncio:
+        targets.insert(targets.index("evserver"), "asyncio")
     if args.target == "workers":
         pin = False  # N workers and the generators share the cores: let the kernel place them
     ctx = mp.get_context("spawn")
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.repeat):
         for mode in modes:
-            if mode != "idle":
+            if mode != "idle" and not costly(args):  # the ceiling is a no-op loop
                 with ctx.Pool(1) as pool:
                     runs.setdefault((mode, "ceiling"), []).append(pool.apply(ceiling_job, (
                         args.protocol, mode, args.batch, args.window, min(args.duration, 2.0),
@@ -518,22 +734,25 @@ def main(argv: list[str] | None = None) -> int:
         if "ref" in entry and "ceiling" in entry:
             entry["ref/ceiling ratio"] = {
                 "events_per_s": entry["ref"]["events_per_s"] / entry["ceiling"]["events_per_s"]}
-        if "ref" in entry and "evserver" in entry:
-            entry["evserver/ref ratio"] = {k: entry["evserver"][k] / entry["ref"][k]
-                                           for k, *_ in COLUMNS
-                                           if entry["ref"].get(k) and k in entry["evserver"]}
+        if costly(args):
+            entry["bound"] = {"events_per_s": bound(mode, args)}
+        for a, b in (("evserver", "ref"), ("evserver", "asyncio"), ("evserver", "bound"),
+                     ("asyncio", "bound")):
+            if a in entry and b in entry:
+                entry[f"{a}/{b} ratio"] = ratio(entry[a], entry[b])
         if args.target == "workers":
             one, many = (entry[t] for t in targets)
-            entry[f"{targets[1]}/evserver ratio"] = {k: many[k] / one[k] for k, *_ in COLUMNS
-                                                     if one.get(k) and k in many}
+            entry[f"{targets[1]}/evserver ratio"] = ratio(many, one)
         report["modes"][prefix + mode] = entry
-    print(json.dumps(report, indent=2) if args.json else table(report))
+    return report
+
+
+def warn(report: dict) -> None:
     for mode, entry in report["modes"].items():
         for name, figs in entry.items():
             if figs.get("gen_cpu_pct", 0) > 60:
                 print(f"warning: {mode}/{name}: generators used {figs['gen_cpu_pct']:.0f}% of a "
                       "core; they may be the limit (try --generators, --no-pin)", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

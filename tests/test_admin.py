@@ -373,7 +373,11 @@ def test_cli_admin_commands(serve) -> None:
                              ("listener", "order.**")}
     assert handlers["processor", "order.*"]["options"]["retries"] == 1
     assert handlers["listener", "order.**"]["options"]["timeout"] == 5
-    assert "admin_app.other_order" in s.cli("handlers").output
+    assert handlers["processor", "order.created"]["options"]["ordered_by"] is None
+    assert "ordered_by" not in handlers["listener", "order.**"]["options"]
+    table = s.cli("handlers").output
+    assert "admin_app.other_order" in table
+    assert re.search(r"admin_app\.created +timeout=.* ordered_by=-$", table, re.M), table
 
     result = s.cli("reload")
     assert result.exit_code == 0 and "generation 2" in result.output, result.output

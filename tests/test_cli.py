@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -184,3 +185,123 @@ def test_payloads_beyond_one_argument_from_stdin_and_file(server: ServerProcess,
     assert result.exit_code == 2 and "cannot read missing.json" in result.stderr
     result = invoke("request", "echo", "-", "--port", port, input="{nope")
     assert result.exit_code == 2 and "not valid JSON (from stdin)" in result.stderr
+
+
+# ----------------------------------------------------------- point 5: what startup says
+
+
+def test_startup_log_names_version_config_addresses_and_sizes(server_factory: ServerFactory,
+                                                              tmp_path: Path) -> None:
+    from evserver import __version__
+
+    config = tmp_path / "prod.toml"
+    config.write_text("[server]\npool_size = 7\n")
+    server = server_factory(f"{APPS}/basic.py:app", "--config", str(config),
+                            "--forward-enabled", "--forward-port", "0", "--security-debug")
+    log = server.log()
+    assert f"evserver {__version__} (Python " in log
+    assert f"config file {config}; environment EVSERVER_ADMIN_PORT; flags " in log
+    assert "--forward-enabled" in log
+    assert ("1 worker, pool 7 and queue 256 per worker; [forward] 127.0.0.1:0, "
+            "[admin] 127.0.0.1:0") in log
+    assert f"listening on 127.0.0.1:{server.port} (pool 7)" in log
+    assert "Forward protocol listening on 127.0.0.1:" in log
+    assert "admin listening on http://127.0.0.1:" in log
+    assert "WARNING evserver: [security] debug is on" in log
+    plain = server_factory(f"{APPS}/basic.py:app")
+    assert "no config file (config/evserver.toml not in" in plain.log()
+    assert "debug is on" not in plain.log()
+
+
+# ------------------------------------------------- point 6: evserver check and evserver config
+
+
+def test_check_validates_config_imports_the_app_and_lists_routes(cwd: Path) -> None:
+    result = invoke("check", f"{APPS}/basic.py:app")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("config ok: no config file")
+    assert re.search(r"^processor +echo +basic\.echo +timeout=0\.0 ", result.stdout, re.M)
+    write_config(cwd, '[server]\nport = "x"\n')
+    result = invoke("check", f"{APPS}/basic.py:app")
+    assert result.exit_code == 2 and "server.port: expected an integer" in result.stderr
+    (cwd / "config" / "evserver.toml").unlink()
+    result = invoke("check", f"{APPS}/basic.py:app", "--port", "1", "--host", "0.0.0.0")
+    assert result.exit_code == 2 and "refusing to listen" in result.stderr
+    (cwd / "broken_app.py").write_text(BROKEN_APP)
+    result = invoke("check", "broken_app.py:app")
+    assert result.exit_code == 4 and "KeyError: 'x'" in result.stderr
+    assert 'line 5, in <module>' in result.stderr
+    result = invoke("check", "no_such_module_here:app")
+    assert result.exit_code == 4 and "No module named 'no_such_module_here'" in result.stderr
+
+
+def test_config_prints_effective_settings_with_sources_and_masks_secrets(cwd: Path) -> None:
+    path = write_config(cwd, f'[server]\nport = 9000\n[security]\nshared_key = "{KEY}"\n'
+                             f'[security.shared_keys]\nold = "{"o" * 16}"\n')
+    result = invoke("config", "--pool-size", "3",
+                    env={"EVSERVER_ADMIN_TOKEN": "tok-secret", "EVSERVER_HANDLERS_RETRIES": "2"})
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    assert lines["server.port"] == ["9000", str(path.absolute())]
+    assert lines["server.pool_size"] == ["3", "--pool-size"]
+    assert lines["handlers.retries"] == ["2", "EVSERVER_HANDLERS_RETRIES"]
+    assert lines["server.host"] == ['"127.0.0.1"', "default"]
+    assert lines["admin.token"] == ['"********"', "EVSERVER_ADMIN_TOKEN"]
+    assert KEY not in result.stdout and "tok-secret" not in result.stdout
+    assert "o" * 16 not in result.stdout
+    doc = json.loads(invoke("config", "--json").stdout)
+    assert doc["security.shared_keys"] == {"value": {"old": "********"},
+                                           "source": str(path.absolute())}
+    assert doc["admin.token"] == {"value": None, "source": "default"}
+    result = invoke("config", env={"EVSERVER_SERVER_PROT": "1"})
+    assert result.exit_code == 2 and "EVSERVER_SERVER_PORT" in result.stderr
+
+
+def test_config_module_help_prints_usage_not_the_template() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
+    env["PYTHONPATH"] = str(REPO)
+    run = [sys.executable, "-m", "evserver.config"]
+    result = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env,
+                            timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
+    assert "[server]" not in result.stdout
+    result = subprocess.run([*run, "--bogus"], capture_output=True, text=True, env=env,
+                            timeout=30)
+    assert result.returncode == 2 and "usage:" in result.stderr and not result.stdout
+    result = subprocess.run(run, capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0 and result.stdout == (REPO / "config/evserver.toml").read_text()
+
+
+# --------------------------------------------------------------- point 16: the small ones
+
+
+ORDERED_APP = '''\
+from evserver import App
+
+app = App()
+
+
+@app.processor("acct.*", ordered_by="account")
+def account(event):
+    return None
+
+
+@app.processor("ping")
+def ping(event):
+    return None
+
+
+@app.listener("**")
+def everything(event):
+    pass
+'''
+
+
+def test_handlers_list_ordered_by_for_every_processor(cwd: Path) -> None:
+    (cwd / "ordered_app.py").write_text(ORDERED_APP)
+    result = invoke("check", "ordered_app.py:app")
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line for line in result.stdout.splitlines()[2:]}
+    assert rows["acct.*"].endswith("ordered_by=account")
+    assert rows["ping"].endswith("ordered_by=-")
+    assert "ordered_by" not in rows["**"]
