@@ -64,13 +64,13 @@ def run_single(
             return fail(EXIT_FAILURE, admin_unavailable(cfg, exc))
     try:
         server.start()
-    except OSError as exc:
+    except (OSError, ClusterError) as exc:
         if admin is not None:
             admin.kill()
+        if isinstance(exc, ClusterError):  # Redis unreachable, or another partition count
+            return fail(EXIT_FAILURE, str(exc))
         return fail(EXIT_FAILURE, f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
                                   f"{exc.strerror or exc}")
-    except ClusterError as exc:
-        return fail(EXIT_FAILURE, str(exc))
     server.install_signals()
     tune_gc(cfg.server.gc_threshold)
     log.info("evserver ready: serving %s on %s:%d", app_spec, *server.address)
