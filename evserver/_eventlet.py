@@ -1,7 +1,8 @@
 """The one door to eventlet: import it quietly and monkey-patch at the right moment.
 
-eventlet is in maintenance mode; keeping every import of it behind this module (and the two
-adapters that use it, ``server`` and ``dispatch``) keeps a later move to another loop small.
+eventlet is in maintenance mode; keeping every import of it (and of greenlet, which it runs
+on) behind this module keeps a later move to another loop small. A test
+(tests/test_architecture.py) holds the modules that may use this door to a short list.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ os.environ.setdefault("EVENTLET_NO_GREENDNS", "yes")  # dnspython's resolver: no
 
 import eventlet  # noqa: E402
 import eventlet.green.socket  # noqa: E402
+import eventlet.green.ssl  # noqa: E402
 import eventlet.hubs  # noqa: E402
 import eventlet.queue  # noqa: E402
 import eventlet.semaphore  # noqa: E402
 import eventlet.tpool  # noqa: E402
+from greenlet import GreenletExit, getcurrent  # noqa: E402
 
-__all__ = ["ReadWait", "call_in_hub", "eventlet", "monkey_patch", "wake_hub_on_signals"]
+GreenSSLContext = eventlet.green.ssl.SSLContext  # its sockets trampoline instead of blocking
+
+__all__ = ["GreenSSLContext", "GreenletExit", "ReadWait", "call_in_hub", "eventlet", "getcurrent",
+           "monkey_patch", "wake_hub_on_signals", "wsgi_server"]
 
 
 def monkey_patch() -> None:
@@ -70,6 +76,13 @@ class ReadWait:
         if self._timer is not None:
             self._timer.cancel()
         return True
+
+
+def wsgi_server(sock: Any, app: Any, **options: Any) -> Any:
+    """``eventlet.wsgi.server`` in a new green thread (imported here, on first use only)."""
+    import eventlet.wsgi
+
+    return eventlet.spawn(eventlet.wsgi.server, sock, app, **options)
 
 
 def call_in_hub(fn: Callable[[], Any]) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -34,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 from .app import _matches, compile_pattern
-from .errors import RegistrationError
+from .errors import AdminError, RegistrationError
 from .metrics import PROMETHEUS_CONTENT_TYPE, aggregate, render_prometheus, snapshot
+from .security import is_loopback
 
 if TYPE_CHECKING:
     from .app import App
@@ -52,25 +52,7 @@ TAIL_FLUSH = 0.25  # seconds between a tail's batches
 KEEPALIVE = 1.0  # seconds of silence before a tail writes a blank line (detects a gone reader)
 
 
-class AdminError(Exception):
-    """An admin request that cannot be done; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 # --------------------------------------------------------------------------- access
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; False for anything unparsable."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return bool((mapped or addr).is_loopback)
 
 
 def check_access(peer: str, token: str | None, authorization: str | None) -> AdminError | None:
@@ -439,21 +421,19 @@ def serve_green(app: AdminApp, host: str, port: int,
                 ssl_context: Any = None) -> tuple[Any, tuple[str, int]]:
     """Serve ``app`` on the calling thread's hub; returns (green thread, bound address).
 
-    eventlet.notes §2.8: no tracebacks to clients, no keep-alive, a socket timeout, so idle
+    No tracebacks to clients, no keep-alive, a socket timeout, so idle
     admin clients cannot pin green threads, and ``kill()`` (not closing the socket) stops it.
     """
     import socket
 
-    import eventlet.wsgi  # the hub already runs: evserver._eventlet imported eventlet quietly
-
-    from ._eventlet import eventlet
+    from ._eventlet import eventlet, wsgi_server
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = eventlet.listen((host, port), family=family, reuse_port=False)
     if ssl_context is not None:  # a green context (evserver.tls): handshakes per request
         sock = ssl_context.wrap_socket(sock, server_side=True)
-    gt = eventlet.spawn(eventlet.wsgi.server, sock, app, log=log, log_output=False,
-                        debug=False, keepalive=False, socket_timeout=5, max_size=64)
+    gt = wsgi_server(sock, app, log=log, log_output=False, debug=False, keepalive=False,
+                     socket_timeout=5, max_size=64)
     return gt, sock.getsockname()[:2]
 
 

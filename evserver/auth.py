@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import secrets
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import EvserverError
+from .errors import AuthError
 
 __all__ = [
     "AUTH_SCHEME",
     "DEFAULT_KEY_ID",
     "AuthError",
     "Authenticator",
-    "FailureLog",
     "client_hello",
     "client_proof",
     "server_proof",
@@ -41,12 +38,6 @@ NONCE_BYTES = 16
 MIN_KEY_BYTES = 16  # shorter secrets are guessable offline from one recorded handshake
 _CLIENT_LABEL = b"evserver-client"
 _SERVER_LABEL = b"evserver-server"
-
-
-class AuthError(EvserverError, PermissionError):
-    """A handshake failed: wrong or missing key, malformed auth data, or an unproven server."""
-
-    code = "auth_failed"
 
 
 def new_nonce() -> bytes:
@@ -130,38 +121,3 @@ def verify_server(key: bytes, snonce: bytes, cnonce: bytes, info: Any) -> None:
     if not isinstance(proof, bytes) or not hmac.compare_digest(
             server_proof(key, snonce, cnonce), proof):
         raise AuthError("the server could not prove it knows the shared key")
-
-
-class FailureLog:
-    """Count every failed handshake, but log at most ``per_interval`` lines an interval.
-
-    A scanner or a misconfigured fleet can fail thousands of times a second; the log must
-    stay readable and cheap while the counter stays exact.
-    """
-
-    def __init__(self, logger: logging.Logger, per_interval: int = 10,
-                 interval: float = 60.0) -> None:
-        self.log = logger
-        self.per_interval = per_interval
-        self.interval = interval
-        self.total = 0
-        self._window_end = 0.0
-        self._logged = 0
-        self._suppressed = 0
-
-    def record(self, peer: str, reason: str) -> bool:
-        """Count one failure; True when it was logged."""
-        self.total += 1
-        now = time.monotonic()
-        if now >= self._window_end:
-            if self._suppressed:
-                self.log.warning("%d more authentication failure(s) not logged in the last "
-                                 "%gs", self._suppressed, self.interval)
-            self._window_end = now + self.interval
-            self._logged = self._suppressed = 0
-        if self._logged >= self.per_interval:
-            self._suppressed += 1
-            return False
-        self._logged += 1
-        self.log.warning("authentication failed for %s: %s", peer, reason)
-        return True

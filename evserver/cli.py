@@ -214,7 +214,7 @@ def _admin(func: Any) -> Any:
 
     @functools.wraps(func)
     def command(*args: Any, **kwargs: Any) -> Any:
-        from .console import AdminFailure
+        from .errors import AdminFailure
 
         try:
             return func(*args, **kwargs)
@@ -434,8 +434,8 @@ def _client_command(func: Any = None, *, config_path_to_func: bool = False) -> A
     def command(host: str | None, port: int | None, timeout: float, shared_key: str | None,
                 key_id: str | None, tls: bool, tls_ca: str | None, tls_cert: str | None,
                 tls_key: str | None, config_path: str | None, **kwargs: Any) -> None:
-        from .auth import AuthError
         from .client import Client
+        from .errors import AuthError
 
         try:
             cfg = load_config(config_path)

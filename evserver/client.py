@@ -20,49 +20,25 @@ within ``timeout``; that call's frames are then abandoned, not re-sent), ``Frame
 
 from __future__ import annotations
 
-import itertools
-import random
 import socket
 import ssl as _ssl
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from . import auth as _auth
 from . import protocol as p
-from .errors import (
-    ClientConnectionError,
-    FrameTooLarge,
-    ProtocolError,
-    RemoteError,
-    UnsupportedVersion,
-)
-from .event import new_event_id
+from .errors import ClientConnectionError, RemoteError
+from .session import ClientSession, EventTuple, packed_batches, remote_error, wire_event
+from .session import ConnectionLost as _Lost
 
-__all__ = ["Client"]
+__all__ = ["Client", "EventTuple"]
 
 _READ_SIZE = 1 << 16
-_BATCH_BYTES = 256 * 1024  # a BATCH stays well under the server's frame limit
-# Connection-level errors caused by what this client sent: reconnecting would not help.
-_OWN_FAULT = frozenset({ProtocolError.code, FrameTooLarge.code, UnsupportedVersion.code,
-                        _auth.AuthError.code})
-# Replies come from a server we chose to trust, but a runaway one must not eat all memory.
-_MAX_REPLY_BYTES = 64 << 20
-
-EventTuple = tuple[str, Any] | tuple[str, Any, Mapping[str, Any] | None]
-
-
-class _Lost(Exception):
-    """The connection broke (EOF, reset, failed write, server-side connection error)."""
 
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
-
-
-def _remote(frame: p.Frame) -> RemoteError:
-    code, type_, message = frame.body
-    return RemoteError(type_, message, code)
 
 
 class Client:
@@ -107,8 +83,9 @@ class Client:
     ) -> None:
         if window < 1 or retries < 0:
             raise ValueError("window must be >= 1 and retries >= 0")
-        self._key = _auth.as_key(shared_key) if shared_key is not None else None
-        self.key_id = key_id
+        self._session = ClientSession(f"{host}:{port}", retries=retries, backoff=backoff,
+                                      backoff_max=backoff_max, shared_key=shared_key,
+                                      key_id=key_id)
         if ssl is None and (tls or cafile or certfile):
             from .tls import client_context
 
@@ -118,21 +95,16 @@ class Client:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.backoff_max = backoff_max
         self.window = window
-        #: The server's HELLO info (``server``, ``max_frame_bytes``, ...), once received.
-        self.server_info: dict[str, Any] = {}
         self._sock: socket.socket | None = None
-        self._reader = p.FrameReader(p.CLIENT_RECEIVES, max_frame_bytes=_MAX_REPLY_BYTES)
         self._buf = bytearray(_READ_SIZE)
         self._view = memoryview(self._buf)
-        self._corrs = itertools.count(1)
-        self._pending: dict[int, bytes] = {}  # corr -> encoded frame, until answered
         self._answers: dict[int, p.Frame] = {}  # answered, not yet collected by its caller
-        self._failures = 0  # consecutive connection failures without progress
-        self._lost: str | None = None  # why the last connection broke, for error messages
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        """The server's HELLO info (``server``, ``max_frame_bytes``, ...), once received."""
+        return self._session.server_info
 
     @property
     def address(self) -> str:
@@ -143,7 +115,7 @@ class Client:
     def connect(self) -> None:
         """Connect now instead of on first use; ``ClientConnectionError`` if it cannot."""
         if self._sock is None:
-            self._failures = 0
+            self._session.failures = 0
             self._connect()
 
     def send(
@@ -161,7 +133,7 @@ class Client:
         this returns once the processor and listeners ran, and raises ``RemoteError`` if one
         of them failed.
         """
-        event = self._event(type, data, meta, id)
+        event = wire_event(type, data, meta, id)
         if ack:
             self._roundtrip(lambda corr: p.encode_event(corr, event))
         else:
@@ -177,7 +149,7 @@ class Client:
         timeout: float | None = None,
     ) -> Any:
         """Return the processor's return value for this event; ``RemoteError`` on failure."""
-        event = self._event(type, data, meta, None)
+        event = wire_event(type, data, meta, None)
         frame = self._roundtrip(lambda corr: p.encode_event(corr, event, request=True), timeout)
         return frame.body
 
@@ -191,15 +163,13 @@ class Client:
         settled, the first failure (if any) is raised as ``RemoteError`` (its notes say how
         many batches failed; the others were processed). Returns the number of events sent.
         """
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        limit = min(_BATCH_BYTES, self._max_frame_bytes() // 2)
+        batches_of = packed_batches(events, batch_size, self._session.batch_limit())
         inflight: set[int] = set()
         failed: list[RemoteError] = []
         sent = batches = 0
         try:
-            for packed in self._packed_batches(events, batch_size, limit):
-                corr = next(self._corrs) if ack else 0
+            for packed in batches_of:
+                corr = self._session.next_corr() if ack else 0
                 self._send(p.encode_batch_packed(corr, packed), corr)
                 sent += len(packed)
                 batches += 1
@@ -235,7 +205,7 @@ class Client:
     def close(self) -> None:
         """Close the connection; unanswered frames are dropped. A later call reconnects."""
         self._disconnect()
-        self._pending.clear()
+        self._session.pending.clear()
         self._answers.clear()
 
     def __enter__(self) -> Client:
@@ -250,68 +220,37 @@ class Client:
 
     # ------------------------------------------------------------------ frames
 
-    @staticmethod
-    def _event(
-        type: str, data: Any, meta: Mapping[str, Any] | None, id: str | None
-    ) -> list[Any]:
-        """The wire event with a client-assigned id and time, so a re-send is recognisable."""
-        if not isinstance(type, str) or not type:
-            raise ValueError(f"event type must be a non-empty string, got {type!r}")
-        return p.event_wire(type, data, id or new_event_id(), time.time(),
-                            dict(meta) if meta else None)
-
-    def _packed_batches(
-        self, events: Iterable[EventTuple], batch_size: int, limit: int
-    ) -> Iterator[list[bytes]]:
-        batch: list[bytes] = []
-        size = 0
-        for item in events:
-            packed = p.pack_event(self._event(item[0], item[1], item[2] if len(item) > 2 else None,
-                                              None))
-            if batch and (len(batch) >= batch_size or size + len(packed) > limit):
-                yield batch
-                batch, size = [], 0
-            batch.append(packed)
-            size += len(packed)
-        if batch:
-            yield batch
-
-    def _max_frame_bytes(self) -> int:
-        return int(self.server_info.get("max_frame_bytes", p.DEFAULT_MAX_FRAME_BYTES))
-
     def _roundtrip(self, encode: Callable[[int], bytes], timeout: float | None = None) -> p.Frame:
         """Send one frame that gets an answer and wait for it; ERROR -> ``RemoteError``."""
-        corr = next(self._corrs)
+        corr = self._session.next_corr()
         try:
             self._send(encode(corr), corr)
             ((_, frame),) = self._answered({corr}, self.timeout if timeout is None else timeout)
         finally:
             self._forget((corr,))
         if frame.kind == p.ERROR:
-            raise _remote(frame)
+            raise remote_error(frame)
         return frame
 
     def _settle(self, inflight: set[int], failed: list[RemoteError]) -> None:
         for corr, frame in self._answered(inflight, self.timeout):
             inflight.discard(corr)
             if frame.kind == p.ERROR:
-                failed.append(_remote(frame))
+                failed.append(remote_error(frame))
 
     def _forget(self, corrs: Iterable[int]) -> None:
         """Drop frames whose caller is gone (done, failed or interrupted); late answers to
         them are ignored."""
+        self._session.forget(corrs)
         for corr in corrs:
-            self._pending.pop(corr, None)
             self._answers.pop(corr, None)
 
     # ------------------------------------------------------------------ I/O
 
     def _send(self, wire: bytes, corr: int = 0) -> None:
         """Write one frame, reconnecting as needed; with ``corr`` keep it until answered."""
-        if len(wire) > self._max_frame_bytes():
-            raise FrameTooLarge(f"frame of {len(wire)} bytes exceeds the server's "
-                                f"max_frame_bytes={self._max_frame_bytes()}")
-        self._failures = 0  # each new frame gets the full reconnection budget
+        self._session.check_size(wire)
+        self._session.failures = 0  # each new frame gets the full reconnection budget
         while True:
             try:
                 if self._sock is None:
@@ -322,7 +261,7 @@ class Client:
             except _Lost as lost:
                 self._lose(str(lost))
         if corr:
-            self._pending[corr] = wire
+            self._session.keep(corr, wire)
 
     def _answered(self, corrs: Collection[int], timeout: float) -> list[tuple[int, p.Frame]]:
         """Read until at least one of ``corrs`` is answered; return the answered ones."""
@@ -368,44 +307,26 @@ class Client:
             raise _Lost(_reason(exc)) from None
         if not n:
             raise _Lost("the server closed the connection")
-        self._reader.receive_data(self._view[:n])
         try:
-            for frame in self._reader:
-                self._handle(frame)
-        except ProtocolError as exc:
-            raise _Lost(f"bad frame from the server: {exc}") from None
-
-    def _handle(self, frame: p.Frame) -> None:
-        corr = frame.corr
-        if corr and self._pending.pop(corr, None) is not None:
-            self._answers[corr] = frame
-            self._failures = 0  # progress: the connection works
-        elif frame.kind == p.HELLO:
-            self.server_info = frame.body
-        elif frame.kind == p.ERROR and not corr:
-            code, type_, message = frame.body
-            if code in _OWN_FAULT:
-                self._disconnect()
-                raise RemoteError(type_, message, code)
-            raise _Lost(f"{code}: {message}")
-        # else: the answer to an abandoned frame
+            self._session.receive_data(self._view[:n], self._answers.__setitem__)
+        except RemoteError:
+            self._disconnect()
+            raise
 
     # ------------------------------------------------------------------ connection
 
     def _connect(self) -> None:
         """Open a connection (with backoff between attempts) and re-send unanswered frames."""
+        session = self._session
         while True:
-            if self._failures:
-                delay = min(self.backoff_max, self.backoff * 2 ** (self._failures - 1))
-                time.sleep(delay * (0.5 + random.random() / 2))
+            if delay := session.reconnect_delay():
+                time.sleep(delay)
             try:
                 sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
             except OSError as exc:
-                after = f" (after the connection was lost: {self._lost})" if self._lost else ""
-                self._fail(f"cannot connect to {self.address}: {_reason(exc)}{after}")
+                session.connect_failed(_reason(exc))
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._reader = p.FrameReader(p.CLIENT_RECEIVES, max_frame_bytes=_MAX_REPLY_BYTES)
             try:
                 sock = self._secure(sock)
             except (_auth.AuthError, _ssl.SSLCertVerificationError) as exc:
@@ -415,48 +336,38 @@ class Client:
                 raise ClientConnectionError(f"cannot connect to {self.address}: {exc}") from None
             except (_Lost, OSError) as exc:  # incl. ssl.SSLError, e.g. an untrusted server
                 sock.close()
-                self._fail(f"cannot connect to {self.address}: "
-                           f"{_reason(exc) if isinstance(exc, OSError) else exc}")
+                session.connect_failed(_reason(exc) if isinstance(exc, OSError) else str(exc))
                 continue
             except BaseException:
                 sock.close()
                 raise
             self._sock = sock
-            if not self._pending:
+            if not session.pending:
                 break
             try:
-                self._write(b"".join(self._pending.values()))
+                self._write(session.unanswered())
                 break
             except _Lost as lost:
                 self._lose(str(lost))
-        self._lost = None
+        session.connected()
 
     def _secure(self, sock: socket.socket) -> socket.socket:
         """TLS, then the shared-key handshake, on a fresh connection; bounded by ``timeout``."""
         if self.ssl is not None:
             sock = self.ssl.wrap_socket(sock, server_hostname=self.server_hostname)
-        if self._key is None:
-            return sock
+        session = self._session
+        session.connection_made()
         deadline = time.monotonic() + self.timeout
-        hello = self._next_frame(sock, deadline)
-        if hello.kind != p.HELLO:
-            self._raise_frame(hello)
-        self.server_info = hello.body
-        snonce = hello.body.get("nonce")
-        if hello.body.get("auth") != _auth.AUTH_SCHEME or not isinstance(snonce, bytes):
-            # Sending events anyway would let an impostor without the key collect them.
-            raise _auth.AuthError(f"{self.address} does not offer shared-key authentication")
-        info, cnonce = _auth.client_hello(self._key, self.key_id, snonce)
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(p.encode_hello(info))
-        reply = self._next_frame(sock, deadline)
-        if reply.kind != p.HELLO:
-            self._raise_frame(reply)
-        _auth.verify_server(self._key, snonce, cnonce, reply.body)
+        while session.handshaking:
+            answer = session.handshake_frame(self._next_frame(sock, deadline))
+            if answer is not None:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.sendall(answer)
         return sock
 
     def _next_frame(self, sock: socket.socket, deadline: float) -> p.Frame:
-        while (frame := self._reader.next_frame()) is None:
+        reader = self._session.reader
+        while (frame := reader.next_frame()) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _Lost(f"no handshake from {self.address} within {self.timeout:g}s")
@@ -467,29 +378,13 @@ class Client:
                 continue
             if not n:
                 raise _Lost("the server closed the connection during the handshake")
-            self._reader.receive_data(self._view[:n])
+            reader.receive_data(self._view[:n])
         return frame
-
-    def _raise_frame(self, frame: p.Frame) -> None:
-        """An ERROR instead of the handshake's HELLO: the server refused us."""
-        if frame.kind == p.ERROR:
-            code, _, message = frame.body
-            if code == _auth.AuthError.code:
-                raise _auth.AuthError(f"{self.address}: {message}")
-            raise _Lost(f"{code}: {message}")
-        raise _Lost(f"unexpected {p.KIND_NAMES.get(frame.kind)} during the handshake")
 
     def _lose(self, reason: str) -> None:
         """The connection broke: close it and count the failure (a reconnect follows)."""
         self._disconnect()
-        self._lost = reason
-        self._fail(f"connection to {self.address} lost: {reason}")
-
-    def _fail(self, message: str) -> None:
-        self._failures += 1
-        if self._failures > self.retries:
-            self._lost = None
-            raise ClientConnectionError(message)
+        self._session.lose(reason)
 
     def _disconnect(self) -> None:
         sock, self._sock = self._sock, None

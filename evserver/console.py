@@ -18,9 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-
-class AdminFailure(Exception):
-    """A one-line reason an admin command failed (unreachable, refused, bad answer)."""
+from .errors import AdminFailure
 
 
 class AdminClient:

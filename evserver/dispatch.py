@@ -1,7 +1,7 @@
 """Running handlers: a fixed set of worker green threads fed through one bounded queue.
 
 Readers hand over everything decoded from one ``recv`` as a single job, never a green thread
-per event (spawning costs ~30x the decode; see shared/reference/eventlet-notes.md §4). A full
+per event (spawning one costs ~30x the decode of its event, measured). A full
 queue blocks the reader that tries to add to it, so a saturated pool turns into TCP
 backpressure instead of memory growth.
 
@@ -29,10 +29,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import greenlet
-
 from . import protocol as p
-from ._eventlet import eventlet
+from ._eventlet import GreenletExit, eventlet
 from .app import App, Handler
 from .deadletters import DeadLetter, DeadLetterStore
 from .errors import HandlerTimeout, RoutingError
@@ -48,7 +46,6 @@ YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot sta
 SAMPLE_EVERY = 128
 MAX_TYPES = 4096  # event types kept apart in the stats and the route cache
 OTHER_TYPES = "(other types)"
-_NO_HANDLER_LOG_INTERVAL = 60.0
 _BACKOFF_MAX = 30.0
 # What a handler may raise that fails its event: eventlet.Timeout (a BaseException) from the
 # handler's own timeouts, sys.exit(), KeyboardInterrupt. GreenletExit is not among them: it
@@ -189,7 +186,7 @@ class Dispatcher:
         self._ordered = any(plan.key is not None for plan in self._plans.values())
         self._keys: dict[Any, _KeyState] = {}
         self._workers: list[Any] = []
-        self._unrouted_logged: dict[str, float] = {}
+        self._unrouted_log = LogBudget(per_interval=1, interval=60.0)  # per event type
         self._error_log = LogBudget()
         self._slots: Any = eventlet.semaphore.Semaphore(pool_size)
         self._until_sample = SAMPLE_EVERY
@@ -264,7 +261,7 @@ class Dispatcher:
         try:
             self.run_job(job)
         except BaseException as exc:  # a bug here must neither kill the worker nor ack
-            if isinstance(exc, greenlet.GreenletExit):
+            if isinstance(exc, GreenletExit):
                 raise
             log.exception("internal error while running a job")
             self._abandon(job, Failure("internal_error", type(exc).__name__, str(exc)))
@@ -572,12 +569,6 @@ class Dispatcher:
         self.stats.unrouted += 1
         what = "processor" if request else "processor or listener"
         if not request:
-            t = time.monotonic()
-            last = self._unrouted_logged.get(etype)
-            if last is None or t - last >= _NO_HANDLER_LOG_INTERVAL:
-                if len(self._unrouted_logged) > 1024:
-                    self._unrouted_logged.clear()
-                self._unrouted_logged[etype] = t
-                log.warning("no %s for event type %r (logged once a minute per type)",
-                            what, etype)
+            self._unrouted_log.warning(log, etype, "no %s for event type %r (logged once a "
+                                       "minute per type)", what, etype)
         return Failure(RoutingError.code, "RoutingError", f"no {what} for event type {etype!r}")

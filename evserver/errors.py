@@ -1,8 +1,14 @@
-"""Exceptions, each saying whose fault it is and which wire error code it maps to.
+"""Every exception evserver raises on purpose, each saying whose fault it is.
 
-As in h11 and msgpack, every error is an ``EvserverError`` *and* the builtin category a caller
-would naturally catch (``ValueError`` for bad input, ``ConnectionError`` for the network).
-``code`` is the string sent in an ERROR frame, so server and client agree on it.
+As in h11 (``LocalProtocolError`` / ``RemoteProtocolError``), an error is either a
+``LocalError``, this side's setup or use is wrong (a bad setting, a handler registered
+twice, a taken port: fix the deployment or the code), or a ``PeerError``, the other end
+sent something this side cannot accept or reported a failure (bad bytes, a wrong key:
+close the connection or answer with an error, and keep serving everyone else).
+
+As in msgpack, every error is also the builtin category a caller would naturally catch
+(``ValueError`` for bad input, ``ConnectionError`` for the network). ``code`` is the string
+sent in an ERROR frame, so server and client agree on it.
 """
 
 from __future__ import annotations
@@ -14,22 +20,97 @@ class EvserverError(Exception):
     code = "error"
 
 
-class ConfigError(EvserverError, ValueError):
+class LocalError(EvserverError):
+    """This side is set up or used wrongly; retrying the same thing fails the same way."""
+
+
+class PeerError(EvserverError):
+    """The other end sent something not acceptable, or reported a failure of its own."""
+
+
+# --------------------------------------------------------------------------- local
+
+
+class ConfigError(LocalError, ValueError):
     """A setting is unknown or has a bad value; the message names the key."""
 
     code = "config_error"
 
 
-class ProtocolError(EvserverError, ValueError):
+class RegistrationError(LocalError, ValueError):
+    """A handler was registered twice, or with a bad pattern or option."""
+
+    code = "registration_error"
+
+
+class AppLoadError(LocalError, ImportError):
+    """The app spec cannot be imported or does not name an ``App``.
+
+    ``details`` is the traceback of the exception the app's import raised (empty when the
+    spec itself is wrong): the message alone, ``KeyError: 'x'``, does not say where.
+    """
+
+    code = "app_load_error"
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class AddressInUse(LocalError, OSError):
+    """Another process (evserver or not) already owns host:port."""
+
+    code = "address_in_use"
+
+
+class StateError(LocalError, RuntimeError):
+    """A connection was asked for a transition its protocol's state table does not allow."""
+
+    code = "state_error"
+
+
+class AdminError(LocalError):
+    """An admin request that cannot be done; ``status`` is the HTTP status to answer."""
+
+    code = "admin_error"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AdminFailure(LocalError):
+    """A one-line reason an admin command failed (unreachable, refused, bad answer)."""
+
+    code = "admin_failure"
+
+
+class HandlerTimeout(LocalError, TimeoutError):
+    """A handler ran longer than its ``timeout`` option."""
+
+    code = "timeout"
+
+
+class ClusterError(LocalError, RuntimeError):
+    """Cluster mode cannot work: its Redis is unreachable, or the settings stored there
+    disagree with this node's (fix the deployment)."""
+
+    code = "cluster_unavailable"
+
+
+class RoutingError(LocalError, LookupError):
+    """No processor (for a request) or no handler at all exists for an event type."""
+
+    code = "no_handler"
+
+
+# --------------------------------------------------------------------------- peer
+
+
+class ProtocolError(PeerError, ValueError):
     """The peer sent bytes that are not a valid frame; the connection cannot continue."""
 
     code = "bad_frame"
-
-
-class ForwardError(ProtocolError):
-    """A Fluentd Forward Protocol request or handshake frame is malformed or not allowed."""
-
-    code = "bad_forward_request"
 
 
 class FrameTooLarge(ProtocolError):
@@ -44,19 +125,32 @@ class UnsupportedVersion(ProtocolError):
     code = "unsupported_version"
 
 
-class RoutingError(EvserverError, LookupError):
-    """No processor (for a request) or no handler at all exists for an event type."""
+class AuthError(PeerError, PermissionError):
+    """A handshake failed: wrong or missing key, malformed auth data, or an unproven server."""
 
-    code = "no_handler"
-
-
-class RegistrationError(EvserverError, ValueError):
-    """A handler was registered twice, or with a bad pattern or option."""
-
-    code = "registration_error"
+    code = "auth_failed"
 
 
-class RemoteError(EvserverError):
+class ForwardError(ProtocolError):
+    """A Fluentd Forward Protocol request or handshake frame is malformed or not allowed."""
+
+    code = "bad_forward_request"
+
+
+class HandshakeFailed(ForwardError):
+    """A Forward PING was malformed or its credentials were wrong; the PONG saying so is
+    queued."""
+
+    code = "auth_failed"
+
+
+class RequestTooLarge(ForwardError, FrameTooLarge):
+    """A request exceeds ``max_request_bytes``, or its entries ``max_decompressed_bytes``."""
+
+    code = "frame_too_large"
+
+
+class RemoteError(PeerError):
     """The server reported a failure: a handler raised, or nothing handles the event type.
 
     ``type`` is the remote exception's class name (or the error code for protocol-level
@@ -70,19 +164,7 @@ class RemoteError(EvserverError):
         self.code = code
 
 
-class ClientConnectionError(EvserverError, ConnectionError):
+class ClientConnectionError(PeerError, ConnectionError):
     """The client could not reach the server, or lost it and ran out of retries."""
 
     code = "connection_error"
-
-
-class HandlerTimeout(EvserverError, TimeoutError):
-    """A handler ran longer than its ``timeout`` option."""
-
-    code = "timeout"
-
-
-class ClusterError(EvserverError):
-    """Cluster mode cannot work: Redis unreachable, or its stored settings disagree with ours."""
-
-    code = "cluster_unavailable"

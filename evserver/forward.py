@@ -63,7 +63,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import ConfigError, ForwardError, FrameTooLarge, ProtocolError
+from .errors import ConfigError, ForwardError, HandshakeFailed, ProtocolError, RequestTooLarge
 from .event import Event, decoded
 
 __all__ = [
@@ -81,18 +81,6 @@ _now = _time.time  # module-level so tests can pin "now"
 MAX_INVALID_ENTRIES = 1000  # per request; more fail it (see _decode_entries)
 _unpack_event_time = struct.Struct(">II").unpack
 _UNPACK_ERRORS = (ValueError, msgpack.UnpackException)
-
-
-class HandshakeFailed(ForwardError):
-    """The PING was malformed or its credentials were wrong; the PONG saying so is queued."""
-
-    code = "auth_failed"
-
-
-class RequestTooLarge(ForwardError, FrameTooLarge):
-    """A request exceeds ``max_request_bytes``, or its entries ``max_decompressed_bytes``."""
-
-    code = "frame_too_large"
 
 
 class ForwardEvent(Event):

@@ -28,12 +28,12 @@ from typing import Any
 from . import protocol as p
 from ._eventlet import eventlet
 from .config import parse_users
+from .connection import JOB_EVENTS, Host, StreamConnection, accept_loop, peer_name
 from .dispatch import Job, Result
-from .errors import ConfigError, ProtocolError, RoutingError
+from .errors import ConfigError, HandshakeFailed, ProtocolError, RoutingError
 from .event import Event
 from .forward import ForwardConnection as ForwardDecoder
-from .forward import ForwardHandshake, ForwardRequest, HandshakeFailed, ack_bytes
-from .server import JOB_EVENTS, Server, StreamConnection, _peer
+from .forward import ForwardHandshake, ForwardRequest, ack_bytes
 
 log = logging.getLogger("evserver.forward")
 
@@ -82,7 +82,7 @@ class ForwardSettings:
 class ForwardListener:
     """The TCP listener, its accept loop and the UDP heartbeat echo, owned by a ``Server``."""
 
-    def __init__(self, server: Server, settings: ForwardSettings) -> None:
+    def __init__(self, server: Host, settings: ForwardSettings) -> None:
         self.server = server
         self.settings = settings
         self._listener: Any = None
@@ -118,13 +118,17 @@ class ForwardListener:
                                                                  server_side=True)
         self._udp = eventlet.greenio.GreenSocket(udp)
         self._threads = [
-            eventlet.spawn(self.server.accept_loop, self._listener, ForwardConnection),
+            eventlet.spawn(accept_loop, self.server, self._listener, self._connection,
+                           ForwardConnection.refuse),
             eventlet.spawn(self._heartbeats),
         ]
         auth = "shared key" + (" and users" if self.settings.users else "")
         log.info("Forward protocol listening on %s:%d (TCP%s, UDP heartbeat; %s)", *self.address,
                  " with TLS" if self.settings.tls else "",
                  auth if self.settings.shared_key else "no handshake")
+
+    def _connection(self, sock: Any, addr: Any) -> ForwardConnection:
+        return ForwardConnection(self.server, sock, addr, self.settings)
 
     def close(self) -> None:
         """Stop accepting and answering heartbeats; open connections drain with the server's."""
@@ -162,10 +166,9 @@ class ForwardConnection(StreamConnection):
 
     __slots__ = ("chunks", "decoder", "done", "failed", "next_ack", "requests")
 
-    def __init__(self, server: Server, sock: Any, addr: Any) -> None:
+    def __init__(self, server: Host, sock: Any, addr: Any, settings: ForwardSettings) -> None:
         super().__init__(server, sock, addr)
-        assert server.forward is not None
-        self.decoder = server.forward.settings.decoder()
+        self.decoder = settings.decoder()
         self.requests = 0  # numbers handed to requests with a chunk
         self.next_ack = 1
         self.chunks: dict[int, bytes | str] = {}
@@ -196,7 +199,7 @@ class ForwardConnection(StreamConnection):
         except ssl.SSLError as exc:
             server.counters["tls_failures"] += 1
             reason = f"TLS handshake failed: {exc.reason or exc}"
-        log.info("Forward %s: %s", _peer(self.addr), reason)
+        log.info("Forward %s: %s", peer_name(self.addr), reason)
         return False
 
     def serve(self, resumed: bool) -> None:
@@ -234,11 +237,11 @@ class ForwardConnection(StreamConnection):
         except HandshakeFailed as exc:
             counters["forward_auth_failures"] += 1
             self.server.limit_log("forward_auth", "Forward %s: handshake failed: %s; closing",
-                                  _peer(self.addr), exc)
+                                  peer_name(self.addr), exc)
         except ProtocolError as exc:
             counters["forward_errors"] += 1
             self.server.limit_log("forward_protocol", "Forward %s: closing connection: %s [%s]",
-                                  _peer(self.addr), exc, exc.code)
+                                  peer_name(self.addr), exc, exc.code)
 
     def _submit(self, requests: list[ForwardRequest]) -> None:
         """Turn requests into BATCH frames and run them as jobs: each acked request is a
@@ -267,7 +270,7 @@ class ForwardConnection(StreamConnection):
         counters["forward_events"] += events
         if skipped:
             counters["forward_skipped"] += skipped
-            log.info("Forward %s: skipped %d invalid event(s)", _peer(self.addr), skipped)
+            log.info("Forward %s: skipped %d invalid event(s)", peer_name(self.addr), skipped)
         server.dispatcher.stats.events_in += events
         self._dispatch(frames)
 
@@ -289,7 +292,7 @@ class ForwardConnection(StreamConnection):
         if failed_now:
             self.server.counters["forward_unacked"] += 1
             log.warning("Forward %s: a request failed in its handlers; closing without its ack "
-                        "so the client retries", _peer(self.addr))
+                        "so the client retries", peer_name(self.addr))
             self._abort("request failed")
         self._job_finished()
 

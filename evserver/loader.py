@@ -9,21 +9,9 @@ import sys
 import traceback
 
 from .app import App
-from .errors import EvserverError
+from .errors import AppLoadError
 
-
-class AppLoadError(EvserverError, ImportError):
-    """The app spec cannot be imported or does not name an ``App``.
-
-    ``details`` is the traceback of the exception the app's import raised (empty when the
-    spec itself is wrong): the message alone, ``KeyError: 'x'``, does not say where.
-    """
-
-    code = "app_load_error"
-
-    def __init__(self, message: str, details: str = "") -> None:
-        super().__init__(message)
-        self.details = details
+__all__ = ["AppLoadError", "load_app"]
 
 
 def _app_traceback(exc: BaseException) -> str:

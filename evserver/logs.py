@@ -37,29 +37,42 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
 
 
 class LogBudget:
-    """At most ``per_second`` log lines per key and second, so a handler failing on every
-    event of a flood cannot turn the log into the bottleneck; the next line says how many
-    were suppressed."""
+    """The one rate limit on log lines: at most ``per_interval`` lines per key in each
+    ``interval`` seconds, so a flood (a handler failing on every event, a scanner failing
+    the handshake thousands of times a second) cannot turn the log into the bottleneck.
+    The next line that gets through says how many were suppressed; the counters that go
+    with such lines stay exact, because they are counted elsewhere.
+    """
 
-    def __init__(self, per_second: int = 10) -> None:
-        self.per_second = per_second
+    def __init__(self, per_interval: int = 10, interval: float = 1.0) -> None:
+        self.per_interval = per_interval
+        self.interval = interval
         self._windows: dict[str, list[float]] = {}  # key -> [window start, lines, suppressed]
 
     def allow(self, key: str) -> bool:
+        """True when a line for ``key`` may be written now (it then counts against the budget)."""
         now = time.monotonic()
         window = self._windows.get(key)
-        if window is None or now - window[0] >= 1.0:
-            if len(self._windows) > 1024:
+        if window is None or now - window[0] >= self.interval:
+            if len(self._windows) > 1024:  # keys may come from peers: stay bounded
                 self._windows.clear()
             suppressed = window[2] if window else 0
             window = self._windows[key] = [now, 0, suppressed]
-        if window[1] >= self.per_second:
+        if window[1] >= self.per_interval:
             window[2] += 1
             return False
         window[1] += 1
         return True
 
     def suppressed_note(self, key: str) -> str:
+        """" (N similar lines not logged)" for the line about to be written, once."""
         window = self._windows[key]
         n, window[2] = int(window[2]), 0
-        return f" ({n} similar failures not logged)" if n else ""
+        return f" ({n} similar lines not logged)" if n else ""
+
+    def warning(self, logger: logging.Logger, key: str, msg: str, *args: Any) -> bool:
+        """Log ``msg % args`` at WARNING if ``key``'s budget allows; True when logged."""
+        if not self.allow(key):
+            return False
+        logger.warning(msg + "%s", *args, self.suppressed_note(key))
+        return True

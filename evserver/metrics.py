@@ -17,13 +17,10 @@ import bisect
 import os
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .cluster import COUNTERS as CLUSTER_COUNTERS
 from .cluster import GAUGES as CLUSTER_GAUGES
-
-if TYPE_CHECKING:
-    from .server import Server
 
 # Upper bounds (seconds) of the latency buckets: 5 us .. 30 s, about three per decade.
 BUCKETS: tuple[float, ...] = (
@@ -70,7 +67,17 @@ def quantile(counts: list[int], q: float) -> float | None:
     return BUCKETS[-1]
 
 
-def snapshot(server: Server) -> dict[str, Any]:
+class Source(Protocol):
+    """What a snapshot reads from a serving process (a ``Server``, seen from here)."""
+
+    started_at: float
+    connections: Any  # sized
+    counters: dict[str, int]
+    dispatcher: Any
+    cluster: Any  # a cluster Node (its ``stats()``), or None
+
+
+def snapshot(server: Source) -> dict[str, Any]:
     """One process's counters and gauges, as plain data (the control channel's ``stats``)."""
     d = server.dispatcher
     s = d.stats
@@ -253,7 +260,7 @@ class _StatsCollector:
         for key, value in sorted(totals.get("cluster", {}).items()):
             kind = GaugeMetricFamily if key in CLUSTER_GAUGES else CounterMetricFamily
             yield kind(f"evserver_cluster_{key}", f"Cluster node {key.replace('_', ' ')}.",
-                         value=value)
+                       value=value)
         per_worker = {
             "events_received": ("events_in", CounterMetricFamily, "Events read, per worker."),
             "events_processed": ("events_out", CounterMetricFamily,

@@ -9,14 +9,24 @@ certificates count as that proof. The check runs before anything binds.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any
 
-from .admin import is_loopback
 from .auth import DEFAULT_KEY_ID, Authenticator
 from .errors import ConfigError
 
-__all__ = ["configured_keys", "exposure_problem", "security_options"]
+__all__ = ["configured_keys", "exposure_problem", "is_loopback", "security_options"]
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; False for anything unparsable."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool((mapped or addr).is_loopback)
 
 
 def configured_keys(cfg: Any) -> dict[str, str]:

@@ -16,25 +16,24 @@ their responses flush -> close -> stop the workers; bounded by ``drain_timeout``
 
 from __future__ import annotations
 
-import errno
 import logging
 import signal
 import socket
 import ssl
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
-
-import greenlet
 
 from . import __version__
 from . import protocol as p
-from ._eventlet import ReadWait, call_in_hub, eventlet
+from ._eventlet import eventlet
 from .app import App
-from .auth import Authenticator, FailureLog
+from .auth import Authenticator, new_nonce
+from .connection import JOB_EVENTS, StreamConnection, accept_loop, peer_name
 from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher, Job, Result
-from .errors import ProtocolError
-from .handshake import open_connection
+from .errors import AuthError, ProtocolError
+from .forward_server import ForwardListener, ForwardSettings
 from .logs import LogBudget
 from .security import security_options
 from .tls import shutdown_read
@@ -42,253 +41,32 @@ from .tls import shutdown_read
 if TYPE_CHECKING:
     from .cluster import ClusterSettings
     from .cluster.node import Node
-    from .forward_server import ForwardListener, ForwardSettings
+    from .connection import Intake
 
 log = logging.getLogger("evserver.server")
+security_log = logging.getLogger("evserver.security")
 
-_READ_SIZE = 1 << 16
-_BUF = bytearray(_READ_SIZE)  # shared by every reader of every protocol: see _recv
-_VIEW = memoryview(_BUF)
-# Reads are decoded and dispatched in jobs of about this many events (a BATCH is never
-# split), so a long run of single-event frames spreads over several workers.
-JOB_EVENTS = 64
-# A reader runs its own job when the pool is idle (no hand-off: the request/reply fast path).
-# A job that took longer than this means slow handlers: hand this connection's next jobs to
-# the pool, where they run in parallel, and try inline again after that many jobs.
-_INLINE_MAX_SECONDS = 0.002
-_INLINE_BACKOFF_JOBS = 256
-_OUT_LIMIT = 4 << 20  # reply bytes queued for one connection before its reader pauses
+#: The largest frame (and about the most buffered input) accepted before authentication.
+PRE_AUTH_MAX_BYTES = 4096
 
 
-class _Park(BaseException):
-    """Thrown into a reader blocked in ``recv`` to make it give up its green thread."""
-
-
-class StreamConnection:
-    """An accepted stream socket of any protocol: one writer, jobs in flight, drain on close.
-
-    Subclasses read their protocol in ``serve`` (with ``_recv``) and answer in ``job_done``
-    (the dispatcher's ``Sink``), calling ``_job_finished`` so a reader waiting for pipeline
-    room wakes up.
-
-    Parking: a connection waits for its first bytes, and again after ``park_after``
-    seconds without data with nothing in flight, as a ``ReadWait`` in the hub instead of a
-    reader green thread blocked in ``recv`` (whose stack is most of an idle connection's
-    memory). Data, EOF, a graceful stop or the idle timeout start a new reader, which goes
-    on where the last one stopped: all a reader's state lives on the connection.
-    """
-
-    __slots__ = (
-        "addr", "closing", "flush_waiter", "idle_expired", "inline_skip", "jobs", "last_active",
-        "out", "out_bytes", "parked", "reader_glet", "receiving", "server", "sock", "waiter",
-        "writing",
-    )
-
-    protocol = "native"  # for log lines
-
-    def __init__(self, server: Server, sock: Any, addr: Any) -> None:
-        self.server = server
-        self.sock = sock
-        self.addr = addr
-        self.out: list[bytes] = []
-        self.out_bytes = 0  # queued or being sent: bounded by _OUT_LIMIT via the reader
-        self.flush_waiter: Any = None  # an Event the reader waits on while out_bytes is high
-        self.writing = False
-        self.closing = False
-        self.jobs = 0  # jobs queued or running
-        self.inline_skip = 0  # jobs to hand to the pool before running one inline again
-        self.waiter: tuple[int, Any] | None = None  # (below, Event) for _wait_jobs
-        self.reader_glet: Any = None  # the reader's green thread, None while parked
-        self.receiving = False  # the reader is blocked in recv (where it may be parked)
-        self.last_active = time.monotonic()  # when bytes last arrived or the last job ended
-        self.parked: ReadWait | None = None
-        self.idle_expired = False  # woken by the idle timeout while parked
-
-    # ------------------------------------------------------------------ writing
-
-    def write(self, data: bytes) -> None:
-        """Queue bytes for the peer; the first caller to find no writer becomes it."""
-        self.out.append(data)
-        self.out_bytes += len(data)
-        if self.writing:
-            return
-        self.writing = True
-        try:
-            while self.out:
-                chunk = b"".join(self.out) if len(self.out) > 1 else self.out[0]
-                self.out.clear()
-                self.sock.sendall(chunk)
-                self.out_bytes -= len(chunk)
-        except (OSError, AttributeError) as exc:  # peer gone, or socket closed under us
-            self.out.clear()
-            self._abort(f"write failed: {exc}")
-        finally:
-            self.writing = False
-            if not self.out:
-                self.out_bytes = 0
-            if self.flush_waiter is not None and self.out_bytes < _OUT_LIMIT:
-                waiter, self.flush_waiter = self.flush_waiter, None
-                waiter.send()
-
-    def start(self) -> None:
-        """Serve a socket just accepted. A peer greeted here waits for its first bytes
-        parked, so a connection that never sends costs no green thread at all."""
-        if not self.greet():
-            eventlet.spawn_n(self.run)
-        elif self.server.park_after > 0:
-            self._park_wait()
-        else:
-            eventlet.spawn_n(self.run, True)
-
-    def greet(self) -> bool:
-        """Queue the protocol's greeting; False when the reader must handshake first."""
-        raise NotImplementedError
-
-    def run(self, resumed: bool = False) -> None:
-        """The reader green thread: the protocol's ``serve``, then the ending every protocol
-        shares: a vanished peer quietly, any other error loudly, and ``_finish`` unless the
-        connection was parked."""
-        self.reader_glet = greenlet.getcurrent()
-        try:
-            self.serve(resumed)
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
-                log.info("%s connection %s: %s", self.protocol, _peer(self.addr), exc)
-        except Exception:
-            log.exception("internal error on %s connection %s", self.protocol, _peer(self.addr))
-        finally:
-            self.reader_glet = None
-            if self.parked is None:
-                self._finish()
-
-    def serve(self, resumed: bool) -> None:
-        """Read and decode the protocol, submit jobs; errors and ``_finish`` are ``run``'s.
-        ``resumed``: the peer was greeted already (``greet``, or an earlier reader)."""
-        raise NotImplementedError
-
-    def _recv(self) -> memoryview | None:
-        """The next bytes received, a view of the buffer every connection shares (decode it
-        before anything can yield); empty at EOF; None when the connection was parked
-        instead (``serve`` must then return). TimeoutError when idle for ``idle_timeout``."""
-        if self.idle_expired:
-            self.idle_expired = False
-            raise TimeoutError
-        self.receiving = True
-        try:
-            n = self.sock.recv_into(_BUF)
-        except _Park:
-            self._park_wait()
-            return None
-        finally:
-            self.receiving = False
-        self.last_active = time.monotonic()
-        return _VIEW[:n]
-
-    def sweep(self, now: float) -> None:
-        """Called every ``park_after`` seconds: park a reader that has been waiting in recv
-        that long with nothing in flight. TLS readers stay: decrypted bytes may be waiting
-        where the fd does not show them."""
-        if (self.receiving and not self.jobs and now - self.last_active >= self.server.park_after
-                and not isinstance(self.sock, ssl.SSLSocket)):
-            call_in_hub(self._park)
-
-    def _park(self) -> None:
-        """In the hub: end the reader if it is still blocked in recv with nothing in flight."""
-        if (self.receiving and not self.jobs and not self.closing and self.reader_glet is not None
-                and time.monotonic() - self.last_active >= self.server.park_after):
-            self.reader_glet.throw(_Park())
-
-    def _park_wait(self) -> None:
-        timeout = self.server.idle_timeout
-        left = max(0.0, self.last_active + timeout - time.monotonic()) if timeout else None
-        self.parked = ReadWait(self.sock.fileno(), self._wake, left)
-
-    def _wake(self, timed_out: bool) -> None:
-        """In the hub, when the parked connection's wait ended: a new reader goes on."""
-        self.parked = None
-        self.idle_expired = timed_out
-        eventlet.spawn_n(self.run, True)
-
-    @staticmethod
-    def refuse(sock: Any, limit: int) -> None:
-        """Turn away a socket accepted beyond ``max_connections`` (close it, at least)."""
-        sock.close()
-
-    def job_done(self, job: Job, results: list[Result]) -> None:
-        """The dispatcher's ``Sink`` callback: each protocol answers in its own way."""
-        raise NotImplementedError
-
-    def _dispatch(self, frames: list[p.Frame]) -> None:
-        """Run a read's frames as jobs: inline while the pool is idle, else through the
-        queue, holding the reader while this connection has too many jobs in flight."""
-        server = self.server
-        dispatcher = server.intake
-        for job_frames in _split(frames):
-            self.jobs += 1
-            job = Job(self, job_frames)
-            started = time.perf_counter()
-            if not self.inline_skip and dispatcher.run_inline(job):
-                if time.perf_counter() - started > _INLINE_MAX_SECONDS:
-                    self.inline_skip = _INLINE_BACKOFF_JOBS
-            else:
-                self.inline_skip = max(0, self.inline_skip - 1)
-                dispatcher.submit(job)
-            # Also after an inline run: its job stays open while ordered events are parked.
-            self._wait_jobs(server.jobs_per_connection, timeout=None)
-        if self.out_bytes >= _OUT_LIMIT and not self.closing:
-            # The peer is not reading its replies: stop reading its requests until it does
-            # (the blocked writer is bounded by the socket timeout, idle_timeout).
-            self.flush_waiter = eventlet.event.Event()
-            self.flush_waiter.wait()
-
-    def _job_finished(self) -> None:
-        self.jobs -= 1
-        if not self.jobs:  # waiting on its own handlers is not idleness: the clock restarts
-            self.last_active = time.monotonic()
-        waiter = self.waiter
-        if waiter is not None and self.jobs < waiter[0]:
-            self.waiter = None
-            waiter[1].send()
-
-    def _wait_jobs(self, below: int, timeout: float | None) -> bool:
-        """Block until fewer than ``below`` jobs are in flight; False on timeout."""
-        if self.jobs < below:
-            return True
-        event = eventlet.event.Event()
-        self.waiter = (below, event)
-        try:
-            with eventlet.Timeout(timeout):
-                event.wait()
-            return True
-        except eventlet.Timeout:
-            return False
-        finally:
-            self.waiter = None
-
-    def _abort(self, why: str) -> None:
-        self.closing = True
-        log.debug("aborting %s: %s", _peer(self.addr), why)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _finish(self) -> None:
-        """Wait for this connection's jobs so their responses are written, then close."""
-        self.closing = True
-        self._wait_jobs(1, timeout=self.server.drain_timeout)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        self.server.closed(self)
-
+class _Closed(Exception):
+    """The peer went away during the handshake."""
 
 
 class Connection(StreamConnection):
-    """One native-protocol connection: its frame reader and the replies it still owes."""
+    """One native-protocol connection: its frame reader and the replies it still owes.
+
+    When TLS or keys are configured, the reader opens the connection first (``_open``):
+    until the peer has proven itself it is held to ``PRE_AUTH_MAX_BYTES`` of buffered input
+    and one absolute ``handshake_timeout`` for everything (a slow-loris peer trickling
+    bytes gains nothing), and none of its frames reach the dispatcher: a failed or skipped
+    handshake is an ERROR ``auth_failed`` (corr 0) and a close. The proofs themselves are
+    ``evserver.auth``'s.
+    """
 
     __slots__ = ("reader", "replies_pending")
+    server: Server
 
     def __init__(self, server: Server, sock: Any, addr: Any) -> None:
         super().__init__(server, sock, addr)
@@ -325,7 +103,7 @@ class Connection(StreamConnection):
         reader = self.reader
         try:
             early: bytes | None = b""  # bytes pipelined behind an authenticating HELLO
-            if not resumed and (early := open_connection(self)) is None:
+            if not resumed and (early := self._open()) is None:
                 return
             while not server.stopping:
                 if early:
@@ -339,7 +117,7 @@ class Connection(StreamConnection):
                             continue  # waiting on our own handlers is not idleness
                         server.counters["idle_closed"] += 1
                         server.limit_log("idle_timeout", "closing idle connection %s after %gs",
-                                         _peer(self.addr), server.idle_timeout)
+                                         peer_name(self.addr), server.idle_timeout)
                         self._error(p.encode_error(0, "idle_timeout", "IdleTimeout",
                                                    f"no data for {server.idle_timeout:g}s"))
                         return
@@ -356,11 +134,78 @@ class Connection(StreamConnection):
                 eventlet.sleep(0)
         except ProtocolError as exc:
             server.counters["protocol_errors"] += 1
-            server.limit_log("protocol", "closing %s: %s", _peer(self.addr), exc)
+            server.limit_log("protocol", "closing %s: %s", peer_name(self.addr), exc)
             # The frames before the bad one are answered first: a client that sees the
             # connection-level error gives up on whatever is still unanswered.
             self._wait_jobs(1, timeout=server.drain_timeout)
             self._error(p.encode_error(0, exc.code, type(exc).__name__, str(exc)))
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self) -> bytes | None:
+        """Run the TLS and auth handshakes; return the bytes the client pipelined behind
+        its HELLO (to be decoded as ordinary frames), or None when the connection must be
+        closed. ``ProtocolError`` (a malformed first frame) propagates to ``serve``."""
+        server = self.server
+        timer = eventlet.Timeout(server.handshake_timeout)
+        try:
+            rest = self._handshake()
+        except eventlet.Timeout as exc:
+            if exc is not timer:
+                raise
+            server.counters["handshake_timeouts"] += 1
+            security_log.info("closing %s: no handshake within %gs", peer_name(self.addr),
+                              server.handshake_timeout)
+            if server.ssl_context is not None and self.sock.version() is None:
+                return None  # no TLS session to send an ERROR frame through
+            self._error(p.encode_error(0, "handshake_timeout", "HandshakeTimeout",
+                                       f"handshake not completed within "
+                                       f"{server.handshake_timeout:g}s"))
+            return None
+        except AuthError as exc:
+            timer.cancel()
+            server.counters["auth_failures"] += 1
+            server.auth_log.warning(security_log, "auth", "authentication failed for %s: %s",
+                                    peer_name(self.addr), str(exc))
+            # The client learns no more than "no": which key or field was wrong is for the log.
+            self._error(p.encode_error(0, AuthError.code, "AuthError", "authentication failed"))
+            return None
+        except ssl.SSLError as exc:
+            timer.cancel()
+            server.counters["tls_failures"] += 1
+            security_log.info("TLS handshake with %s failed: %s", peer_name(self.addr),
+                              exc.reason or exc)
+            return None
+        except _Closed:
+            return None
+        finally:
+            timer.cancel()
+        return rest
+
+    def _handshake(self) -> bytes:
+        server = self.server
+        sock = self.sock
+        if server.ssl_context is not None:
+            sock.do_handshake()  # eventlet's accept() defers it to this green thread
+        authenticator = server.auth
+        if authenticator is None:
+            sock.sendall(server.hello)
+            return b""
+        nonce = new_nonce()
+        sock.sendall(p.encode_hello({**server.hello_info, **authenticator.hello_info(nonce)}))
+        reader = p.FrameReader(p.SERVER_RECEIVES, max_frame_bytes=PRE_AUTH_MAX_BYTES)
+        while (frame := reader.next_frame()) is None:
+            data = sock.recv(PRE_AUTH_MAX_BYTES)
+            if not data:
+                raise _Closed
+            reader.receive_data(data)
+        if frame.kind != p.HELLO:
+            raise AuthError(f"first frame is {p.KIND_NAMES.get(frame.kind, frame.kind)}, "
+                            "not an authenticating HELLO")
+        key_id, reply = authenticator.verify(nonce, frame.body)
+        sock.sendall(p.encode_hello(reply))
+        security_log.debug("%s authenticated with key id %r", peer_name(self.addr), key_id)
+        return reader.take_buffered()
 
     def _take(self, frames: list[p.Frame]) -> bool:
         """Account for and dispatch decoded frames; False when the connection must close."""
@@ -373,7 +218,7 @@ class Connection(StreamConnection):
         if self.replies_pending > server.max_pending_replies:
             server.counters["overloaded_closed"] += 1
             server.limit_log("overloaded", "closing %s: more than %d responses pending",
-                             _peer(self.addr), server.max_pending_replies)
+                             peer_name(self.addr), server.max_pending_replies)
             self._error(p.encode_error(
                 0, "overloaded", "TooManyPending",
                 f"more than max_pending_replies={server.max_pending_replies} "
@@ -392,19 +237,6 @@ class Connection(StreamConnection):
             pass
 
 
-def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
-    """Group frames into jobs of about ``JOB_EVENTS`` events (a frame is never split)."""
-    jobs: list[list[p.Frame]] = [[]]
-    size = 0
-    for frame in frames:
-        if size >= JOB_EVENTS:
-            jobs.append([])
-            size = 0
-        jobs[-1].append(frame)
-        size += p.weight(frame)
-    return jobs
-
-
 def _encode_result(result: Result) -> bytes:
     frame, failure = result.frame, result.failure
     if failure is not None:
@@ -416,12 +248,6 @@ def _encode_result(result: Result) -> bytes:
             return p.encode_error(frame.corr, "handler_error", "TypeError",
                                   f"the processor's return value cannot be sent: {exc}")
     return p.encode_pong(frame.corr) if frame.kind == p.PING else p.encode_ack(frame.corr)
-
-
-def _peer(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return f"{addr[0]}:{addr[1]}"
-    return str(addr)
 
 
 class Server:
@@ -478,7 +304,7 @@ class Server:
         self.dispatcher.debug = debug
         # Where connections hand their jobs: the dispatcher, or in cluster mode the node's
         # edge, which appends them to Redis (the owned partitions feed the dispatcher).
-        self.intake: Dispatcher | Any = self.dispatcher
+        self.intake: Intake = self.dispatcher
         self.cluster_settings = cluster
         self.cluster: Node | None = None
         # Security (evserver.handshake): with neither, a connection costs exactly as before.
@@ -486,7 +312,7 @@ class Server:
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
         self.secure = auth is not None or ssl_context is not None
-        self.auth_failures = FailureLog(logging.getLogger("evserver.security"))
+        self.auth_log = LogBudget(per_interval=10, interval=60.0)  # failed handshakes
         self.connections: set[StreamConnection] = set()
         self.counters: dict[str, int] = {
             "connections_total": 0, "protocol_errors": 0, "idle_closed": 0,
@@ -502,8 +328,6 @@ class Server:
         self._accepter: Any = None
         self.forward: ForwardListener | None = None  # the Fluentd Forward listener, if any
         if forward is not None:
-            from .forward_server import ForwardListener  # it builds on this module
-
             self.forward = ForwardListener(self, forward)
         self._stopped = eventlet.event.Event()
         self._drained = eventlet.event.Event()
@@ -513,7 +337,6 @@ class Server:
     def from_config(cls, app: App, cfg: Any, **overrides: Any) -> Server:
         """Build a server from a loaded ``Config``'s tables."""
         from .cluster import ClusterSettings
-        from .forward_server import ForwardSettings
 
         srv = cfg.server
         kwargs: dict[str, Any] = dict(
@@ -550,7 +373,8 @@ class Server:
         self.dispatcher.start()
         if self.cluster_settings is not None:
             self._join_cluster(self.cluster_settings)
-        self._accepter = eventlet.spawn(self.accept_loop, self._listener, Connection)
+        self._accepter = eventlet.spawn(accept_loop, self, self._listener,
+                                        partial(Connection, self), Connection.refuse)
         if self.forward is not None:
             self.forward.start()
         if self.dead_letters is not None and self.dead_letters.fsync_interval > 0:
@@ -575,32 +399,6 @@ class Server:
         self.intake = node.edge
         self.dispatcher.dead_letters = cast(Any, node.dead_letters)  # the file store's API
 
-    def accept_loop(self, listener: Any, conn_type: type[StreamConnection]) -> None:
-        """Accept sockets on ``listener`` (of any protocol) until stopping."""
-        while not self.stopping:
-            try:
-                sock, addr = listener.accept()
-            except OSError as exc:
-                if self.stopping:
-                    return
-                # EMFILE and friends: back off instead of spinning; keep serving.
-                log.warning("accept failed: %s", exc)
-                eventlet.sleep(0.1)
-                continue
-            self.counters["connections_total"] += 1
-            if len(self.connections) >= self.max_connections:
-                self.counters["refused_connections"] += 1
-                self.limit_log("max_connections", "refusing %s: at max_connections=%d",
-                               _peer(addr), self.max_connections)
-                eventlet.spawn_n(conn_type.refuse, sock, self.max_connections)
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.idle_timeout:
-                sock.settimeout(self.idle_timeout)
-            conn = conn_type(self, sock, addr)
-            self.connections.add(conn)
-            conn.start()
-
     def _sync_dead_letters(self, store: DeadLetterStore) -> None:
         """Batched fsync: appends reach the OS at once, the disk within ``fsync_interval``."""
         while not self.stopping:
@@ -619,7 +417,7 @@ class Server:
                 try:
                     conn.sweep(now)
                 except Exception:  # never let one connection stop the parking of all
-                    log.exception("internal error while parking %s", _peer(conn.addr))
+                    log.exception("internal error while parking %s", peer_name(conn.addr))
 
     def limit_log(self, kind: str, msg: str, *args: Any) -> None:
         """A warning about a misbehaving peer, at most a few per second per kind: a flood of

@@ -14,7 +14,6 @@ worker count, one bounded ``select`` at a time.
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import logging
 import os
@@ -33,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from .admin import TAIL_FLUSH, AdminApp, AdminError, ThreadedAdmin
+from .admin import TAIL_FLUSH, AdminApp, ThreadedAdmin
 from .channel import Channel
 from .config import Config, load_config
-from .errors import ConfigError, EvserverError
+from .errors import AddressInUse, AdminError, ConfigError
+from .ports import Claims, PortClaim, release
 from .runner import EXIT_APP_LOAD_ERROR, EXIT_FAILURE, EXIT_OK, admin_unavailable
 from .worker import CONFIG_ENV, CONFIG_FROM_ENV
 
@@ -52,52 +52,6 @@ STATS_TIMEOUT = 2.0  # how long an admin stats request waits for the workers' re
 ADMIN_CALL_TIMEOUT = 5.0  # how long an admin request waits for the main loop
 TAIL_LEASE = 5.0  # a worker stops sampling for a tail not renewed for this long
 _PKG_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-class AddressInUse(EvserverError, OSError):
-    """Another process (evserver or not) already owns host:port."""
-
-    code = "address_in_use"
-
-
-class PortClaim:
-    """Exclusive ownership of host:port for one master, across reloads.
-
-    SO_REUSEPORT lets any same-user process join the workers' port silently, so before any
-    worker binds: (1) an abstract unix socket named after the address is bound (an evserver
-    lock the kernel releases when the master dies, so no stale files), then (2) the port is
-    bound *without* SO_REUSEPORT, which fails if anything already listens there. On HUP the
-    old workers still listen; the master keeps its claim and does not probe again.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
-            probe.bind((host, port))
-            self.host, self.port = host, probe.getsockname()[1]  # port 0: pick one for all
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise AddressInUse(f"{host}:{port} is already in use by another process") from None
-            raise AddressInUse(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
-        finally:
-            probe.close()
-        self._lock: socket.socket | None = None
-        if sys.platform.startswith("linux"):
-            lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                lock.bind(f"\0evserver:{self.host}:{self.port}")
-            except OSError:
-                lock.close()
-                raise AddressInUse(
-                    f"another evserver is already serving {self.host}:{self.port}") from None
-            self._lock = lock
-
-    def release(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
 
 
 def sd_notify(state: str) -> None:
@@ -152,7 +106,7 @@ class Reload:
 
     generation: int
     cfg: Config
-    claim: PortClaim | None  # a new address's claim, if the reload moved the port
+    claims: dict[str, PortClaim]  # new addresses' claims, if the reload moved a port
     deadline: float
 
 
@@ -189,8 +143,7 @@ class Supervisor:
         self.num_workers = cfg.server.workers
         self.generation = 1
         self.workers: dict[int, WorkerProcess] = {}
-        self.claim: PortClaim | None = None
-        self.forward_claim: PortClaim | None = None
+        self.claims = Claims()
         self.reload: Reload | None = None
         self.booted = False
         self.stopping: str | None = None  # "graceful" | "quick"
@@ -223,29 +176,18 @@ class Supervisor:
     def run(self) -> int:
         """Claim the port, boot the workers and supervise until stopped; the exit code."""
         try:
-            self.claim = PortClaim(self.cfg.server.host, self.cfg.server.port)
+            self.cfg, claimed = self.claims.claim(self.cfg)
         except AddressInUse as exc:
             log.error("evserver: refusing to start: %s", exc)
             return EXIT_FAILURE
-        if self.claim.port != self.cfg.server.port:
-            self.cfg = self.cfg.replace(**{"server.port": self.claim.port})
-        forward = self.cfg.forward
-        if forward.enabled:  # the Forward port is shared by the workers in the same way
-            try:
-                self.forward_claim = PortClaim(forward.host, forward.port)
-            except AddressInUse as exc:
-                self.claim.release()
-                log.error("evserver: refusing to start: Forward listener: %s", exc)
-                return EXIT_FAILURE
-            if self.forward_claim.port != forward.port:
-                self.cfg = self.cfg.replace(**{"forward.port": self.forward_claim.port})
+        self.claims.adopt(claimed, self.cfg)
         pid_file = self.cfg.server.pid_file
         try:
             if pid_file:
                 _write_pid_file(pid_file)
             self._install_signals()
             log.info("master %d: starting %d workers for %s on %s:%d", os.getpid(),
-                     self.num_workers, self.app_spec, self.claim.host, self.claim.port)
+                     self.num_workers, self.app_spec, *self.claims.address())
             if not self._start_admin():
                 return EXIT_FAILURE
             while not (self.stopping and not self.workers):
@@ -261,9 +203,7 @@ class Supervisor:
             self._restore_signals()
             if pid_file:
                 _remove_pid_file(pid_file)
-            self.claim.release()
-            if self.forward_claim is not None:
-                self.forward_claim.release()
+            self.claims.release_all()
 
     def _tick(self) -> None:
         for key, _ in self._selector.select(self._sleep_time()):
@@ -364,18 +304,13 @@ class Supervisor:
         except ConfigError as exc:
             log.error("HUP: reload aborted, keeping the current workers: %s", exc)
             return f"reload aborted: {exc}"
-        claim = None
-        address = (cfg.server.host, cfg.server.port)
-        if address != (self.cfg.server.host, self.cfg.server.port) and cfg.server.port != 0:
-            try:
-                claim = PortClaim(*address)
-            except AddressInUse as exc:
-                log.error("HUP: reload aborted, keeping the current workers: %s", exc)
-                return f"reload aborted: {exc}"
-        elif cfg.server.port == 0:
-            cfg = cfg.replace(**{"server.port": self.cfg.server.port})
+        try:
+            cfg, claimed = self.claims.claim(cfg)  # a port of 0 keeps the current one
+        except AddressInUse as exc:
+            log.error("HUP: reload aborted, keeping the current workers: %s", exc)
+            return f"reload aborted: {exc}"
         generation = self.generation + 1
-        self.reload = Reload(generation, cfg, claim,
+        self.reload = Reload(generation, cfg, claimed,
                              time.monotonic() + cfg.server.worker_timeout)
         sd_notify("RELOADING=1")
         log.info("HUP: reloading; starting %d generation-%d workers", cfg.server.workers,
@@ -551,9 +486,7 @@ class Supervisor:
             for worker in old:
                 if worker.retire_deadline is None:
                     self._retire(worker)
-            if reload.claim is not None and self.claim is not None:
-                self.claim.release()
-                self.claim = reload.claim
+            self.claims.adopt(reload.claims, reload.cfg)
             sd_notify("READY=1")
         elif now >= reload.deadline:
             log.error("HUP: reload aborted, keeping the current workers: new workers not "
@@ -569,8 +502,7 @@ class Supervisor:
             if worker.generation == reload.generation and worker.retire_deadline is None:
                 worker.retire_deadline = time.monotonic() + QUIT_GRACE
                 worker.signal(signal.SIGQUIT)
-        if reload.claim is not None:
-            reload.claim.release()
+        release(reload.claims)
         sd_notify("READY=1")
 
     # ------------------------------------------------------------------ stopping

@@ -1,7 +1,7 @@
 """SSLContext builders for the event port, the admin port and the client SDK.
 
 Contexts are always built explicitly (never ``eventlet.wrap_ssl(cert_reqs=...)``, which
-silently leaves certificate verification off; eventlet-notes §2.5), with TLS 1.2 as the
+silently leaves certificate verification off), with TLS 1.2 as the
 floor and the ``ssl`` module's defaults for everything else (ciphers, no compression, no
 renegotiation). Server contexts are eventlet's green ``SSLContext``, so the sockets they wrap
 trampoline instead of blocking the hub; the client's is the stdlib one, which is green too in
@@ -34,9 +34,9 @@ def server_context(
     if require_client_cert and not ca:
         raise ValueError("require_client_cert needs a CA ([tls] ca) to verify clients with")
     if green:
-        from eventlet.green import ssl as green_ssl
+        from ._eventlet import GreenSSLContext
 
-        ctx: ssl.SSLContext = green_ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx: ssl.SSLContext = GreenSSLContext(ssl.PROTOCOL_TLS_SERVER)
     else:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -1,7 +1,7 @@
 """The smallest eventlet receiver of evserver's protocols: the yardstick for the bench.
 
 It does only what the protocol forces (decode, look the handler up by type or tag, call it
-inline, answer) and applies the tips of eventlet-notes §4: inline dispatch, a reused 64 KiB
+inline, answer) the cheapest way eventlet allows: inline dispatch, a reused 64 KiB
 buffer, one coalesced sendall per recv, an explicit yield every YIELD_EVERY events. Whatever
 evserver costs beyond this is the price of its features. ``--protocol forward`` speaks Fluentd
 Forward instead of the native protocol, with the same connection loop. ``ceiling`` runs the

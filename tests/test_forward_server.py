@@ -230,7 +230,7 @@ def test_unit_acks_wait_for_earlier_requests_and_stop_at_a_failure() -> None:
             written.append(b"<shutdown>")
 
     server = Server(App("t"), port=0, forward=ForwardSettings(port=0))
-    conn = ForwardConnection(server, Sock(), ("127.0.0.1", 1))
+    conn = ForwardConnection(server, Sock(), ("127.0.0.1", 1), ForwardSettings(port=0))
     frames = [p.Frame(p.BATCH, n, []) for n in (1, 2, 3, 4)]
     conn.chunks = {1: "a", 2: "b", 3: "c", 4: "d"}
     conn.jobs = 3

@@ -241,10 +241,14 @@ def test_unauthenticated_peer_holds_a_small_buffer_only() -> None:
 def test_failures_are_logged_rate_limited_with_peer(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    flog = a.FailureLog(logging.getLogger("evserver.security"), per_interval=3, interval=60)
+    from evserver.logs import LogBudget
+
+    budget = LogBudget(per_interval=3, interval=60)
+    logger = logging.getLogger("evserver.security")
     with caplog.at_level(logging.WARNING, "evserver.security"):
-        logged = [flog.record("127.0.0.1:5000", "wrong proof") for _ in range(10)]
-    assert logged == [True] * 3 + [False] * 7 and flog.total == 10
+        logged = [budget.warning(logger, "auth", "authentication failed for %s: %s",
+                                 "127.0.0.1:5000", "wrong proof") for _ in range(10)]
+    assert logged == [True] * 3 + [False] * 7
     assert caplog.text.count("authentication failed for 127.0.0.1:5000: wrong proof") == 3
 
 

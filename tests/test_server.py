@@ -434,7 +434,7 @@ def test_stop_is_bounded_even_with_a_full_queue_and_stuck_handlers():
 
 
 def test_a_peer_that_never_reads_replies_cannot_grow_the_servers_buffer():
-    from evserver import server as server_module
+    from evserver import connection as server_module
 
     with serve_in_thread(hostile_app(), idle_timeout=0) as server:
         s = socket.create_connection(server.address)

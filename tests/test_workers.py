@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgpack
 import pytest
 from conftest import wait_for
 from rawpeer import RawPeer
@@ -273,6 +274,29 @@ def test_hup_under_acked_load_replaces_workers_without_losing_events(start, tmp_
     assert acked <= m.recorded()
     assert {request(m.address, "version") for _ in range(6)} == {2}
     assert "HUP: 2 new workers ready; retiring 2 old ones" in m.log
+
+
+def test_hup_keeps_an_ephemeral_forward_port(start) -> None:
+    """``forward.port = 0`` is resolved once by the master: the workers of every generation
+    share that port, so Fluent Bit keeps reaching them across a reload."""
+    import re
+
+    from evserver.forward import ack_bytes
+
+    m = start("--forward-enabled", "--forward-port", "0")
+    m.wait_ready()
+    listening = re.compile(r"Forward protocol listening on 127\.0\.0\.1:(\d+)")
+    wait_for(lambda: len(listening.findall(m.log)) == 2, 10, "both workers' Forward listeners")
+    (port,) = {int(n) for n in listening.findall(m.log)}
+    m.signal(signal.SIGHUP)
+    m.wait_log("HUP: 2 new workers ready; retiring 2 old ones", 15)
+    ports = [int(n) for n in listening.findall(m.log)]
+    assert len(ports) == 4 and set(ports) == {port}, m.log
+    # A listener that closes resets the connections in its backlog: wait for the old ones.
+    wait_for(lambda: m.log.count("(gen 1) exited") == 2, 15, "the old workers to exit")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # still served
+        sock.sendall(msgpack.packb(["hup.forward", [[1, {"x": 1}]], {"chunk": "c1"}]))
+        assert sock.recv(100) == ack_bytes("c1")
 
 
 def test_hup_with_a_broken_app_keeps_the_old_workers(start, tmp_path: Path) -> None:
