@@ -20,16 +20,14 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import protocol as p
 from ..dispatch import Failure, Job, Result
 from ..event import Event
 from . import codec
+from .host import NodeView
 from .partition import split
-
-if TYPE_CHECKING:
-    from .node import Node
 
 log = logging.getLogger("evserver.cluster")
 
@@ -53,7 +51,7 @@ class Edge:
     """Appends jobs to the partition streams and completes them (the dispatcher's
     ``submit``/``run_inline`` contract)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeView) -> None:
         self.node = node
         self.partitions = node.settings.partitions
         self.stored = node.settings.ack == "stored"

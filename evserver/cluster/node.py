@@ -31,8 +31,8 @@ from .leases import HEARTBEAT, RELEASE, RENEW, assigned
 from .owner import FENCED, RUNNING, Acker, PartitionOwner
 
 if TYPE_CHECKING:
-    from ..server import Server
     from . import ClusterSettings
+    from .host import ServerView
 
 log = logging.getLogger("evserver.cluster")
 
@@ -59,7 +59,7 @@ def connect(url: str, max_connections: int) -> Any:
 
 
 class Node:
-    def __init__(self, server: Server, settings: ClusterSettings) -> None:
+    def __init__(self, server: ServerView, settings: ClusterSettings) -> None:
         import redis
 
         self.server = server

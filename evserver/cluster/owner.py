@@ -21,16 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import protocol as p
 from .._eventlet import eventlet
 from ..dispatch import Job, Result
 from . import codec
+from .host import NodeView
 from .keys import GROUP
-
-if TYPE_CHECKING:
-    from .node import Node
 
 log = logging.getLogger("evserver.cluster")
 
@@ -43,7 +41,7 @@ RUNNING, HANDOVER, FENCED = "running", "handover", "fenced"
 class PartitionOwner:
     """The consumer loop of one partition this node holds the lease of."""
 
-    def __init__(self, node: Node, partition: int, deadline: float) -> None:
+    def __init__(self, node: NodeView, partition: int, deadline: float) -> None:
         self.node = node
         self.partition = partition
         self.stream = node.keys.stream(partition)
@@ -241,7 +239,7 @@ class Acker:
     """Acknowledges completed entries and sends their reports, batched: one pipeline for
     everything completed since the last one. A report for this node's own edge skips Redis."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeView) -> None:
         self.node = node
         self.queue: Any = eventlet.queue.LightQueue()
         self.glet: Any = None
