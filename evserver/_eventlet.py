@@ -31,7 +31,7 @@ from greenlet import GreenletExit, getcurrent  # noqa: E402
 GreenSSLContext = eventlet.green.ssl.SSLContext  # its sockets trampoline instead of blocking
 
 __all__ = ["GreenSSLContext", "GreenletExit", "ReadWait", "call_in_hub", "eventlet", "getcurrent",
-           "monkey_patch", "wake_hub_on_signals", "wsgi_server"]
+           "monkey_patch", "on_yield", "wake_hub_on_signals", "wsgi_server"]
 
 
 def monkey_patch() -> None:
@@ -76,6 +76,20 @@ class ReadWait:
         if self._timer is not None:
             self._timer.cancel()
         return True
+
+
+def on_yield(hook: Callable[[], None] | None) -> Callable[[], None] | None:
+    """Have the hub call ``hook`` each time the calling green thread is about to block
+    (``None``: stop); returns the hook it replaces, to restore when done.
+
+    This is eventlet's ``switch_out`` attribute, which its hub calls (squelching errors)
+    just before switching away from a green thread. The hook runs inside that switch, so it
+    must not block. The dispatcher uses it to share a job once a handler waits.
+    """
+    current = getcurrent()
+    previous: Callable[[], None] | None = getattr(current, "switch_out", None)
+    current.switch_out = hook
+    return previous
 
 
 def wsgi_server(sock: Any, app: Any, **options: Any) -> Any:

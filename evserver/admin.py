@@ -85,7 +85,7 @@ def event_dict(event: Any) -> dict[str, Any]:
 class Tap:
     """Sample events matching ``pattern`` into a bounded ring, at most ``rate`` a second.
 
-    Called with each submitted job's frames; the cost is a clock read per job, plus a
+    Called with each submitted job's events; the cost is a clock read per job, plus a
     cached type match per event only while this second's budget lasts.
     """
 
@@ -97,7 +97,7 @@ class Tap:
         self._window_end = 0.0
         self._left = 0
 
-    def __call__(self, frames: list[Any]) -> None:
+    def __call__(self, events: list[Any]) -> None:
         now = time.monotonic()
         if now >= self._window_end:
             self._window_end = now + 1.0
@@ -105,20 +105,17 @@ class Tap:
         if self._left <= 0:
             return
         match = self._match
-        for frame in frames:
-            if not isinstance(frame.body, list):
-                continue  # PING and the like
-            for event in frame.body:
-                hit = match.get(event.type)
-                if hit is None:
-                    if len(match) > 4096:
-                        match.clear()
-                    hit = match[event.type] = _matches(self.segments, event.type.split("."))
-                if hit:
-                    self.ring.append(event)
-                    self._left -= 1
-                    if self._left <= 0:
-                        return
+        for event in events:
+            hit = match.get(event.type)
+            if hit is None:
+                if len(match) > 4096:
+                    match.clear()
+                hit = match[event.type] = _matches(self.segments, event.type.split("."))
+            if hit:
+                self.ring.append(event)
+                self._left -= 1
+                if self._left <= 0:
+                    return
 
     def drain(self) -> list[dict[str, Any]]:
         out = []
@@ -150,9 +147,9 @@ class Taps:
         elif len(taps) == 1:
             self.dispatcher.tap = taps[0]
         else:
-            def fan_out(frames: list[Any]) -> None:
+            def fan_out(events: list[Any]) -> None:
                 for tap in taps:
-                    tap(frames)
+                    tap(events)
 
             self.dispatcher.tap = fan_out
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from . import protocol as p
 from ._eventlet import ReadWait, call_in_hub, eventlet, getcurrent
-from .dispatch import Dispatcher, Job, Result
+from .dispatch import Dispatcher, Job
 
 log = logging.getLogger("evserver.server")
 
@@ -233,7 +233,7 @@ class StreamConnection:
         """Turn away a socket accepted beyond ``max_connections`` (close it, at least)."""
         sock.close()
 
-    def job_done(self, job: Job, results: list[Result]) -> None:
+    def job_done(self, job: Job) -> None:
         """The dispatcher's ``Sink`` callback: each protocol answers in its own way."""
         raise NotImplementedError
 
@@ -244,7 +244,7 @@ class StreamConnection:
         dispatcher = server.intake
         for job_frames in _split(frames):
             self.jobs += 1
-            job = Job(self, job_frames)
+            job = _job(self, job_frames)
             started = time.perf_counter()
             if not self.inline_skip and dispatcher.run_inline(job):
                 if time.perf_counter() - started > _INLINE_MAX_SECONDS:
@@ -314,6 +314,26 @@ def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
         jobs[-1].append(frame)
         size += p.weight(frame)
     return jobs
+
+
+def _job(sink: StreamConnection, frames: list[p.Frame]) -> Job:
+    """The dispatcher's unit of work for frames: their events, flat, and which are requests
+    (the frames ride along as the job's context, to answer them)."""
+    if len(frames) == 1 and frames[0].kind in p.EVENT_KINDS:  # a batch, usually
+        frame = frames[0]
+        return Job(sink, frame.body, _FIRST if frame.kind == p.REQUEST else _NONE, frames)
+    events: list[Any] = []
+    requests = []
+    for frame in frames:
+        if frame.kind in p.EVENT_KINDS:
+            if frame.kind == p.REQUEST:
+                requests.append(len(events))
+            events += frame.body
+    return Job(sink, events, frozenset(requests) if requests else _NONE, frames)
+
+
+_NONE: frozenset[int] = frozenset()
+_FIRST = frozenset({0})
 
 
 def accept_loop(host: Host, listener: Any, make: Callable[[Any, Any], StreamConnection],

@@ -29,7 +29,7 @@ from . import protocol as p
 from ._eventlet import eventlet
 from .config import parse_users
 from .connection import JOB_EVENTS, Host, StreamConnection, accept_loop, peer_name
-from .dispatch import Job, Result
+from .dispatch import Job
 from .errors import ConfigError, HandshakeFailed, ProtocolError, RoutingError
 from .event import Event
 from .forward import ForwardConnection as ForwardDecoder
@@ -274,10 +274,14 @@ class ForwardConnection(StreamConnection):
         server.dispatcher.stats.events_in += events
         self._dispatch(frames)
 
-    def job_done(self, job: Job, results: list[Result]) -> None:
-        for result in results:
-            failure = result.failure
-            self.done[result.frame.corr] = failure is None or failure.code == RoutingError.code
+    def job_done(self, job: Job) -> None:
+        start = 0
+        for frame in job.context:
+            stop = start + len(frame.body)
+            if frame.corr:
+                failure = job.failure(start, stop)
+                self.done[frame.corr] = failure is None or failure.code == RoutingError.code
+            start = stop
         acks = []
         failed_now = False
         while (ok := self.done.pop(self.next_ack, None)) is not None:

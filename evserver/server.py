@@ -31,7 +31,7 @@ from .app import App
 from .auth import Authenticator, new_nonce
 from .connection import JOB_EVENTS, StreamConnection, accept_loop, peer_name
 from .deadletters import DeadLetterStore
-from .dispatch import Dispatcher, Job, Result
+from .dispatch import Dispatcher, Job
 from .errors import AuthError, ProtocolError
 from .forward_server import ForwardListener, ForwardSettings
 from .logs import LogBudget
@@ -84,10 +84,17 @@ class Connection(StreamConnection):
         finally:
             sock.close()
 
-    def job_done(self, job: Job, results: list[Result]) -> None:
-        if results:
-            self.replies_pending -= sum(1 for r in results if r.frame.corr)
-            self.write(b"".join(map(_encode_result, results)))
+    def job_done(self, job: Job) -> None:
+        answers = []
+        start = 0
+        for frame in job.context:
+            stop = start + len(frame.body) if frame.kind in p.EVENT_KINDS else start
+            if frame.corr or frame.kind == p.PING:
+                answers.append(_answer(frame, job, start, stop))
+            start = stop
+        if answers:
+            self.replies_pending -= sum(1 for f in job.context if f.corr)
+            self.write(b"".join(answers))
         self._job_finished()
 
     # ------------------------------------------------------------------ reading
@@ -237,17 +244,20 @@ class Connection(StreamConnection):
             pass
 
 
-def _encode_result(result: Result) -> bytes:
-    frame, failure = result.frame, result.failure
+def _answer(frame: p.Frame, job: Job, start: int, stop: int) -> bytes:
+    """The response a frame owes, from the outcome of its events ``start:stop`` in the job."""
+    if frame.kind == p.PING:
+        return p.encode_pong(frame.corr)
+    failure = job.failure(start, stop)
     if failure is not None:
         return p.encode_error(frame.corr, failure.code, failure.type, failure.message)
     if frame.kind == p.REQUEST:
         try:
-            return p.encode_reply(frame.corr, result.value)
+            return p.encode_reply(frame.corr, job.values.get(start))
         except (TypeError, ValueError, OverflowError) as exc:
             return p.encode_error(frame.corr, "handler_error", "TypeError",
                                   f"the processor's return value cannot be sent: {exc}")
-    return p.encode_pong(frame.corr) if frame.kind == p.PING else p.encode_ack(frame.corr)
+    return p.encode_ack(frame.corr)
 
 
 class Server:
@@ -301,7 +311,7 @@ class Server:
         self.dispatcher = Dispatcher(app, pool_size=pool_size, queue_size=queue_size,
                                      handler_defaults=handler_defaults,
                                      dead_letters=dead_letters)
-        self.dispatcher.debug = debug
+        self.dispatcher.outcomes.debug = debug
         # Where connections hand their jobs: the dispatcher, or in cluster mode the node's
         # edge, which appends them to Redis (the owned partitions feed the dispatcher).
         self.intake: Intake = self.dispatcher
@@ -397,7 +407,9 @@ class Server:
             raise
         self.cluster = node
         self.intake = node.edge
-        self.dispatcher.dead_letters = cast(Any, node.dead_letters)  # the file store's API
+        # The file store's API; handler failures are recorded by the dispatcher's outcomes.
+        self.dispatcher.dead_letters = self.dispatcher.outcomes.dead_letters = cast(
+            Any, node.dead_letters)
 
     def _sync_dead_letters(self, store: DeadLetterStore) -> None:
         """Batched fsync: appends reach the OS at once, the disk within ``fsync_interval``."""

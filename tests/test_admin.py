@@ -248,10 +248,10 @@ def test_tap_samples_matching_events_within_its_rate() -> None:
     from evserver.event import Event
 
     tap = Tap("order.*", rate=3)
-    frame = p.Frame(p.BATCH, 0, [Event("order.a", i) for i in range(5)] + [Event("x.y", 9)])
-    tap([frame, p.Frame(p.PING, 1)])
+    events = [Event("order.a", i) for i in range(5)] + [Event("x.y", 9)]
+    tap(events)
     assert [e["data"] for e in tap.drain()] == [0, 1, 2]  # the rate cut it off
-    tap([frame])
+    tap(events)
     assert tap.drain() == []  # same second: no budget left
 
 

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import urllib.request
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,9 +29,11 @@ from fluent import asyncsender, handler, sender
 
 from evserver import protocol as p
 from evserver.app import App
-from evserver.dispatch import Failure, Job, Result
+from evserver.dispatch import Job
+from evserver.event import Event
 from evserver.forward import ack_bytes
 from evserver.forward_server import ForwardConnection, ForwardSettings
+from evserver.plan import Failure
 from evserver.server import Server
 
 APP = f"{APPS}/forward_app.py:app"
@@ -90,16 +93,21 @@ def forward(server_factory: ServerFactory, tmp_path: Path) -> Iterator[Callable[
     yield start
 
 
+_READERS: weakref.WeakKeyDictionary[socket.socket, tuple[msgpack.Unpacker, list[Any]]] = (
+    weakref.WeakKeyDictionary())
+
+
 def read_msgs(sock: socket.socket, n: int) -> list[Any]:
-    """Read exactly ``n`` msgpack values (bin stays bytes, str stays str)."""
-    unpacker = msgpack.Unpacker(raw=False)
-    out: list[Any] = []
-    while len(out) < n:
+    """Read exactly ``n`` msgpack values (bin stays bytes, str stays str); values that
+    arrived in the same read as the last of them wait for the next call on that socket."""
+    unpacker, pending = _READERS.setdefault(sock, (msgpack.Unpacker(raw=False), []))
+    while len(pending) < n:
         data = sock.recv(65536)
         if not data:
-            raise ConnectionError(f"EOF after {len(out)} of {n} messages")
+            raise ConnectionError(f"EOF after {len(pending)} of {n} messages")
         unpacker.feed(data)
-        out.extend(unpacker)
+        pending.extend(unpacker)
+    out, pending[:] = pending[:n], pending[n:]
     return out
 
 
@@ -231,15 +239,20 @@ def test_unit_acks_wait_for_earlier_requests_and_stop_at_a_failure() -> None:
 
     server = Server(App("t"), port=0, forward=ForwardSettings(port=0))
     conn = ForwardConnection(server, Sock(), ("127.0.0.1", 1), ForwardSettings(port=0))
-    frames = [p.Frame(p.BATCH, n, []) for n in (1, 2, 3, 4)]
+    frames = [p.Frame(p.BATCH, n, [Event("t", n)]) for n in (1, 2, 3, 4)]
     conn.chunks = {1: "a", 2: "b", 3: "c", 4: "d"}
     conn.jobs = 3
-    conn.job_done(Job(conn, frames[1:2]), [Result(frames[1], None)])
+
+    def job(frames: list[p.Frame]) -> Job:
+        return Job(conn, [f.body[0] for f in frames], context=frames)
+
+    conn.job_done(job(frames[1:2]))
     assert written == []
-    conn.job_done(Job(conn, frames[0:1]), [Result(frames[0], None)])
+    conn.job_done(job(frames[0:1]))
     assert written == [ack_bytes("a") + ack_bytes("b")]
-    failure = Failure("handler_error", "RuntimeError", "boom")
-    conn.job_done(Job(conn, frames[2:4]), [Result(frames[2], failure), Result(frames[3], None)])
+    failed = job(frames[2:4])
+    failed.failures[id(failed.events[0])] = Failure("handler_error", "RuntimeError", "boom")
+    conn.job_done(failed)
     assert written[1:] == [b"<shutdown>"] and conn.jobs == 0 and not conn.chunks
 
 

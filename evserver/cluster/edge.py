@@ -5,14 +5,16 @@ The connection hands the edge a job exactly as it would hand it to the dispatche
 entry per partition in one pipelined round trip (in the reader's green thread, so a slow
 Redis slows that reader: backpressure, as a full queue would), and completes the job once:
 
-- at once, when nothing in it needs an answer from the owner (fire-and-forget events, and
-  acked events with ``ack = "stored"``: their entry is in Redis when XADD returns);
-- otherwise when every partition's owner has reported, through this node's inbox, the
-  outcomes of the events that needed them (ACKs with ``ack = "processed"``, and requests,
-  whose reply value only the owner has).
+- with ``ack = "processed"``, when every partition's owner has reported, through this
+  node's inbox, that its events ran (with their failures and reply values): the job
+  completes as it would on one machine, after its events ran, fire-and-forget ones
+  included (so a PING behind them proves they ran, and the cluster's backlog holds back
+  the readers that feed it);
+- with ``ack = "stored"``, once XADD returned (the entries are in Redis), unless the job
+  holds requests: their reply values only the owners have, so it waits for those reports.
 
-A failed append fails every frame of the job with ``cluster_unavailable``: the client sees
-an ERROR, never an ACK for something Redis may not hold.
+A failed append fails the whole job with ``cluster_unavailable``: the client sees an ERROR,
+never an ACK for something Redis may not hold.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .. import protocol as p
-from ..dispatch import Failure, Job, Result
+from ..dispatch import Job
 from ..event import Event
+from ..plan import Failure
 from . import codec
 from .host import NodeView
 from .partition import split
@@ -32,19 +34,6 @@ from .partition import split
 log = logging.getLogger("evserver.cluster")
 
 KeyOf = Callable[[Event], Any]
-
-
-class _Waiting:
-    """A job whose owners have not all reported: the partitions still owed, and per frame
-    the first failure and the reply value."""
-
-    __slots__ = ("failures", "job", "owed", "values")
-
-    def __init__(self, job: Job, owed: set[int]) -> None:
-        self.job = job
-        self.owed = owed
-        self.failures: dict[int, Failure] = {}
-        self.values: dict[int, Any] = {}
 
 
 class Edge:
@@ -56,7 +45,7 @@ class Edge:
         self.partitions = node.settings.partitions
         self.stored = node.settings.ack == "stored"
         self._tokens = itertools.count(1)
-        self._waiting: dict[int, _Waiting] = {}
+        self._waiting: dict[int, tuple[Job, set[int]]] = {}  # token -> job, partitions owed
         self._keys: dict[str, KeyOf | None] = {}
 
     # ------------------------------------------------------------------ the dispatcher's contract
@@ -77,30 +66,22 @@ class Edge:
 
     def _append(self, job: Job) -> None:
         node = self.node
-        events: list[Event] = []
-        slots: list[int] = []
-        wants: list[int] = []
-        for fi, frame in enumerate(job.frames):
-            if frame.kind == p.PING:
-                continue
-            want = _want(frame, self.stored)
-            for event in frame.body:
-                events.append(event)
-                slots.append(fi)
-                wants.append(want)
+        events = job.events
         if not events:
-            _complete(job, {}, {})
+            job.sink.job_done(job)
             return
+        requests = job.requests
+        wants = [codec.REPLY if i in requests else codec.NOTHING if self.stored else codec.ACK
+                 for i in range(len(events))]
         parts = split(events, self._key_of, self.partitions)
         token = next(self._tokens)
         owed = {part for part, idx in parts.items() if any(wants[i] for i in idx)}
         if owed:
-            self._waiting[token] = _Waiting(job, owed)
+            self._waiting[token] = (job, owed)
         keys = node.keys
         pipe = node.redis.pipeline(transaction=False)
         for part, idx in parts.items():
-            entry = codec.encode_entry(node.id, token, [(events[i], slots[i], wants[i])
-                                                        for i in idx])
+            entry = codec.encode_entry(node.id, token, [(events[i], i, wants[i]) for i in idx])
             pipe.xadd(keys.stream(part), {codec.FIELD: entry})
         try:
             pipe.execute()
@@ -108,14 +89,14 @@ class Edge:
             self._waiting.pop(token, None)
             node.count("append_errors")
             node.log_error("append", "cannot append to Redis: %s", exc)
-            failure = Failure("cluster_unavailable", "ClusterError",
-                              f"the cluster's Redis is unavailable: {exc}")
-            _complete(job, {fi: failure for fi in set(slots)}, {})
+            job.broken = Failure("cluster_unavailable", "ClusterError",
+                                 f"the cluster's Redis is unavailable: {exc}")
+            job.sink.job_done(job)
             return
         node.count("appended_entries", len(parts))
         node.count("appended_events", len(events))
         if not owed:
-            _complete(job, {}, {})
+            job.sink.job_done(job)
 
     def _key_of(self, event: Event) -> Any:
         """The ordered_by key of the event's processor, or None (no order needed)."""
@@ -135,38 +116,29 @@ class Edge:
     # ------------------------------------------------------------------ answers
 
     def on_reply(self, token: int, partition: int, outcomes: list[codec.Outcome]) -> None:
-        """An owner's report for one of our entries; duplicates (after a redelivery) and
-        reports for jobs failed meanwhile are ignored."""
+        """An owner's report for one of our entries: the failures and reply values of its
+        events. Duplicates (after a redelivery) and reports for jobs failed meanwhile are
+        ignored."""
         waiting = self._waiting.get(token)
-        if waiting is None or partition not in waiting.owed:
+        if waiting is None or partition not in waiting[1]:
             return
-        waiting.owed.discard(partition)
-        for slot, failed, value in outcomes:
+        job, owed = waiting
+        owed.discard(partition)
+        for index, failed, value in outcomes:
             if failed is not None:
-                waiting.failures.setdefault(slot, Failure(*failed))
+                job.failures.setdefault(id(job.events[index]), Failure(*failed))
             elif value is not None:
-                waiting.values[slot] = value
-        if not waiting.owed:
+                job.values[index] = value
+        if not owed:
             del self._waiting[token]
-            _complete(waiting.job, waiting.failures, waiting.values)
+            job.sink.job_done(job)
 
     def fail_all(self, why: str) -> None:
         """Answer every waiting job with an error (the node is stopping without its answers)."""
-        failure = Failure("cluster_unavailable", "ClusterError", why)
         waiting, self._waiting = self._waiting, {}
-        for w in waiting.values():
-            failures = {fi: failure for fi, f in enumerate(w.job.frames) if f.kind != p.PING}
-            failures.update(w.failures)
-            _complete(w.job, failures, w.values)
-
-
-def _want(frame: p.Frame, stored: bool) -> int:
-    """What a frame's events need from their owner."""
-    if frame.kind == p.REQUEST:
-        return codec.REPLY
-    if frame.corr and not stored:
-        return codec.ACK
-    return codec.NOTHING
+        for job, _owed in waiting.values():
+            job.broken = Failure("cluster_unavailable", "ClusterError", why)
+            job.sink.job_done(job)
 
 
 def _key_function(app: Any, etype: str) -> KeyOf | None:
@@ -180,10 +152,3 @@ def _key_function(app: Any, etype: str) -> KeyOf | None:
         return lambda event: (pattern, event.data[field])
     fn = key
     return lambda event: (pattern, fn(event))
-
-
-def _complete(job: Job, failures: dict[int, Failure], values: dict[int, Any]) -> None:
-    """Answer a job as the dispatcher would: one result per frame that owes a response."""
-    results = [Result(frame, failures.get(fi), values.get(fi))
-               for fi, frame in enumerate(job.frames) if frame.corr or frame.kind == p.PING]
-    job.sink.job_done(job, results)

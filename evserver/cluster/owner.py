@@ -23,9 +23,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from .. import protocol as p
 from .._eventlet import eventlet
-from ..dispatch import Job, Result
+from ..dispatch import Job
 from . import codec
 from .host import NodeView
 from .keys import GROUP
@@ -162,73 +161,51 @@ class PartitionOwner:
             node.count("dead_lettered_events", len(items))
             failure = ("dead_lettered", "PoisonEvent",
                        f"delivered {deliveries} times without completing; dead-lettered")
-            outcomes: list[codec.Outcome] = [(slot, failure, None) for slot in _slots(items)]
+            outcomes: list[codec.Outcome] = [(index, failure, None)
+                                             for _e, index, want in items if want]
             node.acker.ack(self.stream, eid, origin,
                            (token, self.partition, outcomes) if outcomes else None)
             return
         if deliveries > 1:
             node.count("redelivered_events", len(items))
         self.in_flight += 1
-        job = Job(_Done(self, eid, origin, token), _frames(items))
-        node.server.dispatcher.submit(job)
+        events = [event for event, _index, _want in items]
+        requests = frozenset(i for i, (_e, _index, want) in enumerate(items)
+                             if want == codec.REPLY)
+        node.server.dispatcher.submit(Job(self, events, requests, (eid, origin, token, items)))
 
-    def done(self, eid: bytes, origin: str, token: int, results: list[Result]) -> None:
-        """An entry's job completed: acknowledge it and report to its edge."""
+    def job_done(self, job: Job) -> None:
+        """An entry's job completed (the dispatcher's ``Sink``): acknowledge the entry and
+        report its failures and reply values to the edge that appended it."""
         node = self.node
+        eid, origin, token, items = job.context
         self.in_flight -= 1
         if self._room is not None and (self.in_flight < MAX_IN_FLIGHT or not self.in_flight):
             room, self._room = self._room, None
             room.send()
         node.count("processed_entries")
+        node.count("processed_events", len(items))
         if not self.valid():
             node.count("fenced_entries")
             return
-        outcomes = [_outcome(r) for r in results if r.frame.corr]
+        wanted = any(want for _e, _index, want in items)
         node.acker.ack(self.stream, eid, origin,
-                       (token, self.partition, outcomes) if outcomes else None)
+                       (token, self.partition, _outcomes(job, items)) if wanted else None)
 
 
-class _Done:
-    """The ``Sink`` of one entry's job."""
-
-    __slots__ = ("eid", "origin", "owner", "token")
-
-    def __init__(self, owner: PartitionOwner, eid: bytes, origin: str, token: int) -> None:
-        self.owner = owner
-        self.eid = eid
-        self.origin = origin
-        self.token = token
-
-    def job_done(self, job: Job, results: list[Result]) -> None:
-        self.owner.node.count("processed_events", sum(len(f.body) for f in job.frames))
-        self.owner.done(self.eid, self.origin, self.token, results)
-
-
-def _frames(items: list[tuple[Any, int, int]]) -> list[p.Frame]:
-    """Rebuild frames from an entry: one per run of events sharing the edge's slot, with
-    ``corr = slot + 1`` when the edge waits for its outcome."""
-    frames: list[p.Frame] = []
-    last: tuple[int, int] | None = None
-    for event, slot, want in items:
-        if (slot, want) == last:
-            frames[-1].body.append(event)
+def _outcomes(job: Job, items: list[tuple[Any, int, int]]) -> list[codec.Outcome]:
+    """What the edge needs of an entry's events: the failed ones and the requests' values
+    (by the edge's index); an event missing from the list succeeded."""
+    outcomes: list[codec.Outcome] = []
+    for i, (event, index, want) in enumerate(items):
+        if not want:
             continue
-        last = (slot, want)
-        kind = p.REQUEST if want == codec.REPLY else p.BATCH
-        frames.append(p.Frame(kind, slot + 1 if want else 0, [event]))
-    return frames
-
-
-def _slots(items: list[tuple[Any, int, int]]) -> list[int]:
-    return list(dict.fromkeys(slot for _e, slot, want in items if want))
-
-
-def _outcome(result: Result) -> codec.Outcome:
-    slot = result.frame.corr - 1
-    f = result.failure
-    if f is not None:
-        return (slot, (f.code, f.type, f.message), None)
-    return (slot, None, result.value)
+        failure = job.failures.get(id(event)) or job.broken
+        if failure is not None:
+            outcomes.append((index, (failure.code, failure.type, failure.message), None))
+        elif want == codec.REPLY:
+            outcomes.append((index, None, job.values.get(i)))
+    return outcomes
 
 
 def _text(value: Any) -> str:
