@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time as _time
 import uuid
 from typing import Any, TypeVar
@@ -18,6 +19,32 @@ from typing import Any, TypeVar
 # instead of a uuid4 per event, which costs more than decoding the event.
 _ID_PREFIX = uuid.uuid4().hex[:12]
 _id_counter = itertools.count(1)
+
+
+# The one rule for event types, native or a Forward tag: dot-separated non-empty segments,
+# printable, without whitespace or '*' (which only patterns use). A type that could never be
+# routed by a pattern, or only by accident ("a..b", "", "*"), is refused where it arrives.
+_TYPE = re.compile(r"[^\s.*]+(?:\.[^\s.*]+)*\Z")
+TYPE_RULE = "dot-separated non-empty segments without whitespace or '*'"
+#: Types already found valid: the decoders' per-event check is one set lookup. Bounded, so
+#: a peer inventing types cannot grow it; past the bound, types are checked each time.
+KNOWN_TYPES: set[str] = set()
+_KNOWN_TYPES_MAX = 4096
+_WIRE_NAMES = {int: "an integer", float: "a float", bool: "a boolean", bytes: "bin",
+               list: "an array", dict: "a map", type(None): "nil"}
+
+
+def type_problem(value: Any) -> str | None:
+    """Why ``value`` is not a valid event type, or None when it is."""
+    if type(value) is not str:
+        return f"must be a string, got {_WIRE_NAMES.get(type(value), type(value).__name__)}"
+    if value in KNOWN_TYPES:
+        return None
+    if not (_TYPE.match(value) and value.isprintable()):
+        return f"must be {TYPE_RULE}, got {value[:100]!r}"
+    if len(KNOWN_TYPES) < _KNOWN_TYPES_MAX:
+        KNOWN_TYPES.add(value)
+    return None
 
 
 def new_event_id() -> str:
@@ -57,6 +84,20 @@ class Event:
     @id.setter
     def id(self, value: str) -> None:
         self._id = value
+
+    @property
+    def time_ns(self) -> int:
+        """``time`` in integer nanoseconds since the epoch.
+
+        Exact when the sender gave nanoseconds (a Forward EventTime: its float ``time``
+        carries them as ``ns``), else derived from ``time``, whose float64 holds about
+        0.25 us at current epochs.
+        """
+        t = self.time
+        exact = getattr(t, "ns", None)
+        if exact is not None:
+            return int(exact)
+        return t * 1_000_000_000 if type(t) is int else round(t * 1e9)
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -36,11 +36,20 @@ Design decisions, and why:
   *str32* holding binary msgpack, and Fluent Bit sends a binary *str* PING salt, so strict UTF-8
   would drop real clients. The original bytes come back with
   ``s.encode("utf-8", "surrogateescape")``, and ``ack_bytes`` echoes such a chunk unchanged.
-* Map keys must be str or bin (msgpack ``strict_map_key``). Int keys would allow hash-flooding
-  with attacker-chosen ints.
+* Map keys are decoded as str or bin (msgpack ``strict_map_key``): int keys built into a dict
+  by msgpack would allow hash-flooding with attacker-chosen ints. Fluentd accepts records with
+  int keys, though, so the first such key switches the connection to a slower decoder that
+  hands msgpack's key/value pairs to ``_text_keys``, which turns every key that is not str or
+  bin into its text (``1`` -> ``"1"``) before any dict is built. The decoder is re-fed from
+  the start of the request, which is why the connection keeps the bytes of the request in
+  progress (``_raw``).
 * EventTime (ext type 0) becomes float seconds wherever it appears, records included; Fluentd's
-  unpacker registers it globally too. A float64 holds about 0.25 us at current epochs. Int times
-  stay int (an int is a valid ``float`` for type checkers). Time 0 or nil becomes "now".
+  unpacker registers it globally too. A float64 holds about 0.25 us at current epochs, so the
+  float is an ``EventTime``, which also carries the exact integer nanoseconds (``ns``, read as
+  ``Event.time_ns``). Int times stay int (an int is a valid ``float`` for type checkers). Time
+  0 or nil becomes "now".
+* Tags follow the one rule of event types (``evserver.event.type_problem``), as native events
+  do; a tag that breaks it fails the request.
 * Entries come out as ``ForwardEvent``s, the ``Event`` handlers receive (type = tag, data =
   record), built once: an intermediate entry object would cost as much again per event.
 * Only logs (``fluent_signal`` 0) are interpreted. Request-level ``metadata`` stays in
@@ -64,9 +73,10 @@ from typing import Any
 import msgpack
 
 from .errors import ConfigError, ForwardError, HandshakeFailed, ProtocolError, RequestTooLarge
-from .event import Event, decoded
+from .event import KNOWN_TYPES, Event, decoded, type_problem
 
 __all__ = [
+    "EventTime",
     "ForwardConnection",
     "ForwardEvent",
     "ForwardHandshake",
@@ -139,20 +149,48 @@ class ForwardRequest:
         )
 
 
+class EventTime(float):
+    """Fluentd's EventTime as float seconds, like every other time, plus the exact integer
+    nanoseconds (``ns``) that a float64 cannot hold."""
+
+    __slots__ = ("ns",)
+    ns: int
+
+
+_new_float = float.__new__
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
-    """Turn EventTime (ext 0: uint32 BE seconds, uint32 BE nanoseconds) into float seconds."""
+    """Turn EventTime (ext 0: uint32 BE seconds, uint32 BE nanoseconds) into an EventTime."""
     if code == 0 and len(data) == 8:
         seconds, nanoseconds = _unpack_event_time(data)
-        return seconds + nanoseconds / 1e9
+        t = _new_float(EventTime, seconds + nanoseconds / 1e9)
+        t.ns = seconds * 1_000_000_000 + nanoseconds
+        return t
     return msgpack.ExtType(code, data)
 
 
+def _text_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A map from msgpack's pairs, every key not str or bin turned into its text first, so no
+    attacker-chosen int is ever hashed into a dict."""
+    return {k if type(k) is str or type(k) is bytes else str(k): v for k, v in pairs}
+
+
 _DECODING: dict[str, Any] = {"ext_hook": _ext_hook, "unicode_errors": "surrogateescape"}
+# For a peer that sent a non-str map key: slower (a Python call per map), never refused.
+_LENIENT: dict[str, Any] = {**_DECODING, "strict_map_key": False,
+                            "object_pairs_hook": _text_keys}
 _array_header = msgpack.Packer().pack_array_header
 
 
-def _unpacker(max_buffer_size: int) -> msgpack.Unpacker:
-    return msgpack.Unpacker(None, max_buffer_size=max_buffer_size, **_DECODING)
+def _unpacker(max_buffer_size: int, lenient: bool = False) -> msgpack.Unpacker:
+    return msgpack.Unpacker(None, max_buffer_size=max_buffer_size,
+                            **(_LENIENT if lenient else _DECODING))
+
+
+def _bad_map_key(exc: Exception) -> bool:
+    """msgpack refused a map key (``strict_map_key``): decode again with ``_LENIENT``."""
+    return isinstance(exc, ValueError) and "not allowed for map key" in str(exc)
 
 
 def _raw(value: str | bytes) -> bytes:
@@ -185,14 +223,15 @@ def _decode_entries(tag: str, items: Iterable[Any]) -> tuple[list[Event], int]:
             t = record = None
         if type(record) is dict:
             kind = type(t)
-            if kind is int or kind is float or t is None:
+            if kind is EventTime or kind is int or kind is float or t is None:
                 append(decoded(ForwardEvent, tag, record, t or _now(), None))
                 continue
             if kind is list and 1 <= len(t) <= 2:  # v1.5 [time, {metadata}]
                 meta = t[1] if len(t) == 2 else {}
                 t = t[0]
                 kind = type(t)
-                if type(meta) is dict and (kind is int or kind is float or t is None):
+                if type(meta) is dict and (kind is EventTime or kind is int or kind is float
+                                           or t is None):
                     meta = {**meta, "protocol": "forward"}
                     append(decoded(ForwardEvent, tag, record, t or _now(), meta))
                     continue
@@ -222,23 +261,27 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _decode_packed(tag: str, data: bytes, count: Any) -> tuple[list[Event], int]:
+def _decode_packed(tag: str, data: bytes, count: Any,
+                   lenient: bool = False) -> tuple[list[Event], int]:
     """Decode a MessagePackEventStream (concatenated entries).
 
     Fluentd and Fluent Bit send the entry count as the ``size`` option: then the stream is
     decoded as one array in one C call, a fifth of the per-event time of pulling entries
     one by one from an Unpacker, which is what a missing or wrong count falls back to.
+    A map key that is not str or bin has the stream decoded again, ``lenient``ly.
     """
     if not data:
         return [], 0
     if type(count) is int and 0 < count <= len(data) // 3:  # an entry takes 3 bytes or more
         try:
-            items = msgpack.unpackb(_array_header(count) + data, **_DECODING)
-        except _UNPACK_ERRORS:
-            pass
+            items = msgpack.unpackb(_array_header(count) + data,
+                                    **(_LENIENT if lenient else _DECODING))
+        except _UNPACK_ERRORS as exc:
+            if _bad_map_key(exc):
+                return _decode_packed(tag, data, count, lenient=True)
         else:
             return _decode_entries(tag, items)
-    unpacker = _unpacker(len(data) + 1)
+    unpacker = _unpacker(len(data) + 1, lenient)
     unpacker.feed(data)
     try:
         result = _decode_entries(tag, unpacker)
@@ -249,6 +292,8 @@ def _decode_packed(tag: str, data: bytes, count: Any) -> tuple[list[Event], int]
     except msgpack.OutOfData:
         clean = False
     except _UNPACK_ERRORS as exc:
+        if _bad_map_key(exc) and not lenient:
+            return _decode_packed(tag, data, None, lenient=True)
         raise _unpack_error(exc, "packed entries") from exc
     if not clean:
         raise ForwardError("packed entries end in the middle of an entry")
@@ -264,17 +309,21 @@ def _options(value: Any) -> dict[str, Any]:
 
 
 def decode_request(
-    msg: Any, size: int = 0, *, max_decompressed_bytes: int = 64 << 20
+    msg: Any, size: int = 0, *, max_decompressed_bytes: int = 64 << 20, lenient: bool = False
 ) -> ForwardRequest:
-    """Decode one already-unpacked request array; the mode follows the second element's type."""
+    """Decode one already-unpacked request array; the mode follows the second element's type.
+
+    ``lenient``: the connection has sent a map key that is not str or bin; decode packed
+    entries with ``_LENIENT`` right away instead of failing over to it.
+    """
     if type(msg) is not list:
         raise ForwardError(f"request is a {type(msg).__name__}, not an array")
     n = len(msg)
     if not 2 <= n <= 4:
         raise ForwardError(f"request array has {n} elements")
     tag = msg[0]
-    if type(tag) is not str:
-        raise ForwardError(f"tag is a {type(tag).__name__}, not a str")
+    if (problem := type_problem(tag)) is not None:
+        raise ForwardError(f"tag {problem}")
     body = msg[1]
     kind = type(body)
     if kind is list or kind is bytes or kind is str:
@@ -294,7 +343,7 @@ def decode_request(
                 data = _gunzip(data, max_decompressed_bytes)
             else:
                 raise ForwardError(f"unsupported compression {compressed!r}")
-            events, skipped = _decode_packed(tag, data, options.get("size"))
+            events, skipped = _decode_packed(tag, data, options.get("size"), lenient)
     else:
         if n == 2:
             raise ForwardError("Message request has no record")
@@ -409,11 +458,14 @@ class ForwardConnection:
         "_error",
         "_fed",
         "_handshake",
+        "_lenient",
         "_max_decompressed",
         "_max_request",
         "_outgoing",
         "_pending",
         "_pending_len",
+        "_raw",
+        "_raw_start",
         "_start",
         "_unpacker",
     )
@@ -439,6 +491,9 @@ class ForwardConnection:
         self._fed = 0  # bytes handed to the Unpacker so far
         self._start = 0  # stream offset where the current request starts
         self._error: ProtocolError | None = None
+        self._lenient = False  # see _relax
+        self._raw = bytearray()  # the bytes fed to the Unpacker from offset _raw_start on
+        self._raw_start = 0
         self._handshake = handshake
         self._outgoing = bytearray(handshake.helo_bytes() if handshake is not None else b"")
 
@@ -465,6 +520,7 @@ class ForwardConnection:
         size = len(data)
         if not self._pending and size <= self._room():
             self._unpacker.feed(data)
+            self._raw += data
             self._fed += size
         else:
             self._pending.append(memoryview(bytes(data)))
@@ -481,7 +537,8 @@ class ForwardConnection:
         try:
             if (message := self._next_message()) is None:
                 return None
-            return decode_request(*message, max_decompressed_bytes=self._max_decompressed)
+            return decode_request(*message, max_decompressed_bytes=self._max_decompressed,
+                                  lenient=self._lenient)
         except ProtocolError as exc:
             self._error = exc
             raise
@@ -512,9 +569,11 @@ class ForwardConnection:
         while events < limit and (message := self._next_message()) is not None:
             msg, size = message
             # Inlined shortcut for the commonest request, Message mode without options.
-            if type(msg) is list and len(msg) == 3 and type(tag := msg[0]) is str:
+            if type(msg) is list and len(msg) == 3 and type(tag := msg[0]) is str \
+                    and tag in KNOWN_TYPES:
                 t, record = msg[1], msg[2]
-                if (type(t) is int or type(t) is float) and type(record) is dict:
+                kind = type(t)
+                if (kind is EventTime or kind is int or kind is float) and type(record) is dict:
                     event = decoded(ForwardEvent, tag, record, t or _now(), None)
                     if merged is None or merged.tag != tag:
                         merged = ForwardRequest(tag, [event], None, {}, 0, size, "message")
@@ -525,7 +584,8 @@ class ForwardConnection:
                         merged.count += 1
                     events += 1
                     continue
-            request = decode_request(msg, size, max_decompressed_bytes=self._max_decompressed)
+            request = decode_request(msg, size, max_decompressed_bytes=self._max_decompressed,
+                                     lenient=self._lenient)
             out.append(request)
             merged = None
             events += len(request.events)
@@ -550,12 +610,24 @@ class ForwardConnection:
                 pending[0] = view[room:]
                 view = view[:room]
             self._unpacker.feed(view)
+            self._raw += view
             n = len(view)
             self._fed += n
             self._pending_len -= n
             room -= n
             moved = True
         return moved
+
+    def _relax(self) -> msgpack.Unpacker:
+        """Switch to the lenient decoder, re-fed from the start of the failed request (a
+        failed Unpacker cannot go on); return it."""
+        rest = bytes(self._raw[self._start - self._raw_start:])
+        self._lenient = True
+        self._unpacker = _unpacker(self._max_request, lenient=True)
+        self._unpacker.feed(rest)
+        self._raw = bytearray(rest)
+        self._fed, self._start, self._raw_start = len(rest), 0, 0
+        return self._unpacker
 
     def _next_message(self) -> tuple[Any, int] | None:
         """The next request's msgpack value and its size on the wire; None when more bytes
@@ -575,10 +647,15 @@ class ForwardConnection:
                     ) from None
                 return None
             except _UNPACK_ERRORS as exc:
+                if _bad_map_key(exc) and not self._lenient:
+                    unpacker = self._relax()
+                    continue
                 raise _unpack_error(exc, "request") from exc
             end = unpacker.tell()
             size = end - self._start
             self._start = end
+            del self._raw[:end - self._raw_start]  # O(1): bytearray drops a prefix in place
+            self._raw_start = end
             if size > self._max_request:
                 raise RequestTooLarge(
                     f"request of {size} bytes exceeds max_request_bytes ({self._max_request})"

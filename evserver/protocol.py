@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from .errors import FrameTooLarge, ProtocolError, UnsupportedVersion
-from .event import Event, decoded
+from .event import KNOWN_TYPES, Event, decoded, type_problem
 
 VERSION = 1
 
@@ -95,19 +95,21 @@ def _bad(msg: str) -> ProtocolError:
 
 def _event(raw: Any, now: float | None = None) -> Event:
     """Build an Event from its wire form ``[type, data, id?, time?, meta?]``."""
-    if type(raw) is list and len(raw) == 2 and type(raw[0]) is str and raw[0]:
+    if type(raw) is list and len(raw) == 2 and type(raw[0]) is str and raw[0] in KNOWN_TYPES:
         return Event(raw[0], raw[1], None, now)  # the common minimal form, checked cheaply
     if type(raw) is not list or not 2 <= len(raw) <= 5:
         raise _bad("an event must be an array [type, data, id?, time?, meta?]")
     etype = raw[0]
-    if type(etype) is not str or not etype:
-        raise _bad("event type must be a non-empty string")
+    if (problem := type_problem(etype)) is not None:
+        raise _bad(f"event type {problem}")
     n = len(raw)
     eid = raw[2] if n > 2 else None
     etime = raw[3] if n > 3 else None
     meta = raw[4] if n > 4 else None
-    if eid is not None and type(eid) is not str:
-        raise _bad("event id must be a string or nil")
+    if eid is not None and (type(eid) is not str or not eid):
+        # "" would be kept as the id of every such event: deduplication on it would drop all
+        # but the first, so it is refused like any other malformed id.
+        raise _bad("event id must be a non-empty string or nil")
     if etime is not None and type(etime) not in (float, int):
         raise _bad("event time must be a number or nil")
     if meta is not None and type(meta) is not dict:
@@ -118,9 +120,29 @@ def _event(raw: Any, now: float | None = None) -> Event:
 def _corr(raw: list[Any], *, required: bool) -> int:
     corr = raw[1] if len(raw) > 1 else None
     if type(corr) is not int or not 0 <= corr <= MAX_CORR or (required and corr == 0):
-        raise _bad(f"{KIND_NAMES[raw[0]]} needs a correlation id"
-                   f"{' > 0' if required else ' >= 0'}")
+        shown = "nothing" if len(raw) < 2 else repr(corr)[:40]
+        raise _bad(f"{KIND_NAMES[raw[0]]} needs a correlation id: an integer from "
+                   f"{1 if required else 0} to {MAX_CORR} (2^63-1), got {shown}")
     return corr
+
+
+# msgpack's words for a map key it refuses, in the protocol's (msgpack's spec) words.
+_KEY_NAMES = {"int": "an integer", "float": "a float", "bool": "a boolean", "NoneType": "nil",
+              "list": "an array", "tuple": "an array", "dict": "a map", "ExtType": "an ext"}
+
+
+def _undecodable(exc: Exception) -> ProtocolError:
+    """What was wrong with bytes msgpack refused, in the peer's terms, not the decoder's
+    (``strict_map_key=True``, or an empty ``FormatError``)."""
+    text = str(exc)
+    if "is not allowed for map key" in text:
+        name = text.split(" is not allowed", 1)[0]
+        return _bad(f"a map has {_KEY_NAMES.get(name, name)} key; map keys must be strings")
+    if isinstance(exc, msgpack.StackError):
+        return _bad("values are nested too deeply to decode")
+    if isinstance(exc, msgpack.FormatError):
+        return _bad("bytes that are not msgpack (a byte that starts no msgpack value)")
+    return _bad("bytes that are not valid msgpack" + (f": {text}" if text else ""))
 
 
 def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
@@ -142,8 +164,9 @@ def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
             now = _time.time()
         body: list[Event] = []
         append = body.append
+        known = KNOWN_TYPES
         for e in raw[2]:  # the minimal form inlined: this loop is the batch hot path
-            if type(e) is list and len(e) == 2 and type(etype := e[0]) is str and etype:
+            if type(e) is list and len(e) == 2 and type(etype := e[0]) is str and etype in known:
                 append(decoded(Event, etype, e[1], now, None))
             else:
                 append(_event(e, now))
@@ -174,7 +197,7 @@ def _parse_fast(raw: Any, accept: frozenset[int], now: float) -> Frame:
     if type(raw) is list and len(raw) == 3 and raw[0] == EVENT:
         corr, ev = raw[1], raw[2]
         if (type(corr) is int and 0 <= corr <= MAX_CORR and type(ev) is list and len(ev) == 2
-                and type(ev[0]) is str and ev[0] and EVENT in accept):
+                and type(ev[0]) is str and ev[0] in KNOWN_TYPES and EVENT in accept):
             return Frame(EVENT, corr, [Event(ev[0], ev[1], None, now)])
     return _parse(raw, accept, now)
 
@@ -268,7 +291,7 @@ class FrameReader:
             return None
         except (ValueError, TypeError, msgpack.UnpackException) as exc:  # FormatError, ...
             self._fail()
-            raise _bad(f"undecodable bytes ({type(exc).__name__}: {exc})") from None
+            raise _undecodable(exc) from None
         pos = unpacker.tell()
         size, self._pos = pos - self._pos, pos
         if size > self._max:
@@ -309,6 +332,7 @@ class FrameReader:
     def _decode(self, out: list[Frame], coalesce: int, max_events: int) -> None:
         """``frames``' loop: append to ``out`` until the buffer or the event budget ends."""
         accept = self._accept
+        known = KNOWN_TYPES
         fast = coalesce and EVENT in accept
         limit = max_events or sys.maxsize
         count = 0
@@ -333,7 +357,8 @@ class FrameReader:
                     # fire-and-forget minimal event): no Frame per event when coalescing.
                     if (fast and type(raw) is list and len(raw) == 3 and raw[0] == EVENT
                             and raw[1] == 0 and type(ev := raw[2]) is list and len(ev) == 2
-                            and type(etype := ev[0]) is str and etype and type(raw[1]) is int):
+                            and type(etype := ev[0]) is str and etype in known
+                            and type(raw[1]) is int):
                         event: Event | None = decoded(Event, etype, ev[1], now, None)
                     else:
                         frame = _parse_fast(raw, accept, now)
@@ -357,7 +382,7 @@ class FrameReader:
                 raise
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 self._fail()
-                raise _bad(f"undecodable bytes ({type(exc).__name__}: {exc})") from None
+                raise _undecodable(exc) from None
             self._pos = pos
             if self._backlog:
                 self._feed(self._backlog.pop(0))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__
 from . import protocol as p
-from ._eventlet import eventlet
+from ._eventlet import eventlet, wrap_server_socket
 from .app import App
 from .auth import Authenticator, new_nonce
 from .connection import JOB_EVENTS, StreamConnection, accept_loop, peer_name
@@ -52,6 +52,17 @@ PRE_AUTH_MAX_BYTES = 4096
 
 class _Closed(Exception):
     """The peer went away during the handshake."""
+
+
+class _NoKey(AuthError):
+    """The client did not try to authenticate: most likely it was not given the key."""
+
+
+#: What a client that sent no proof at all is told. It reveals nothing the server's HELLO
+#: (which announces the scheme) does not, and saves its operator a trip to the server log.
+NO_KEY_HINT = ("authentication failed: this server requires a shared key and the client "
+               "sent none (set EVSERVER_SHARED_KEY or pass --shared-key; --key-id names one "
+               "of several keys)")
 
 
 class Connection(StreamConnection):
@@ -174,8 +185,10 @@ class Connection(StreamConnection):
             server.counters["auth_failures"] += 1
             server.auth_log.warning(security_log, "auth", "authentication failed for %s: %s",
                                     peer_name(self.addr), str(exc))
-            # The client learns no more than "no": which key or field was wrong is for the log.
-            self._error(p.encode_error(0, AuthError.code, "AuthError", "authentication failed"))
+            # The client learns no more than "no" (and whether it sent a key at all): which
+            # key or field was wrong is for the log.
+            message = NO_KEY_HINT if isinstance(exc, _NoKey) else "authentication failed"
+            self._error(p.encode_error(0, AuthError.code, "AuthError", message))
             return None
         except ssl.SSLError as exc:
             timer.cancel()
@@ -207,8 +220,10 @@ class Connection(StreamConnection):
                 raise _Closed
             reader.receive_data(data)
         if frame.kind != p.HELLO:
-            raise AuthError(f"first frame is {p.KIND_NAMES.get(frame.kind, frame.kind)}, "
-                            "not an authenticating HELLO")
+            raise _NoKey(f"first frame is {p.KIND_NAMES.get(frame.kind, frame.kind)}, "
+                         "not an authenticating HELLO")
+        if not isinstance(frame.body.get("auth"), dict):
+            raise _NoKey("the client HELLO carries no auth map")
         key_id, reply = authenticator.verify(nonce, frame.body)
         sock.sendall(p.encode_hello(reply))
         security_log.debug("%s authenticated with key id %r", peer_name(self.addr), key_id)
@@ -378,7 +393,7 @@ class Server:
             reuse_port=self.reuse_port,
         )
         if self.ssl_context is not None:
-            self._listener = self.ssl_context.wrap_socket(self._listener, server_side=True)
+            self._listener = wrap_server_socket(self.ssl_context, self._listener)
         self.started_at = time.time()
         self.dispatcher.start()
         if self.cluster_settings is not None:

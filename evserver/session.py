@@ -18,6 +18,7 @@ from typing import Any
 
 from . import auth as _auth
 from . import protocol as p
+from . import tracing
 from .errors import (
     ClientConnectionError,
     FrameTooLarge,
@@ -25,7 +26,7 @@ from .errors import (
     RemoteError,
     UnsupportedVersion,
 )
-from .event import new_event_id
+from .event import new_event_id, type_problem
 
 __all__ = ["BATCH_BYTES", "ClientSession", "ConnectionLost", "EventTuple", "remote_error"]
 
@@ -38,9 +39,9 @@ MAX_REPLY_BYTES = 64 << 20
 
 EventTuple = tuple[str, Any] | tuple[str, Any, Mapping[str, Any] | None]
 
-#: Adds trace context to an event's meta (``evserver.tracing`` sets it when OpenTelemetry is
-#: installed); None costs one check per event.
-meta_hook: Callable[[dict[str, Any] | None], dict[str, Any] | None] | None = None
+#: Adds the active span's trace context to an event's meta when OpenTelemetry is installed;
+#: None (one check per event) when it is not.
+meta_hook = tracing.client_meta_hook()
 
 
 class ConnectionLost(Exception):
@@ -55,8 +56,8 @@ def remote_error(frame: p.Frame) -> RemoteError:
 
 def wire_event(type: str, data: Any, meta: Mapping[str, Any] | None, id: str | None) -> list[Any]:
     """The wire event with a client-assigned id and time, so a re-send is recognisable."""
-    if not isinstance(type, str) or not type:
-        raise ValueError(f"event type must be a non-empty string, got {type!r}")
+    if (problem := type_problem(type)) is not None:  # the server's rule, checked here
+        raise ValueError(f"event type {problem}")
     headers = dict(meta) if meta else None
     if meta_hook is not None:
         headers = meta_hook(headers)

@@ -309,7 +309,6 @@ def test_decompressed_size_exactly_at_cap_is_accepted() -> None:
     [
         entries_blob([T0, {}])[:-1],  # entry cut short
         b"\xc1",  # never-used msgpack byte
-        packb([T0, {1: "int key"}]),  # int map keys refused (hash flooding)
     ],
 )
 def test_malformed_packed_stream_fails_the_request(blob: bytes) -> None:
@@ -464,12 +463,11 @@ def test_connect_then_close_is_clean() -> None:
         (packb({"tag": "x"}), "not an array"),
         (packb(["tag"]), "1 elements"),
         (packb(["tag", T0, {}, {}, {}]), "5 elements"),
-        (packb([1, T0, {}]), "tag is a int"),
+        (packb([1, T0, {}]), "tag must be a string, got an integer"),
         (packb(["tag", T0]), "no record"),
         (packb(["tag", [], {}, {}]), "4 elements"),
         (packb(["tag", T0, {}, "opt"]), "option is a str"),
         (packb(["tag", T0, {}, {"chunk": 5}]), "chunk option"),
-        (packb(["tag", T0, {1: 2}]), "malformed msgpack"),  # int map key
     ],
 )
 def test_malformed_requests_raise_protocol_error(wire: bytes, match: str) -> None:

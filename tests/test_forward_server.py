@@ -13,7 +13,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import socket
+import struct
 import time
 import urllib.request
 import weakref
@@ -26,11 +28,13 @@ import msgpack
 import pytest
 from conftest import APPS, ServerFactory, ServerProcess, free_port
 from fluent import asyncsender, handler, sender
+from rawpeer import RawPeer
 
+from evserver import Client
 from evserver import protocol as p
 from evserver.app import App
 from evserver.dispatch import Job
-from evserver.event import Event
+from evserver.event import TYPE_RULE, Event
 from evserver.forward import ack_bytes
 from evserver.forward_server import ForwardConnection, ForwardSettings
 from evserver.plan import Failure
@@ -384,3 +388,56 @@ def test_packed_forward_load_with_acks_on_two_workers(forward: Callable[..., For
     totals = wait_for(lambda: (c := f.counters()).get("forward_events") == 100_000 and c, 10,
                       "stats from both workers")
     assert totals["forward_requests"] == conns * per_conn
+
+
+# ------------------------------------------------ EventTime, tags, integer keys (issue 14)
+
+
+def test_event_time_nanoseconds_reach_the_handler(forward: Callable[..., Forward]) -> None:
+    f = forward()
+    rng = random.Random(99)
+    times = [(T0 + i, rng.randrange(10**9)) for i in range(500)]
+    packed = b"".join(msgpack.packb([msgpack.ExtType(0, struct.pack(">II", s, ns)), {"i": i}])
+                      for i, (s, ns) in enumerate(times))
+    with f.connect() as sock:
+        sock.sendall(msgpack.packb(["ns", packed, {"size": len(times), "chunk": "c1"}]))
+        assert read_msgs(sock, 1) == [{"ack": "c1"}]
+    recorded = sorted(f.wait_events(500), key=lambda e: e["data"]["i"])
+    assert [e["time_ns"] for e in recorded] == [s * 10**9 + ns for s, ns in times]
+
+
+def test_native_and_forward_refuse_the_same_types(server_factory: ServerFactory,
+                                                  forward: Callable[..., Forward]) -> None:
+    native = server_factory(f"{APPS}/basic.py:app")
+    f = forward()
+    for bad in ("", "a..b", "*", "order.*", "a b", ".a", "a.", "tab\there"):
+        for wire in (p.encode_event(1, [bad, None], request=True),
+                     p.encode_batch(0, [["echo", 1], [bad, 2]])):
+            peer = RawPeer(native.address)
+            peer.send(wire)
+            (error,) = peer.recv_frames(1)
+            assert error.kind == p.ERROR and error.body[0] == "bad_frame"
+            assert error.body[2] == f"event type must be {TYPE_RULE}, got {bad!r}"
+            peer.close()
+        with f.connect() as sock:
+            sock.sendall(msgpack.packb([bad, T0, {"n": 1}, {"chunk": "x"}]))
+            assert sock.recv(100) == b""  # closed, not acked
+        with Client(*native.address, timeout=5) as client, pytest.raises(ValueError):
+            client.send(bad, 1)
+    with f.connect() as sock:  # what passes the rule passes on both
+        sock.sendall(msgpack.packb(["docker.nginx-1", T0, {"n": 1}, {"chunk": "ok"}]))
+        assert read_msgs(sock, 1) == [{"ack": "ok"}]
+    with Client(*native.address, timeout=5) as client:
+        assert client.request("echo", "docker.nginx-1") == "docker.nginx-1"
+    assert [e["type"] for e in f.wait_events(1)] == ["docker.nginx-1"]
+
+
+def test_integer_record_keys_are_accepted_end_to_end(forward: Callable[..., Forward]) -> None:
+    f = forward()
+    with f.connect() as sock:
+        sock.sendall(msgpack.packb(["ints", T0, {1: "one"}, {"chunk": "a"}]))
+        assert read_msgs(sock, 1) == [{"ack": "a"}]
+        sock.sendall(msgpack.packb(["ints", T0, {"k": 2}, {"chunk": "b"}]))  # same connection
+        assert read_msgs(sock, 1) == [{"ack": "b"}]
+    assert [e["data"] for e in f.wait_events(2)] == [{"1": "one"}, {"k": 2}]
+    assert f.counters()["forward_errors"] == 0

@@ -1,9 +1,9 @@
 """A test app for the Forward listener: records every event it sees, as JSON lines.
 
 ``FORWARD_RECORD=/path`` names the file; each processed event appends one line
-``{"pid", "type", "data", "time", "meta"}`` with a single ``os.write`` before the event is
-acked, so a test can compare it with what it sent. Tags under ``fail.`` raise, to test that
-a failed request is not acked.
+``{"pid", "type", "data", "time", "time_ns", "meta"}`` with a single ``os.write`` before the
+event is acked, so a test can compare it with what it sent. Tags under ``fail.`` raise, to
+test that a failed request is not acked.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ _fd = os.open(_record, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if _record else N
 def _write(event: Event) -> None:
     if _fd is not None:
         line = {"pid": os.getpid(), "type": event.type, "data": event.data,
-                "time": event.time, "meta": event.meta}
+                "time": event.time, "time_ns": event.time_ns, "meta": event.meta}
         os.write(_fd, (json.dumps(line, default=repr) + "\n").encode())
 
 
