@@ -53,10 +53,10 @@ YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot sta
 # would cost ~25% of the dispatch path; sampling costs one compare per event (~3%).
 SAMPLE_EVERY = 128
 _BACKOFF_MAX = 30.0
-# What a handler may raise that fails its event: eventlet.Timeout (a BaseException) from the
-# handler's own timeouts, sys.exit(), KeyboardInterrupt. GreenletExit is not among them: it
-# is how a stuck handler is ended at the drain timeout.
-_HANDLER_ERRORS = (Exception, eventlet.Timeout, SystemExit, KeyboardInterrupt)
+# A handler's exception fails its event, whatever its class (eventlet.Timeout from the
+# handler's own timeout, SystemExit, asyncio.CancelledError...): an exception escaping into
+# the dispatcher would answer the wrong job and stall ordered keys. All but GreenletExit,
+# which is how a stuck handler is ended at the drain timeout: it is re-raised first.
 _NO_REQUESTS: frozenset[int] = frozenset()
 
 
@@ -258,6 +258,8 @@ class Dispatcher:
             except eventlet.Timeout:
                 ok = False
                 gt.kill()
+            except Exception:  # a worker that died of a bug: the others still get stopped
+                log.exception("a worker green thread had died")
         putter.kill()
         self._workers = []
         if ok and any(plan.blocking for plan in self._plans.values()):
@@ -312,9 +314,12 @@ class Dispatcher:
         previous = on_yield(job)
         try:
             self._drain(job)
+        except GreenletExit:  # ended at the drain timeout: nobody may take its events now
+            job.broken = Failure("internal_error", "GreenletExit", "stopped at the drain timeout")
+            for _ in job.cursor:
+                pass
+            raise
         except BaseException as exc:  # a bug here must neither kill the worker nor ack
-            if isinstance(exc, GreenletExit):
-                raise
             log.exception("internal error while running a job")
             self._abandon(job, Failure("internal_error", type(exc).__name__, str(exc)))
         finally:
@@ -326,7 +331,10 @@ class Dispatcher:
     def _release(self, job: Job) -> None:
         job.holds -= 1
         if not job.holds:
-            job.sink.job_done(job)
+            try:
+                job.sink.job_done(job)
+            except Exception:  # the sink's bug must not end the green thread that ran the job
+                log.exception("internal error while answering a job")
 
     def _abandon(self, job: Job, failure: Failure) -> None:
         """A job stopped half-way: fail it, take the events nobody took yet, and skip their
@@ -387,13 +395,17 @@ class Dispatcher:
                     continue
                 try:
                     func(event)
-                except _HANDLER_ERRORS as exc:
+                except GreenletExit:
+                    raise
+                except BaseException as exc:
                     failures.setdefault(id(event), self._failed(
                         first, event, exc, 1, traceback.format_exc()))  # type: ignore[arg-type]
                 if listener is not None:
                     try:
                         listener(event)
-                    except _HANDLER_ERRORS as exc:
+                    except GreenletExit:
+                        raise
+                    except BaseException as exc:
                         failures.setdefault(id(event), self._failed(
                             second, event, exc, 1, traceback.format_exc()))  # type: ignore[arg-type]
             if not job.left():
@@ -434,9 +446,18 @@ class Dispatcher:
             self._sequencer.done(ticket)
 
     def _run_parked(self, job: Job, i: int, event: Event) -> None:
-        """Run an ordered event whose turn has come, in whichever green thread got there."""
+        """Run an ordered event whose turn has come, in whichever green thread got there.
+
+        It belongs to another job than the one this green thread runs, so nothing may escape
+        from here: it would answer the wrong job and stop the key's other parked events."""
         try:
             self._process(job, i, event, self._entries.get(event.type) or self._entry(event.type))
+        except GreenletExit:
+            raise
+        except BaseException as exc:
+            log.exception("internal error while running a parked event")
+            job.failures.setdefault(id(event), Failure(
+                "internal_error", type(exc).__name__, str(exc)))
         finally:
             self._release(job)
 
@@ -481,6 +502,12 @@ class Dispatcher:
         previous = on_yield(group)
         try:
             self._listeners(group)
+        except GreenletExit:
+            raise
+        except BaseException as exc:  # a bug: fail the event, after the helpers finished
+            log.exception("internal error while running listeners")
+            group.failure = group.failure or Failure(
+                "internal_error", type(exc).__name__, str(exc))
         finally:
             on_yield(previous)
         group.holds -= 1
@@ -555,7 +582,9 @@ class Dispatcher:
         if plan.direct:
             try:
                 return plan.func(event), None
-            except _HANDLER_ERRORS as exc:
+            except GreenletExit:
+                raise
+            except BaseException as exc:
                 return None, self._failed(plan, event, exc, 1, traceback.format_exc(),
                                           dead_letter)
         attempt = 0
@@ -563,7 +592,9 @@ class Dispatcher:
             attempt += 1
             try:
                 return self._attempt(plan, event), None
-            except _HANDLER_ERRORS as exc:
+            except GreenletExit:
+                raise
+            except BaseException as exc:
                 if attempt > plan.retries:
                     return None, self._failed(plan, event, exc, attempt,
                                               traceback.format_exc(), dead_letter)
