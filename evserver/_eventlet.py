@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,10 +29,8 @@ import eventlet.semaphore  # noqa: E402
 import eventlet.tpool  # noqa: E402
 from greenlet import GreenletExit, getcurrent  # noqa: E402
 
-GreenSSLContext = eventlet.green.ssl.SSLContext  # its sockets trampoline instead of blocking
-
-__all__ = ["GreenSSLContext", "GreenletExit", "ReadWait", "call_in_hub", "eventlet", "getcurrent",
-           "monkey_patch", "on_yield", "wake_hub_on_signals", "wsgi_server"]
+__all__ = ["GreenletExit", "ReadWait", "call_in_hub", "eventlet", "getcurrent",
+           "monkey_patch", "on_yield", "wake_hub_on_signals", "wrap_server_socket", "wsgi_server"]
 
 
 def monkey_patch() -> None:
@@ -76,6 +75,13 @@ class ReadWait:
         if self._timer is not None:
             self._timer.cancel()
         return True
+
+
+def wrap_server_socket(context: ssl.SSLContext, sock: Any) -> Any:
+    """``context.wrap_socket(sock, server_side=True)``, green whatever class ``context`` is:
+    the accepted sockets trampoline instead of blocking the hub, and their TLS handshake
+    waits for the first read (or an explicit ``do_handshake``) in the connection's thread."""
+    return eventlet.green.ssl.GreenSSLContext.wrap_socket(context, sock, server_side=True)
 
 
 def on_yield(hook: Callable[[], None] | None) -> Callable[[], None] | None:

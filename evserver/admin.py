@@ -2,11 +2,13 @@
 
 One WSGI app (``AdminApp``) over a ``Backend`` serves both process models:
 
-* single process: ``LocalBackend`` reads the ``Server`` directly and the app runs on the
-  server's own hub (``serve_green``: eventlet.wsgi on its own listener);
-* ``--workers N``: the master has no hub, so ``serve_threaded`` runs the same app with the
-  stdlib's WSGI server in threads, over the supervisor's backend (``supervisor.MasterAdmin``),
-  which hands every action to the master's main loop instead of touching workers itself.
+* single process: ``local_admin.LocalBackend`` reads the ``Server`` directly and the app
+  runs on the server's own hub (``local_admin.serve_green``);
+* ``--workers N``: the master has no hub, so ``ThreadedAdmin`` runs the same app with the
+  stdlib's WSGI server in threads, over ``master_admin.MasterAdmin``, which hands every
+  action to the master's main loop instead of touching workers itself.
+
+This module imports no eventlet (a test holds it to that): the master imports it.
 
 The admin port is bound without SO_REUSEPORT, so it always reaches this one process.
 Reading endpoints are open; the ones that act or expose event payloads (POST /reload,
@@ -34,12 +36,11 @@ from urllib.parse import parse_qs
 
 from .app import _matches, compile_pattern
 from .errors import AdminError, RegistrationError
-from .metrics import PROMETHEUS_CONTENT_TYPE, aggregate, render_prometheus, snapshot
+from .metrics import PROMETHEUS_CONTENT_TYPE, render_prometheus
 from .security import is_loopback
 
 if TYPE_CHECKING:
     from .app import App
-    from .server import Server
 
 log = logging.getLogger("evserver.admin")
 
@@ -224,64 +225,6 @@ def handler_defaults(cfg: Any) -> dict[str, Any]:
             "backoff": cfg.handlers.backoff, "blocking": False}
 
 
-class LocalBackend:
-    """Single-process mode: the admin app runs on the server's hub and reads it directly."""
-
-    mode = "single"
-
-    def __init__(self, server: Server, defaults: dict[str, Any] | None = None) -> None:
-        self.server = server
-        self.defaults = defaults or {}
-        self.taps = Taps(server.dispatcher)
-
-    def stats(self) -> dict[str, Any]:
-        return aggregate([snapshot(self.server)], mode=self.mode,
-                         uptime=time.time() - self.server.started_at)
-
-    def ready(self) -> tuple[bool, str]:
-        if self.server.stopping:
-            return False, "stopping"
-        return True, f"listening on {self.server.address[0]}:{self.server.address[1]}"
-
-    def handlers(self) -> list[dict[str, Any]]:
-        return describe_handlers(self.server.app, self.defaults)
-
-    def reload(self) -> dict[str, Any]:
-        raise AdminError(409, "reload needs the multi-worker mode (serve --workers N); "
-                              "restart a single-process server instead")
-
-    def scale(self, n: int) -> dict[str, Any]:
-        raise AdminError(409, "scaling needs the multi-worker mode (serve --workers N)")
-
-    def stop(self, now: bool) -> dict[str, Any]:
-        from ._eventlet import eventlet
-
-        if now:
-            self.server.drain_timeout = 0.0  # abandon in-flight work, as SIGQUIT would
-        log.info("admin: %s stop requested", "immediate" if now else "graceful")
-        eventlet.spawn_n(self.server.stop)  # after this response is written
-        return {"stopping": "quick" if now else "graceful", "pid": os.getpid()}
-
-    def tail(self, pattern: str, rate: int) -> TailStream:
-        return _LocalTail(self.taps, pattern, rate)
-
-
-class _LocalTail:
-    def __init__(self, taps: Taps, pattern: str, rate: int) -> None:
-        self.taps = taps
-        self.key = object()
-        self.tap = taps.open(self.key, pattern, rate)
-
-    def next_batch(self) -> list[dict[str, Any]]:
-        from ._eventlet import eventlet
-
-        eventlet.sleep(TAIL_FLUSH)  # a batching cadence: the tap never wakes anyone
-        return self.tap.drain()
-
-    def close(self) -> None:
-        self.taps.close(self.key)
-
-
 # --------------------------------------------------------------------------- the WSGI app
 
 _REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
@@ -411,27 +354,19 @@ def _json(doc: Any) -> bytes:
     return json.dumps(doc, default=json_default).encode() + b"\n"
 
 
-# --------------------------------------------------------------------------- servers
+def admin_unavailable(cfg: Any, exc: OSError) -> str:
+    """Why the server refuses to start without its admin listener.
 
-
-def serve_green(app: AdminApp, host: str, port: int,
-                ssl_context: Any = None) -> tuple[Any, tuple[str, int]]:
-    """Serve ``app`` on the calling thread's hub; returns (green thread, bound address).
-
-    No tracebacks to clients, no keep-alive, a socket timeout, so idle
-    admin clients cannot pin green threads, and ``kill()`` (not closing the socket) stops it.
+    Serving events without it would look fine until someone runs ``evserver stop`` or
+    ``stats`` for this server and reaches whichever process holds the port instead.
     """
-    import socket
+    return (f"refusing to start: cannot listen for admin on {cfg.admin.host}:"
+            f"{cfg.admin.port}: {exc.strerror or exc} (another evserver? its admin commands "
+            f"would reach that one); choose another [admin] port (--admin-port) or turn the "
+            f"listener off ([admin] enabled = false, --no-admin-enabled)")
 
-    from ._eventlet import eventlet, wsgi_server
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = eventlet.listen((host, port), family=family, reuse_port=False)
-    if ssl_context is not None:  # a green context (evserver.tls): handshakes per request
-        sock = ssl_context.wrap_socket(sock, server_side=True)
-    gt = wsgi_server(sock, app, log=log, log_output=False, debug=False, keepalive=False,
-                     socket_timeout=5, max_size=64)
-    return gt, sock.getsockname()[:2]
+# --------------------------------------------------------------------------- servers
 
 
 class ThreadedAdmin:

@@ -9,7 +9,12 @@ type       direction       fields
 ``hb``     worker->master  (none): sent by a green thread, so it proves the hub runs
 ``error``  worker->master  ``code``, ``message``: startup failed (sent before exiting)
 ``stats``  master->worker  ``id``: a request
-``stats``  worker->master  ``id``, ``stats``: the reply (see ``worker.worker_stats``)
+``stats``  worker->master  ``id``, ``stats``: the reply (see ``worker.worker_stats``);
+                           ``id`` 0 is the final one, sent after draining
+``tail``   master->worker  ``id``, ``pattern``, ``rate``, ``lease``: sample matching
+                           events for an admin tail (again before ``lease`` s to renew)
+``untail`` master->worker  ``id``: stop sampling for that tail now
+``tailed`` worker->master  ``id``, ``events``: a batch of sampled events
 =========  ==============  ==========================================================
 
 The module is shared by both ends and imports no eventlet: the master passes a plain

@@ -64,7 +64,7 @@ def _checked_config(config_path: str | None, overrides: dict[str, Any]) -> Any:
     try:
         from .tls import context_from_config
 
-        context_from_config(cfg.tls, green=False)  # bad files: a clear error, not a traceback
+        context_from_config(cfg.tls)  # bad files: a clear error, not a traceback
     except (OSError, ValueError) as exc:
         _fail(f"cannot use the [tls] certificate/key: {exc}", 2)
     return cfg
@@ -129,8 +129,8 @@ def check(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
     """
     from .admin import describe_handlers, handler_defaults
     from .console import format_handlers
+    from .contract import EXIT_APP_LOAD_ERROR
     from .loader import AppLoadError, load_app
-    from .runner import EXIT_APP_LOAD_ERROR
 
     cfg = _checked_config(config_path, overrides)
     click.echo(f"config ok: {describe_sources(cfg)}")

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from operator import length_hint
 from typing import Any, Protocol
 
+from . import tracing
 from ._eventlet import GreenletExit, eventlet, on_yield
 from .app import App, Handler
 from .deadletters import DeadLetterStore
@@ -180,12 +181,15 @@ class Dispatcher:
         self.busy = 0
         self.dead_letters = dead_letters
         self._defaults = handler_defaults or {}
-        self._plans = {id(h): Plan(h, self._defaults) for h in app.handlers}
+        # OpenTelemetry spans around handlers, when configured (see evserver/tracing.py).
+        self.tracing = tracing.dispatch_tracing(cancelled=GreenletExit)
+        self._plans = {id(h): self._new_plan(h) for h in app.handlers}
         self._entries: dict[str, Entry] = {}
         self._ordered = any(plan.key is not None for plan in self._plans.values())
         self._sequencer = Sequencer(self._run_parked)
         self._workers: list[Any] = []
         self.outcomes = Outcomes(self.stats, dead_letters)
+        self.outcomes.tracing = self.tracing
         self._failed = self.outcomes.failed
         self._slots: Any = eventlet.semaphore.Semaphore(pool_size)
         self._offered = 0  # offers to join running work, queued and not yet taken
@@ -490,12 +494,12 @@ class Dispatcher:
         previous = on_yield(group)
         try:
             self._listeners(group)
-        except BaseException as exc:
-            if not isinstance(exc, GreenletExit):
-                log.exception("internal error while running listeners")
-                group.failure = group.failure or Failure(
-                    "internal_error", type(exc).__name__, str(exc))
-            raise
+        except BaseException as exc:  # a bug here must neither kill the worker nor ack
+            if isinstance(exc, GreenletExit):
+                raise
+            log.exception("internal error while running listeners")
+            group.failure = group.failure or Failure(
+                "internal_error", type(exc).__name__, str(exc))
         finally:
             on_yield(previous)
             self.busy -= 1
@@ -579,5 +583,11 @@ class Dispatcher:
     def _plan(self, handler: Handler) -> Plan:
         plan = self._plans.get(id(handler))
         if plan is None:  # registered after the dispatcher was built (tests do this)
-            plan = self._plans[id(handler)] = Plan(handler, self._defaults)
+            plan = self._plans[id(handler)] = self._new_plan(handler)
+        return plan
+
+    def _new_plan(self, handler: Handler) -> Plan:
+        plan = Plan(handler, self._defaults)
+        if self.tracing is not None:
+            self.tracing.wrap(plan)  # only now: untraced plans call the handler itself
         return plan

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol as p
-from ._eventlet import eventlet
+from ._eventlet import eventlet, wrap_server_socket
 from .config import parse_users
 from .connection import JOB_EVENTS, Host, StreamConnection, accept_loop, peer_name
 from .dispatch import Job
@@ -114,8 +114,7 @@ class ForwardListener:
         if self.settings.tls:
             if self.server.ssl_context is None:
                 raise ConfigError("forward.tls: the server has no TLS certificate")
-            self._listener = self.server.ssl_context.wrap_socket(self._listener,
-                                                                 server_side=True)
+            self._listener = wrap_server_socket(self.server.ssl_context, self._listener)
         self._udp = eventlet.greenio.GreenSocket(udp)
         self._threads = [
             eventlet.spawn(accept_loop, self.server, self._listener, self._connection,

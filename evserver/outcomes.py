@@ -17,6 +17,7 @@ from .event import Event
 from .logs import LogBudget
 from .metrics import Histogram
 from .plan import Failure, Plan
+from .tracing import DispatchTracing
 
 log = logging.getLogger("evserver.dispatch")
 
@@ -66,13 +67,17 @@ class Outcomes:
         self.debug = False  # [security] debug: send tracebacks (paths and all) to clients
         self._error_log = LogBudget()
         self._unrouted_log = LogBudget(per_interval=1, interval=60.0)  # per event type
+        self.tracing: DispatchTracing | None = None  # ends a failed run's span, when tracing
 
     def failed(
         self, plan: Plan, event: Event, exc: BaseException, attempts: int, tb: str,
         dead_letter: bool = True,
     ) -> Failure:
         """A handler raised on its last attempt: ``tb`` is its formatted traceback."""
+        lettered = self.stats.dead_letters
         failure = self._record(plan, event, exc, attempts, tb, dead_letter)
+        if self.tracing is not None:
+            self.tracing.failed(plan, event, attempts, self.stats.dead_letters > lettered)
         if self.debug:
             failure.message = f"{failure.message}\n{tb}"
         return failure

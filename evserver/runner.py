@@ -11,14 +11,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .contract import EXIT_APP_LOAD_ERROR, EXIT_FAILURE, EXIT_OK
+
 if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("evserver")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_APP_LOAD_ERROR = 4  # the supervisor stops the fleet instead of respawning on this
 
 
 def run_single(
@@ -41,6 +39,7 @@ def run_single(
 
     if cfg.server.monkey_patch:
         monkey_patch()
+    from .admin import admin_unavailable
     from .loader import AppLoadError, load_app
     from .server import Server
 
@@ -96,22 +95,11 @@ def tune_gc(threshold: int) -> None:
 
 def start_admin(server: Server, cfg: Any) -> Any:
     """The admin listener on the server's hub (its green thread); OSError if it cannot bind."""
-    from .admin import AdminApp, LocalBackend, handler_defaults, serve_green
+    from .admin import AdminApp, handler_defaults
+    from .local_admin import LocalBackend, serve_green
 
     app = AdminApp(LocalBackend(server, handler_defaults(cfg)), token=cfg.admin.token)
     gt, address = serve_green(app, cfg.admin.host, cfg.admin.port, server.ssl_context)
     log.info("admin listening on %s://%s:%d", "https" if server.ssl_context else "http",
              *address)
     return gt
-
-
-def admin_unavailable(cfg: Any, exc: OSError) -> str:
-    """Why the server refuses to start without its admin listener.
-
-    Serving events without it would look fine until someone runs ``evserver stop`` or
-    ``stats`` for this server and reaches whichever process holds the port instead.
-    """
-    return (f"refusing to start: cannot listen for admin on {cfg.admin.host}:"
-            f"{cfg.admin.port}: {exc.strerror or exc} (another evserver? its admin commands "
-            f"would reach that one); choose another [admin] port (--admin-port) or turn the "
-            f"listener off ([admin] enabled = false, --no-admin-enabled)")

@@ -41,14 +41,14 @@ def configured_keys(cfg: Any) -> dict[str, str]:
     return keys
 
 
-def security_options(cfg: Any, *, green: bool = True) -> dict[str, Any]:
+def security_options(cfg: Any) -> dict[str, Any]:
     """``Server`` keyword arguments for the config's security settings."""
     from .tls import context_from_config
 
     keys = configured_keys(cfg)
     return {
         "auth": Authenticator(keys) if keys else None,
-        "ssl_context": context_from_config(cfg.tls, green=green),
+        "ssl_context": context_from_config(cfg.tls),
         "handshake_timeout": cfg.security.handshake_timeout,
         "debug": cfg.security.debug,
     }

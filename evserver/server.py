@@ -26,7 +26,7 @@ from typing import Any
 
 from . import __version__
 from . import protocol as p
-from ._eventlet import eventlet
+from ._eventlet import eventlet, wrap_server_socket
 from .app import App
 from .auth import Authenticator, new_nonce
 from .connection import JOB_EVENTS, StreamConnection, accept_loop, peer_name
@@ -379,7 +379,7 @@ class Server:
             reuse_port=self.reuse_port,
         )
         if self.ssl_context is not None:
-            self._listener = self.ssl_context.wrap_socket(self._listener, server_side=True)
+            self._listener = wrap_server_socket(self.ssl_context, self._listener)
         self.started_at = time.time()
         self.dispatcher.start()
         self._accepter = eventlet.spawn(accept_loop, self, self._listener,

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import auth as _auth
 from . import protocol as p
+from . import tracing
 from .errors import (
     ClientConnectionError,
     FrameTooLarge,
@@ -38,9 +39,9 @@ MAX_REPLY_BYTES = 64 << 20
 
 EventTuple = tuple[str, Any] | tuple[str, Any, Mapping[str, Any] | None]
 
-#: Adds trace context to an event's meta (``evserver.tracing`` sets it when OpenTelemetry is
-#: installed); None costs one check per event.
-meta_hook: Callable[[dict[str, Any] | None], dict[str, Any] | None] | None = None
+#: Adds the active span's trace context to an event's meta when OpenTelemetry is installed;
+#: None (one check per event) when it is not.
+meta_hook = tracing.client_meta_hook()
 
 
 class ConnectionLost(Exception):

@@ -17,7 +17,6 @@ import collections
 import json
 import logging
 import os
-import queue
 import selectors
 import signal
 import socket
@@ -32,14 +31,22 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from .admin import TAIL_FLUSH, AdminApp, ThreadedAdmin
+from .admin import AdminApp, ThreadedAdmin, admin_unavailable
 from .channel import Channel
 from .config import Config, load_config
-from .errors import AddressInUse, AdminError, ConfigError
+from .contract import (
+    CONFIG_ENV,
+    CONFIG_FROM_ENV,
+    EXIT_APP_LOAD_ERROR,
+    EXIT_FAILURE,
+    EXIT_OK,
+    NOTIFY_SOCKET_ENV,
+)
+from .errors import AddressInUse, ConfigError
 from .logs import plural
+from .master_admin import AdminDesk, MasterAdmin
 from .ports import Claims, PortClaim, release
-from .runner import EXIT_APP_LOAD_ERROR, EXIT_FAILURE, EXIT_OK, admin_unavailable
-from .worker import CONFIG_ENV, CONFIG_FROM_ENV
+from .service import remove_pid_file, sd_notify, write_pid_file
 
 log = logging.getLogger("evserver.supervisor")
 
@@ -49,25 +56,7 @@ STACK_DUMP_GRACE = 0.2  # between SIGUSR1 (dump stacks) and SIGKILL for a blocke
 CRASH_WINDOW = 2.0  # a worker that dies this soon after becoming ready counts as a crash
 BACKOFF_MAX = 30.0
 SIGNALS = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "CHLD")
-STATS_TIMEOUT = 2.0  # how long an admin stats request waits for the workers' replies
-ADMIN_CALL_TIMEOUT = 5.0  # how long an admin request waits for the main loop
-TAIL_LEASE = 5.0  # a worker stops sampling for a tail not renewed for this long
 _PKG_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about ``state`` when NOTIFY_SOCKET is set; never fails."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(state.encode())
-    except OSError as exc:
-        log.debug("sd_notify(%r) failed: %s", state, exc)
 
 
 @dataclass(eq=False)
@@ -111,27 +100,6 @@ class Reload:
     deadline: float
 
 
-@dataclass(eq=False)
-class _StatsWait:
-    """An admin stats request in flight: resolved once every asked worker replied."""
-
-    rid: int
-    asked: list[WorkerProcess]
-    deadline: float
-    future: Future[dict[str, Any]]
-
-
-@dataclass(eq=False)
-class _Tail:
-    """An open admin tail: workers sample into their rings and send batches here."""
-
-    pattern: str
-    rate: int
-    batches: queue.Queue[list[dict[str, Any]]]
-    polled: float  # last time its HTTP thread asked for events (set from that thread)
-    renewed: float = 0.0
-
-
 class Supervisor:
     """Start, watch and replace worker processes; see the module docstring."""
 
@@ -157,17 +125,15 @@ class Supervisor:
         self._wakeup: tuple[int, int] | None = None
         self._stats_id = 0
         self._stats_ids: set[int] = set()  # requests whose replies are still wanted
-        self._stats_waits: list[_StatsWait] = []
         self.started_at = time.time()
         self.retired = metrics.empty_base()  # exited workers' last counters
         self.admin: ThreadedAdmin | None = None
         self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = (
             collections.deque())
         self._wakeup_lock = threading.Lock()
-        self.tails: dict[int, _Tail] = {}
-        self._tail_id = 0
+        self.desk = AdminDesk(self)
         env = dict(os.environ)
-        env.pop("NOTIFY_SOCKET", None)  # only the master talks to systemd
+        env.pop(NOTIFY_SOCKET_ENV, None)  # only the master talks to systemd
         # Workers must run this very evserver, even when it is not installed.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_ROOT, env.get("PYTHONPATH")]))
         self._worker_env = env
@@ -185,7 +151,7 @@ class Supervisor:
         pid_file = self.cfg.server.pid_file
         try:
             if pid_file:
-                _write_pid_file(pid_file)
+                write_pid_file(pid_file)
             self._install_signals()
             log.info("master %d: starting %s for %s on %s:%d", os.getpid(),
                      plural(self.num_workers, "worker"), self.app_spec, *self.claims.address())
@@ -203,7 +169,7 @@ class Supervisor:
                 self._reaped(w)
             self._restore_signals()
             if pid_file:
-                _remove_pid_file(pid_file)
+                remove_pid_file(pid_file)
             self.claims.release_all()
 
     def _tick(self) -> None:
@@ -219,8 +185,7 @@ class Supervisor:
         self._run_calls()
         self._reap()
         now = time.monotonic()
-        self._progress_stats(now)
-        self._renew_tails(now)
+        self.desk.tick(now)
         if self.stopping:
             if now >= self.stop_deadline:
                 self._kill_all("did not stop within the drain timeout")
@@ -358,19 +323,15 @@ class Supervisor:
                 worker.ready_at = worker.last_seen
                 worker.handlers = msg.get("handlers")
                 log.info("%s ready on %s", worker, ":".join(map(str, msg.get("address", ()))))
-                for tid, tail in self.tails.items():  # a new worker joins the open tails
-                    self._send_tail(worker, tid, tail)
+                self.desk.worker_ready(worker)
             elif t == "error":
                 worker.error = str(msg.get("message"))
             elif t == "stats" and isinstance(msg.get("id"), int):
                 worker.last_stats = msg.get("stats") or {}
                 if msg["id"] in self._stats_ids:
                     worker.stats_replies[msg["id"]] = worker.last_stats
-            elif t == "tailed" and (tailed := self.tails.get(int(msg["id"]))) is not None:
-                try:
-                    tailed.batches.put_nowait(msg.get("events") or [])
-                except queue.Full:
-                    pass  # the HTTP reader is behind: drop, never block the loop
+            elif t == "tailed":
+                self.desk.tailed(msg)
         return bool(messages)
 
     def read_channels(self, timeout: float) -> None:
@@ -539,15 +500,20 @@ class Supervisor:
         Only the control channels are read meanwhile (queued signals wait for the loop), so
         this is safe to call from a loop handler such as a future admin command.
         """
-        rid, asked = self._ask_stats()
+        rid, asked = self.ask_stats()
         deadline = time.monotonic() + timeout
         while (any(rid not in w.stats_replies for w in asked)
                and (left := deadline - time.monotonic()) > 0):
             self.read_channels(left)
-        self._stats_ids.discard(rid)
+        self.forget_stats(rid)
         return {w.pid: w.stats_replies.pop(rid) for w in asked if rid in w.stats_replies}
 
-    def _ask_stats(self) -> tuple[int, list[WorkerProcess]]:
+    def forget_stats(self, rid: int) -> None:
+        """Replies to request ``rid`` that still arrive are dropped."""
+        self._stats_ids.discard(rid)
+
+    def ask_stats(self) -> tuple[int, list[WorkerProcess]]:
+        """Send a stats request to every ready worker; (request id, the workers asked)."""
         self._stats_id += 1
         rid = self._stats_id
         self._stats_ids.add(rid)
@@ -564,20 +530,19 @@ class Supervisor:
 
     # ------------------------------------------------------------------ admin
     #
-    # The admin HTTP server runs in threads (``admin.ThreadedAdmin``); everything it asks
-    # for runs here, on the main loop, through ``call_soon``: the loop alone touches the
-    # workers, their channels and the supervisor's state.
+    # The admin HTTP server runs in threads; what it asks for runs on this loop, through
+    # ``call_soon`` (evserver.master_admin).
 
     def _start_admin(self) -> bool:
         """Serve the admin listener, if enabled; False (logged) when its port is busy."""
         admin = self.cfg.admin
         if not admin.enabled:
             return True
-        app = AdminApp(MasterAdmin(self), token=admin.token)
+        app = AdminApp(MasterAdmin(self, self.desk), token=admin.token)
         try:
             from .tls import context_from_config
 
-            ssl_context = context_from_config(self.cfg.tls, green=False)  # threads, no hub
+            ssl_context = context_from_config(self.cfg.tls)
             self.admin = ThreadedAdmin(app, admin.host, admin.port, ssl_context)
         except OSError as exc:
             log.error("evserver: %s", admin_unavailable(self.cfg, exc))
@@ -607,176 +572,11 @@ class Supervisor:
                 except BaseException as exc:
                     future.set_exception(exc)
 
-    def begin_stats(self, future: Future[dict[str, Any]], timeout: float) -> None:
-        """Ask the workers for stats; ``future`` gets the /stats document (``_progress_stats``)."""
-        rid, asked = self._ask_stats()
-        self._stats_waits.append(_StatsWait(rid, asked, time.monotonic() + timeout, future))
-        self._progress_stats(time.monotonic())
-
-    def _progress_stats(self, now: float) -> None:
-        for wait in list(self._stats_waits):
-            live = [w for w in wait.asked if w.pid in self.workers]  # exited: in the base now
-            if now < wait.deadline and any(wait.rid not in w.stats_replies for w in live):
-                continue
-            self._stats_waits.remove(wait)
-            self._stats_ids.discard(wait.rid)
-            snaps = [w.stats_replies.pop(wait.rid) for w in live if wait.rid in w.stats_replies]
-            for w in wait.asked:
-                w.stats_replies.pop(wait.rid, None)
-            wait.future.set_result(metrics.aggregate(
-                snaps, mode="master", uptime=time.time() - self.started_at, base=self.retired))
-
-    def readiness(self) -> tuple[bool, str]:
-        current = [w for w in self.workers.values()
-                   if w.generation == self.generation and w.retire_deadline is None]
-        listening = sum(1 for w in current if w.ready_at is not None)
-        detail = f"{listening}/{self.num_workers} workers listening"
-        if self.stopping:
-            return False, f"stopping; {detail}"
-        return self.booted and listening >= self.num_workers, detail
-
-    def handler_list(self) -> list[dict[str, Any]]:
-        for worker in sorted(self.workers.values(), key=lambda w: -w.generation):
-            if worker.handlers is not None and worker.retire_deadline is None:
-                return worker.handlers
-        raise AdminError(503, "no worker is ready yet")
-
-    def admin_reload(self) -> dict[str, Any]:
-        why = self.handle_hup()
-        if why is not None:
-            raise AdminError(409, why)
-        assert self.reload is not None
-        return {"reloading": True, "generation": self.reload.generation}
-
-    def admin_stop(self, now: bool) -> dict[str, Any]:
-        log.info("admin: %s stop requested", "immediate" if now else "graceful")
-        self.stop(graceful=not now)
-        return {"stopping": self.stopping, "pid": os.getpid()}
-
-    def admin_scale(self, n: int) -> dict[str, Any]:
-        if self.stopping:
-            raise AdminError(409, "stopping")
-        previous, self.num_workers = self.num_workers, n
-        log.info("admin: now %s (was %d)", plural(n, "worker"), previous)
-        return {"workers": n, "previous": previous}
-
-    def open_tail(self, pattern: str, rate: int) -> tuple[int, _Tail]:
-        self._tail_id += 1
-        tail = _Tail(pattern, rate, queue.Queue(maxsize=64), time.monotonic())
-        self.tails[self._tail_id] = tail
-        self._renew_tails(time.monotonic())
-        return self._tail_id, tail
-
-    def close_tail(self, tid: int) -> None:
-        if self.tails.pop(tid, None) is None:
-            return
-        for worker in self.workers.values():
-            try:
-                worker.channel.send("untail", id=tid)
-            except OSError:
-                pass
-
-    def _renew_tails(self, now: float) -> None:
-        """Keep the workers' leases of open tails; close tails whose reader stopped polling."""
-        for tid, tail in list(self.tails.items()):
-            if now - tail.polled > TAIL_LEASE:
-                self.close_tail(tid)
-            elif now - tail.renewed >= TAIL_LEASE / 3:
-                tail.renewed = now
-                for worker in self.workers.values():
-                    if worker.ready_at is not None and worker.retire_deadline is None:
-                        self._send_tail(worker, tid, tail)
-
-    @staticmethod
-    def _send_tail(worker: WorkerProcess, tid: int, tail: _Tail) -> None:
-        try:
-            worker.channel.send("tail", id=tid, pattern=tail.pattern, rate=tail.rate,
-                                lease=TAIL_LEASE)
-        except OSError:
-            pass
-
-
-class MasterAdmin:
-    """The admin backend of the master: each call waits for the main loop to run it."""
-
-    mode = "master"
-
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        return self.sup.call_soon(fn).result(ADMIN_CALL_TIMEOUT)
-
-    def stats(self) -> dict[str, Any]:
-        future: Future[dict[str, Any]] = Future()
-        self.sup.call_soon(lambda: self.sup.begin_stats(future, STATS_TIMEOUT))
-        return future.result(ADMIN_CALL_TIMEOUT + STATS_TIMEOUT)
-
-    def ready(self) -> tuple[bool, str]:
-        return self._call(self.sup.readiness)
-
-    def handlers(self) -> list[dict[str, Any]]:
-        return self._call(self.sup.handler_list)
-
-    def reload(self) -> dict[str, Any]:
-        return self._call(self.sup.admin_reload)
-
-    def stop(self, now: bool) -> dict[str, Any]:
-        return self._call(lambda: self.sup.admin_stop(now))
-
-    def scale(self, n: int) -> dict[str, Any]:
-        return self._call(lambda: self.sup.admin_scale(n))
-
-    def tail(self, pattern: str, rate: int) -> _MasterTail:
-        tid, tail = self._call(lambda: self.sup.open_tail(pattern, rate))
-        return _MasterTail(self.sup, tid, tail)
-
-
-class _MasterTail:
-    """The HTTP thread's end of a tail: batches the workers sent, via the main loop."""
-
-    def __init__(self, sup: Supervisor, tid: int, tail: _Tail) -> None:
-        self.sup = sup
-        self.tid = tid
-        self.tail = tail
-
-    def next_batch(self) -> list[dict[str, Any]]:
-        self.tail.polled = time.monotonic()
-        try:
-            events = self.tail.batches.get(timeout=TAIL_FLUSH)
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                events += self.tail.batches.get_nowait()
-            except queue.Empty:
-                return events
-
-    def close(self) -> None:
-        self.sup.call_soon(lambda: self.sup.close_tail(self.tid))
-
-
 def _drain(fd: int) -> None:
     try:
         while os.read(fd, 4096):
             pass
     except BlockingIOError:
-        pass
-
-
-def _write_pid_file(path: str) -> None:
-    """Write atomically, so a reader never sees an empty or partial pid."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    Path(tmp).write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
-
-
-def _remove_pid_file(path: str) -> None:
-    """Remove it only if it is still ours (another master may have taken it over)."""
-    try:
-        if Path(path).read_text().strip() == str(os.getpid()):
-            os.unlink(path)
-    except OSError:
         pass
 
 

@@ -3,9 +3,10 @@
 Contexts are always built explicitly (never ``eventlet.wrap_ssl(cert_reqs=...)``, which
 silently leaves certificate verification off), with TLS 1.2 as the
 floor and the ``ssl`` module's defaults for everything else (ciphers, no compression, no
-renegotiation). Server contexts are eventlet's green ``SSLContext``, so the sockets they wrap
-trampoline instead of blocking the hub; the client's is the stdlib one, which is green too in
-a monkey-patched process.
+renegotiation). Every context here is the stdlib's: a server on the hub wraps its listener
+with ``evserver._eventlet.wrap_server_socket``, which makes the sockets green (they
+trampoline instead of blocking the hub), and the master's threaded admin listener uses it as
+it is. So this module imports no eventlet and the master can build its contexts too.
 """
 
 from __future__ import annotations
@@ -24,21 +25,12 @@ def server_context(
     *,
     ca: str | os.PathLike[str] | None = None,
     require_client_cert: bool = False,
-    green: bool = True,
 ) -> ssl.SSLContext:
     """A server context presenting ``cert``; with ``ca``, client certificates it signed are
-    verified when offered, and demanded with ``require_client_cert``.
-
-    ``green=False`` gives a stdlib context, for the master's threaded admin listener.
-    """
+    verified when offered, and demanded with ``require_client_cert``."""
     if require_client_cert and not ca:
         raise ValueError("require_client_cert needs a CA ([tls] ca) to verify clients with")
-    if green:
-        from ._eventlet import GreenSSLContext
-
-        ctx: ssl.SSLContext = GreenSSLContext(ssl.PROTOCOL_TLS_SERVER)
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # Graceful stop half-closes each connection (``shutdown_read``) and then still writes the
     # in-flight replies; OpenSSL 3 would treat that EOF as fatal and fail those writes. Frames
@@ -67,12 +59,12 @@ def client_context(
     return ctx
 
 
-def context_from_config(tls: Any, *, green: bool = True) -> ssl.SSLContext | None:
+def context_from_config(tls: Any) -> ssl.SSLContext | None:
     """The server context for a config's ``[tls]`` table, or None when TLS is off."""
     if not tls.cert:
         return None
     return server_context(tls.cert, tls.key, ca=tls.ca,
-                          require_client_cert=tls.require_client_cert, green=green)
+                          require_client_cert=tls.require_client_cert)
 
 
 def shutdown_read(sock: Any) -> None:

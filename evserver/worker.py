@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any
 from .admin import TAIL_FLUSH, Tap, Taps, describe_handlers, handler_defaults
 from .channel import Channel
 from .config import SETTINGS, Config
+from .contract import CONFIG_ENV, CONFIG_FROM_ENV, EXIT_FAILURE
 from .errors import RegistrationError
 from .logs import configure_logging
 from .metrics import snapshot
-from .runner import EXIT_FAILURE, run_single
+from .runner import run_single
 
 if TYPE_CHECKING:
     from .server import Server
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("evserver.worker")
 
 _PR_SET_PDEATHSIG = 1
-CONFIG_ENV = "_EVSERVER_WORKER_CONFIG"  # the master's resolved config, as JSON
-CONFIG_FROM_ENV = "@env"  # the CONFIG_JSON argument that says "read it from CONFIG_ENV"
 
 
 def worker_stats(server: Server) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import importlib.util
 import json
 import math
 import multiprocessing as mp
@@ -579,9 +580,11 @@ def table(report: dict) -> str:
                 ("" if k not in figs else f"{figs[k]:.2f}x" if ratio else fmt.format(figs[k]))
                 for k, _, fmt in COLUMNS])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-                     for r in rows)
+    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    if any("asyncio" in entry for entry in report["modes"].values()):
+        lines.append(f"(the asyncio reference ran on {report['config']['asyncio_loop']})")
+    return "\n".join(lines)
 
 
 def ratio(a: dict, b: dict) -> dict:
@@ -726,8 +729,9 @@ def measure(args: argparse.Namespace) -> dict:
                 print(f"[{rep + 1}/{args.repeat}] {prefix}{mode} {target} ...",
                       file=sys.stderr)
                 runs.setdefault((mode, target), []).append(run_once(target, mode, args, pin))
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio's own loop"
     report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"}
-                              | {"pinned": pin}, "modes": {}}
+                              | {"pinned": pin, "asyncio_loop": loop}, "modes": {}}
     for mode in modes:
         entry = {name: median(runs[mode, name]) for name in ("ceiling", *targets)
                  if (mode, name) in runs}

@@ -151,6 +151,11 @@ def test_only_the_hub_door_imports_eventlet_or_greenlet() -> None:
     assert offenders == set()
 
 
+def test_the_master_reaches_no_eventlet_by_structure() -> None:
+    """Not even through a lazy import: the master runs no hub by construction, not by luck."""
+    assert HUB_DOOR not in closure("evserver.supervisor")
+
+
 def test_importing_the_master_loads_no_eventlet() -> None:
     """A fresh interpreter, since this one has imported eventlet long ago."""
     code = ("import sys, evserver.cli, evserver.supervisor; "

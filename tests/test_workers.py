@@ -26,7 +26,7 @@ from rawpeer import RawPeer
 
 from evserver import protocol as p
 from evserver.config import load_config
-from evserver.runner import EXIT_APP_LOAD_ERROR
+from evserver.contract import EXIT_APP_LOAD_ERROR
 from evserver.supervisor import Supervisor
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
