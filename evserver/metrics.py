@@ -19,6 +19,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+from .cluster import COUNTERS as CLUSTER_COUNTERS
+from .cluster import GAUGES as CLUSTER_GAUGES
+
 # Upper bounds (seconds) of the latency buckets: 5 us .. 30 s, about three per decade.
 BUCKETS: tuple[float, ...] = (
     5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05,
@@ -71,6 +74,7 @@ class Source(Protocol):
     connections: Any  # sized
     counters: dict[str, int]
     dispatcher: Any
+    cluster: Any  # a cluster Node (its ``stats()``), or None
 
 
 def snapshot(server: Source) -> dict[str, Any]:
@@ -90,6 +94,7 @@ def snapshot(server: Source) -> dict[str, Any]:
             "latency": {t: h.as_dict() for t, h in s.latency.items()},
             "busy": d.busy, "queued": d.queue.qsize(), "pool_size": d.pool_size,
         },
+        "cluster": server.cluster.stats() if server.cluster is not None else {},
     }
 
 
@@ -109,6 +114,8 @@ def retire(base: dict[str, Any], snap: dict[str, Any]) -> None:
     _add(into["by_type"], d.get("by_type", {}))
     _add(into["errors_by_type"], d.get("errors_by_type", {}))
     _add_latency(into["latency"], d.get("latency", {}))
+    cluster = snap.get("cluster") or {}
+    _add(base.setdefault("cluster", {}), {k: cluster[k] for k in CLUSTER_COUNTERS if k in cluster})
 
 
 def _add(into: dict[str, int], more: dict[str, int]) -> None:
@@ -134,8 +141,10 @@ def aggregate(snapshots: Iterable[dict[str, Any]], *, mode: str, uptime: float,
     errors = dict(base["dispatcher"]["errors_by_type"])
     latency: dict[str, dict[str, Any]] = {}
     _add_latency(latency, base["dispatcher"]["latency"])
+    cluster = dict(base.get("cluster", {}))
     workers = []
     for snap in snaps:
+        _add(cluster, snap.get("cluster") or {})
         d = snap["dispatcher"]
         for key in _COUNTERS:
             totals_d[key] += d.get(key, 0)
@@ -181,6 +190,7 @@ def aggregate(snapshots: Iterable[dict[str, Any]], *, mode: str, uptime: float,
             "dead_letters": totals_d["dead_letters"],
             "busy": sum(w["busy"] for w in workers), "queued": sum(w["queued"] for w in workers),
             "counters": counters,
+            "cluster": cluster,  # empty unless the workers are cluster nodes
         },
         "types": types,
         "retired_workers": base["workers"],
@@ -247,6 +257,10 @@ class _StatsCollector:
         yield by_type
         yield errors
         yield latency
+        for key, value in sorted(totals.get("cluster", {}).items()):
+            kind = GaugeMetricFamily if key in CLUSTER_GAUGES else CounterMetricFamily
+            yield kind(f"evserver_cluster_{key}", f"Cluster node {key.replace('_', ' ')}.",
+                       value=value)
         per_worker = {
             "events_received": ("events_in", CounterMetricFamily, "Events read, per worker."),
             "events_processed": ("events_out", CounterMetricFamily,

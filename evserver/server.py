@@ -22,7 +22,7 @@ import socket
 import ssl
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__
 from . import protocol as p
@@ -37,6 +37,11 @@ from .forward_server import ForwardListener, ForwardSettings
 from .logs import LogBudget
 from .security import security_options
 from .tls import shutdown_read
+
+if TYPE_CHECKING:
+    from .cluster import ClusterSettings
+    from .cluster.node import Node
+    from .connection import Intake
 
 log = logging.getLogger("evserver.server")
 security_log = logging.getLogger("evserver.security")
@@ -300,6 +305,7 @@ class Server:
         handshake_timeout: float = 10.0,
         debug: bool = False,
         forward: ForwardSettings | None = None,
+        cluster: ClusterSettings | None = None,
     ) -> None:
         self.app = app
         self.host = host
@@ -321,6 +327,11 @@ class Server:
                                      handler_defaults=handler_defaults,
                                      dead_letters=dead_letters)
         self.dispatcher.outcomes.debug = debug
+        # Where connections hand their jobs: the dispatcher, or in cluster mode the node's
+        # edge, which appends them to Redis (the owned partitions feed the dispatcher).
+        self.intake: Intake = self.dispatcher
+        self.cluster_settings = cluster
+        self.cluster: Node | None = None
         # Security (evserver.handshake): with neither, a connection costs exactly as before.
         self.auth = auth
         self.ssl_context = ssl_context
@@ -350,6 +361,8 @@ class Server:
     @classmethod
     def from_config(cls, app: App, cfg: Any, **overrides: Any) -> Server:
         """Build a server from a loaded ``Config``'s tables."""
+        from .cluster import ClusterSettings
+
         srv = cfg.server
         kwargs: dict[str, Any] = dict(
             host=srv.host, port=srv.port, pool_size=srv.pool_size, queue_size=srv.queue_size,
@@ -363,6 +376,7 @@ class Server:
                                          fsync_interval=cfg.dead_letters.fsync_interval),
             **security_options(cfg),
             forward=ForwardSettings.from_config(cfg),
+            cluster=ClusterSettings.from_config(cfg),
         )
         kwargs.update(overrides)
         return cls(app, **kwargs)
@@ -382,6 +396,8 @@ class Server:
             self._listener = wrap_server_socket(self.ssl_context, self._listener)
         self.started_at = time.time()
         self.dispatcher.start()
+        if self.cluster_settings is not None:
+            self._join_cluster(self.cluster_settings)
         self._accepter = eventlet.spawn(accept_loop, self, self._listener,
                                         partial(Connection, self), Connection.refuse)
         if self.forward is not None:
@@ -391,6 +407,24 @@ class Server:
         if self.park_after > 0:
             eventlet.spawn_n(self._sweep)
         log.info("listening on %s:%d (pool %d)", *self.address, self.dispatcher.pool_size)
+
+    def _join_cluster(self, settings: ClusterSettings) -> None:
+        """Become a node (ClusterError if Redis is unusable); dead letters go to the
+        cluster's stream, so every node and the CLI see one list."""
+        from .cluster.node import Node
+
+        node = Node(self, settings)
+        try:
+            node.start()
+        except BaseException:
+            self._listener.close()
+            self.dispatcher.stop(timeout=1.0)
+            raise
+        self.cluster = node
+        self.intake = node.edge
+        # The file store's API; handler failures are recorded by the dispatcher's outcomes.
+        self.dispatcher.dead_letters = self.dispatcher.outcomes.dead_letters = cast(
+            Any, node.dead_letters)
 
     def _sync_dead_letters(self, store: DeadLetterStore) -> None:
         """Batched fsync: appends reach the OS at once, the disk within ``fsync_interval``."""
@@ -467,6 +501,8 @@ class Server:
         ok = not self.connections
         for conn in list(self.connections):
             conn._abort("drain timeout")
+        if self.cluster is not None:  # hand partitions over: finish, ack, release
+            self.cluster.stop(timeout=max(0.1, deadline - time.monotonic()))
         ok = self.dispatcher.stop(timeout=max(0.1, deadline - time.monotonic())) and ok
         if not ok:
             log.warning("drain timeout (%gs) reached; abandoned unfinished work",
