@@ -22,6 +22,11 @@ backpressure instead of memory growth.
 ``ordered_by`` (``evserver.ordering``): an event whose key has an earlier event still
 running is parked and run later by whoever finishes that one, so runners never wait on each
 other and different keys run in parallel. A job completes when the last of its events ran.
+
+A handler's exception fails its own event, whatever its class (``eventlet.Timeout`` from its
+own timeout, ``SystemExit``, ``asyncio.CancelledError``...): one escaping into the dispatcher
+would answer the wrong job and stall ordered keys. All but ``GreenletExit``, which is how a
+stuck handler is ended at the drain timeout, and is re-raised everywhere.
 """
 
 from __future__ import annotations
@@ -32,9 +37,8 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from operator import length_hint
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import tracing
 from ._eventlet import GreenletExit, eventlet, on_yield
@@ -42,9 +46,10 @@ from .app import App, Handler
 from .deadletters import DeadLetterStore
 from .errors import HandlerTimeout
 from .event import Event
-from .ordering import Sequencer, Ticket
+from .ordering import Sequencer
 from .outcomes import MAX_TYPES, Outcomes, Stats, tally
 from .plan import Entry, Failure, Plan
+from .work import Job, Listeners, Shared
 
 log = logging.getLogger("evserver.dispatch")
 
@@ -53,11 +58,6 @@ YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot sta
 # would cost ~25% of the dispatch path; sampling costs one compare per event (~3%).
 SAMPLE_EVERY = 128
 _BACKOFF_MAX = 30.0
-# A handler's exception fails its event, whatever its class (eventlet.Timeout from the
-# handler's own timeout, SystemExit, asyncio.CancelledError...): an exception escaping into
-# the dispatcher would answer the wrong job and stall ordered keys. All but GreenletExit,
-# which is how a stuck handler is ended at the drain timeout: it is re-raised first.
-_NO_REQUESTS: frozenset[int] = frozenset()
 
 
 def _bare(entry: Entry) -> tuple[Plan | None, Plan | None]:
@@ -68,98 +68,6 @@ def _bare(entry: Entry) -> tuple[Plan | None, Plan | None]:
     if not plans or len(listeners) > 1 or not all(plan.direct for plan in plans):
         return None, None
     return plans[0], plans[1] if len(plans) > 1 else None
-
-
-class Sink(Protocol):
-    """Where a job's outcome goes: the connection (of whichever protocol) that read it."""
-
-    def job_done(self, job: Job) -> None:
-        """Called once per job, after every one of its events (processor and listeners) ran."""
-
-
-class _Shared:
-    """Work whose items one iterator hands to every green thread that joins it.
-
-    ``holds`` counts what keeps it open: each green thread working on it, and (for a job)
-    each parked event. ``started`` tells a fresh job from an offer to join a running one.
-    Calling it is the hub hook (``on_yield``) of the green threads working on it: it
-    offers the rest to idle workers (``Dispatcher._offer``), with nothing allocated per run.
-    """
-
-    __slots__ = ("dispatcher", "holds", "started")
-
-    dispatcher: Dispatcher
-    holds: int
-    started: bool
-
-    def __call__(self) -> None:
-        self.dispatcher._offer(self)
-
-    def left(self) -> int:
-        """Items not yet taken (a hint: others may take them before the caller does)."""
-        raise NotImplementedError
-
-
-class Job(_Shared):
-    """Events decoded from one read of one connection, and where their outcome goes.
-
-    ``requests`` holds the indexes of events whose processor's value is a reply; ``context``
-    is the sink's own (its wire frames, say). After ``job_done``: ``failure(start, stop)`` and
-    ``values`` (reply values by index) say how each event went.
-    """
-
-    __slots__ = ("_src", "broken", "context", "cursor", "events", "failures", "requests",
-                 "sampled", "sink", "tickets", "values")
-
-    def __init__(
-        self, sink: Sink, events: list[Event], requests: frozenset[int] = _NO_REQUESTS,
-        context: Any = None,
-    ) -> None:
-        self.holds = 0
-        self.started = False
-        self.sink = sink
-        self.events = events
-        self.requests = requests
-        self.context = context
-        # The first failure of each failed event, by id(event): the hot loop has no index.
-        self.failures: dict[int, Failure] = {}
-        self.values: dict[int, Any] = {}
-        self.broken: Failure | None = None  # an internal error stopped the job half-way
-        self.tickets: dict[int, Ticket] | None = None
-        self.sampled: Event | None = None  # the event timed for the latency histogram
-        self._src = iter(events)
-        # What runners take events from: the events themselves, or (index, event) pairs
-        # when some events need their index (requests, ordering tickets); see ``_admit``.
-        self.cursor: Iterator[Any] = self._src
-
-    def left(self) -> int:
-        return length_hint(self._src)
-
-    def failure(self, start: int, stop: int) -> Failure | None:
-        """The first failure (by position) among ``events[start:stop]``, or None."""
-        if failures := self.failures:
-            for event in self.events[start:stop]:
-                if (failure := failures.get(id(event))) is not None:
-                    return failure
-        return self.broken
-
-
-class _Listeners(_Shared):
-    """The listeners of one event: independent observers, so those that wait overlap."""
-
-    __slots__ = ("event", "failure", "it", "waiter")
-
-    def __init__(self, dispatcher: Dispatcher, listeners: Sequence[Plan], event: Event) -> None:
-        self.dispatcher = dispatcher
-        self.holds = 1  # its owner's
-        self.started = True
-        self.event = event
-        self.it = iter(listeners)
-        self.failure: Failure | None = None
-        self.waiter: Any = None  # an Event the owner waits on for helpers still running
-
-    def left(self) -> int:
-        return length_hint(self.it)
 
 
 class Dispatcher:
@@ -290,7 +198,7 @@ class Dispatcher:
             del item  # an idle worker must not keep its last job (events, replies) alive
             eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
 
-    def _offer(self, work: _Shared) -> None:
+    def offer(self, work: Shared) -> None:
         """The hub's ``switch_out`` hook while a green thread works on ``work``: it is about
         to block in a handler, so invite idle workers to take the rest.
 
@@ -498,7 +406,7 @@ class Dispatcher:
     def _listen(self, listeners: Sequence[Plan], event: Event) -> Failure | None:
         """Run an event's listeners, sharing them with idle workers once one waits; return
         the first failure. Returns when every one of them has finished."""
-        group = _Listeners(self, listeners, event)
+        group = Listeners(self, listeners, event)
         previous = on_yield(group)
         try:
             self._listeners(group)
@@ -516,7 +424,7 @@ class Dispatcher:
             group.waiter.wait()
         return group.failure
 
-    def _help(self, group: _Listeners) -> None:
+    def _help(self, group: Listeners) -> None:
         """A worker joining an event's listeners, holding one pool slot (released here)."""
         self.busy += 1
         group.holds += 1
@@ -537,7 +445,7 @@ class Dispatcher:
             if not group.holds and group.waiter is not None:
                 group.waiter.send()
 
-    def _listeners(self, group: _Listeners) -> None:
+    def _listeners(self, group: Listeners) -> None:
         for plan in group.it:
             failure = self._call(plan, group.event)[1]
             if failure is not None and group.failure is None:
