@@ -149,5 +149,9 @@ def chaos_figures(log: ChaosLog, failures: list[tuple[float, str]]) -> dict[str,
         "kill_connect_errors": within(("kill",)),
         "scale_connect_errors": within(("ttin", "ttou")),
         "connect_errors": len(failures),
+        "kills": [{"pid": k.pid, "replacement": k.replacement,
+                   "ready_after_s": None if k.ready_after is None else round(k.ready_after, 3),
+                   "serving_after_s": None if k.serving_after is None
+                   else round(k.serving_after, 3)} for k in kills],
         "chaos": summary(log),
     }
