@@ -22,74 +22,35 @@ import errno
 import logging
 import socket
 import ssl
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol as p
 from ._eventlet import eventlet, wrap_server_socket
-from .config import parse_users
 from .connection import JOB_EVENTS, Host, StreamConnection, accept_loop, peer_name
 from .dispatch import Job
 from .errors import ConfigError, HandshakeFailed, ProtocolError, RoutingError
 from .event import Event
 from .forward import ForwardConnection as ForwardDecoder
 from .forward import ForwardHandshake, ForwardRequest, ack_bytes
+from .metrics import new_counters
 
 log = logging.getLogger("evserver.forward")
 
 _HEARTBEAT = b"\x00"
-_COUNTERS = ("forward_connections", "forward_requests", "forward_events", "forward_skipped",
-             "forward_errors", "forward_auth_failures", "forward_unacked", "forward_heartbeats")
-
-
-@dataclass(frozen=True)
-class ForwardSettings:
-    """The ``[forward]`` table, resolved: ``users`` maps user names to passwords."""
-
-    host: str = "127.0.0.1"
-    port: int = 24224
-    shared_key: str | None = None
-    users: dict[str, str] | None = None
-    max_request_bytes: int = 8 << 20
-    max_decompressed_bytes: int = 64 << 20
-    tls: bool = False  # with the server's SSLContext, the [tls] certificate
-    hostname: str = field(default_factory=socket.gethostname)  # sent in PONG
-
-    def __post_init__(self) -> None:
-        if self.users and not self.shared_key:
-            raise ConfigError("forward.users: a user handshake needs forward.shared_key too")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ForwardSettings | None:
-        """The settings of ``cfg.forward``, or None when the listener is not enabled."""
-        f = cfg.forward
-        if not f.enabled:
-            return None
-        return cls(f.host, f.port, f.shared_key, parse_users(f.users) if f.users else None,
-                   f.max_request_bytes, f.max_decompressed_bytes, f.tls)
-
-    def decoder(self) -> ForwardDecoder:
-        """A fresh sans-I/O decoder for one connection (HELO queued when a key is set)."""
-        handshake = None
-        if self.shared_key:
-            handshake = ForwardHandshake(self.shared_key, hostname=self.hostname,
-                                         users=self.users)
-        return ForwardDecoder(max_request_bytes=self.max_request_bytes,
-                              max_decompressed_bytes=self.max_decompressed_bytes,
-                              handshake=handshake)
 
 
 class ForwardListener:
     """The TCP listener, its accept loop and the UDP heartbeat echo, owned by a ``Server``."""
 
-    def __init__(self, server: Host, settings: ForwardSettings) -> None:
+    def __init__(self, server: Host, settings: Any) -> None:
+        """``settings`` is the config's ``[forward]`` table, taken whole."""
         self.server = server
         self.settings = settings
+        self.hostname = socket.gethostname()  # sent in PONG
         self._listener: Any = None
         self._udp: Any = None
         self._threads: list[Any] = []
-        for name in _COUNTERS:
-            server.counters.setdefault(name, 0)
+        server.counters.update(new_counters("forward"))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -126,8 +87,18 @@ class ForwardListener:
                  " with TLS" if self.settings.tls else "",
                  auth if self.settings.shared_key else "no handshake")
 
+    def decoder(self) -> ForwardDecoder:
+        """A fresh sans-I/O decoder for one connection (HELO queued when a key is set)."""
+        s = self.settings
+        handshake = None
+        if s.shared_key:
+            handshake = ForwardHandshake(s.shared_key, hostname=self.hostname, users=s.users)
+        return ForwardDecoder(max_request_bytes=s.max_request_bytes,
+                              max_decompressed_bytes=s.max_decompressed_bytes,
+                              handshake=handshake)
+
     def _connection(self, sock: Any, addr: Any) -> ForwardConnection:
-        return ForwardConnection(self.server, sock, addr, self.settings)
+        return ForwardConnection(self.server, sock, addr, self.decoder())
 
     def close(self) -> None:
         """Stop accepting and answering heartbeats; open connections drain with the server's."""
@@ -165,9 +136,9 @@ class ForwardConnection(StreamConnection):
 
     __slots__ = ("chunks", "decoder", "done", "failed", "next_ack", "requests")
 
-    def __init__(self, server: Host, sock: Any, addr: Any, settings: ForwardSettings) -> None:
+    def __init__(self, server: Host, sock: Any, addr: Any, decoder: ForwardDecoder) -> None:
         super().__init__(server, sock, addr)
-        self.decoder = settings.decoder()
+        self.decoder = decoder
         self.requests = 0  # numbers handed to requests with a chunk
         self.next_ack = 1
         self.chunks: dict[int, bytes | str] = {}
@@ -300,4 +271,4 @@ class ForwardConnection(StreamConnection):
         self._job_finished()
 
 
-__all__ = ["ForwardConnection", "ForwardListener", "ForwardSettings"]
+__all__ = ["ForwardConnection", "ForwardListener"]

@@ -29,18 +29,21 @@ from . import protocol as p
 from ._eventlet import eventlet, wrap_server_socket
 from .app import App
 from .auth import Authenticator, new_nonce
+from .config import Config, default_config, handler_defaults
 from .connection import JOB_EVENTS, StreamConnection, accept_loop, peer_name
 from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher, Job
 from .errors import AuthError, ProtocolError
-from .forward_server import ForwardListener, ForwardSettings
+from .forward_server import ForwardListener
 from .logs import LogBudget
-from .security import security_options
-from .tls import shutdown_read
+from .metrics import new_counters
+from .security import configured_keys
+from .tls import context_from_config, shutdown_read
 
 log = logging.getLogger("evserver.server")
 security_log = logging.getLogger("evserver.security")
 
+BACKLOG = 1024  # connections the kernel queues for accept, per listener
 #: The largest frame (and about the most buffered input) accepted before authentication.
 PRE_AUTH_MAX_BYTES = 4096
 
@@ -277,95 +280,64 @@ class Server:
     SIGINT when ``install_signals`` is used) has drained everything.
     """
 
-    def __init__(
-        self,
-        app: App,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 7878,
-        pool_size: int = 64,
-        queue_size: int = 256,
-        max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES,
-        drain_timeout: float = 30.0,
-        max_connections: int = 10000,
-        idle_timeout: float = 300.0,
-        park_after: float = 2.0,
-        max_pending_replies: int = 1024,
-        reuse_port: bool = False,
-        backlog: int = 1024,
-        handler_defaults: dict[str, Any] | None = None,
-        dead_letters: DeadLetterStore | None = None,
-        auth: Authenticator | None = None,
-        ssl_context: Any = None,
-        handshake_timeout: float = 10.0,
-        debug: bool = False,
-        forward: ForwardSettings | None = None,
-    ) -> None:
+    def __init__(self, app: App, cfg: Config | None = None, *,
+                 dead_letters: DeadLetterStore | None = None, reuse_port: bool = False) -> None:
+        """Serve ``app`` with the settings of ``cfg`` (every default when None), taken whole
+        from its tables. ``dead_letters`` is where failed events go (``from_config`` opens
+        the configured store; None keeps none); ``reuse_port`` lets worker processes share
+        the port."""
+        cfg = cfg or default_config()
         self.app = app
-        self.host = host
-        self.port = port
-        self.max_frame_bytes = max_frame_bytes
-        self.drain_timeout = drain_timeout
-        self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
-        self.park_after = park_after
-        self.max_pending_replies = max_pending_replies
+        self.cfg = cfg
+        srv = cfg.server
+        self.host, self.port = srv.host, srv.port
+        self.max_frame_bytes: int = srv.max_frame_bytes
+        self.drain_timeout: float = srv.drain_timeout
+        self.max_connections: int = srv.max_connections
+        self.idle_timeout: float = srv.idle_timeout
+        self.park_after: float = srv.park_after
+        self.max_pending_replies: int = srv.max_pending_replies
+        self.handshake_timeout: float = cfg.security.handshake_timeout
         self.reuse_port = reuse_port
-        self.backlog = backlog
+        self.backlog = BACKLOG
         self.dead_letters = dead_letters
         # Jobs one connection may have queued or running: half the pool, so one busy
         # connection can keep many slow handlers running while others still find workers;
         # the bounded queue caps the total whatever the number of connections.
-        self.jobs_per_connection = max(4, pool_size // 2)
-        self.dispatcher = Dispatcher(app, pool_size=pool_size, queue_size=queue_size,
-                                     handler_defaults=handler_defaults,
+        self.jobs_per_connection = max(4, srv.pool_size // 2)
+        self.dispatcher = Dispatcher(app, pool_size=srv.pool_size, queue_size=srv.queue_size,
+                                     handler_defaults=handler_defaults(cfg),
                                      dead_letters=dead_letters)
-        self.dispatcher.outcomes.debug = debug
-        # Security (evserver.handshake): with neither, a connection costs exactly as before.
-        self.auth = auth
-        self.ssl_context = ssl_context
-        self.handshake_timeout = handshake_timeout
-        self.secure = auth is not None or ssl_context is not None
+        self.dispatcher.outcomes.debug = cfg.security.debug
+        # Security: with neither, a connection costs exactly as before.
+        keys = configured_keys(cfg)
+        self.auth = Authenticator(keys) if keys else None
+        self.ssl_context = context_from_config(cfg.tls)
+        self.secure = self.auth is not None or self.ssl_context is not None
         self.auth_log = LogBudget(per_interval=10, interval=60.0)  # failed handshakes
         self.connections: set[StreamConnection] = set()
-        self.counters: dict[str, int] = {
-            "connections_total": 0, "protocol_errors": 0, "idle_closed": 0,
-            "overloaded_closed": 0, "refused_connections": 0,
-            "auth_failures": 0, "handshake_timeouts": 0, "tls_failures": 0,
-        }
+        self.counters = new_counters("server")
         self.stopping = False
         self._peer_log = LogBudget()
         self.started_at = 0.0
-        self.hello_info = {"server": f"evserver/{__version__}", "max_frame_bytes": max_frame_bytes}
+        self.hello_info = {"server": f"evserver/{__version__}",
+                           "max_frame_bytes": self.max_frame_bytes}
         self.hello = p.encode_hello(self.hello_info)
         self._listener: Any = None
         self._accepter: Any = None
         self.forward: ForwardListener | None = None  # the Fluentd Forward listener, if any
-        if forward is not None:
-            self.forward = ForwardListener(self, forward)
+        if cfg.forward.enabled:
+            self.forward = ForwardListener(self, cfg.forward)
         self._stopped = eventlet.event.Event()
         self._drained = eventlet.event.Event()
         self._stop_started = False
 
     @classmethod
-    def from_config(cls, app: App, cfg: Any, **overrides: Any) -> Server:
-        """Build a server from a loaded ``Config``'s tables."""
-        srv = cfg.server
-        kwargs: dict[str, Any] = dict(
-            host=srv.host, port=srv.port, pool_size=srv.pool_size, queue_size=srv.queue_size,
-            max_frame_bytes=srv.max_frame_bytes, drain_timeout=srv.drain_timeout,
-            max_connections=srv.max_connections, idle_timeout=srv.idle_timeout,
-            park_after=srv.park_after,
-            max_pending_replies=srv.max_pending_replies,
-            handler_defaults={"timeout": cfg.handlers.timeout, "retries": cfg.handlers.retries,
-                              "backoff": cfg.handlers.backoff},
-            dead_letters=DeadLetterStore(cfg.dead_letters.path,
-                                         fsync_interval=cfg.dead_letters.fsync_interval),
-            **security_options(cfg),
-            forward=ForwardSettings.from_config(cfg),
-        )
-        kwargs.update(overrides)
-        return cls(app, **kwargs)
+    def from_config(cls, app: App, cfg: Config, *, reuse_port: bool = False) -> Server:
+        """A server for ``cfg`` with its dead-letter store: what ``evserver serve`` runs."""
+        dl = cfg.dead_letters
+        return cls(app, cfg, reuse_port=reuse_port,
+                   dead_letters=DeadLetterStore(dl.path, fsync_interval=dl.fsync_interval))
 
     @property
     def address(self) -> tuple[str, int]:

@@ -33,10 +33,12 @@ from rawpeer import RawPeer
 from evserver import Client
 from evserver import protocol as p
 from evserver.app import App
+from evserver.config import default_config
 from evserver.dispatch import Job
 from evserver.event import TYPE_RULE, Event
+from evserver.forward import ForwardConnection as ForwardDecoder
 from evserver.forward import ack_bytes
-from evserver.forward_server import ForwardConnection, ForwardSettings
+from evserver.forward_server import ForwardConnection
 from evserver.plan import Failure
 from evserver.server import Server
 
@@ -241,8 +243,9 @@ def test_unit_acks_wait_for_earlier_requests_and_stop_at_a_failure() -> None:
         def shutdown(self, how: int) -> None:
             written.append(b"<shutdown>")
 
-    server = Server(App("t"), port=0, forward=ForwardSettings(port=0))
-    conn = ForwardConnection(server, Sock(), ("127.0.0.1", 1), ForwardSettings(port=0))
+    server = Server(App("t"), default_config().replace(
+        **{"server.port": 0, "forward.enabled": True, "forward.port": 0}))
+    conn = ForwardConnection(server, Sock(), ("127.0.0.1", 1), ForwardDecoder())
     frames = [p.Frame(p.BATCH, n, [Event("t", n)]) for n in (1, 2, 3, 4)]
     conn.chunks = {1: "a", 2: "b", 3: "c", 4: "d"}
     conn.jobs = 3
