@@ -539,7 +539,8 @@ def dead_letters() -> None:
     """Inspect and replay events whose handlers failed after their retries.
 
     Both commands read `[dead_letters] path` from the same --config (and EVSERVER_* env)
-    as `serve`, so they see the files the server wrote.
+    as `serve`, so they see the files the server wrote; in cluster mode (`[cluster]
+    enabled`) they use the cluster's dead-letter stream in Redis instead.
     """
 
 
@@ -550,6 +551,17 @@ def _store(config_path: str | None) -> Any:
         cfg = load_config(config_path)
     except ConfigError as exc:
         _fail(str(exc), 2)
+    if cfg.cluster.enabled:  # every node's dead letters are in the cluster's stream
+        from redis import RedisError
+
+        from .cluster.deadletters import open_stream
+
+        stream = open_stream(cfg.cluster.url, cfg.cluster.name)
+        try:
+            stream.count()
+        except RedisError as exc:
+            _fail(f"cannot reach the cluster's Redis at {cfg.cluster.url}: {exc}")
+        return stream
     return DeadLetterStore(cfg.dead_letters.path, fsync_interval=cfg.dead_letters.fsync_interval)
 
 
@@ -633,17 +645,53 @@ def dead_letters_replay(client: Any, config_path: str | None, pattern: str | Non
         sys.exit(1)
 
 
+@main.group("cluster")
+def cluster() -> None:
+    """Inspect a cluster of nodes sharing Redis Streams (docs/cluster.md)."""
+
+
+@cluster.command("status")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="The config file `serve` uses (for its [cluster] table).")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+@click_options
+def cluster_status(config_path: str | None, as_json: bool, overrides: dict[str, Any]) -> None:
+    """Live nodes, and per partition its owner, lag (not yet delivered) and pending
+    (delivered, not yet acknowledged) entries. Same config rules as `serve`."""
+    try:
+        cfg = load_config(config_path, overrides=overrides)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    if not cfg.cluster.enabled:
+        _fail("cluster mode is off: set [cluster] enabled = true (or EVSERVER_CLUSTER_ENABLED)",
+              2)
+    import redis
+
+    from .cluster.status import format_status, gather
+
+    client = redis.Redis.from_url(cfg.cluster.url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        doc = gather(client, cfg.cluster.name, cfg.cluster.partitions)
+    except redis.RedisError as exc:
+        _fail(f"cannot reach the cluster's Redis at {cfg.cluster.url}: {exc}")
+    _print_json(doc) if as_json else click.echo(format_status(doc))
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Run scripts/bench.py (needs a source checkout); `evserver bench --help` for options."""
+    """Run scripts/bench.py (needs a source checkout); `evserver bench --help` for options.
+
+    `evserver bench --cluster` runs scripts/bench_cluster.py instead: 1 node against 2 nodes
+    of a cluster on a redis-server it starts (`evserver bench --cluster --help`)."""
     import runpy
 
-    candidates = [Path.cwd() / "scripts" / "bench.py",
-                  Path(__file__).resolve().parent.parent / "scripts" / "bench.py"]
+    name = "bench_cluster.py" if "--cluster" in args else "bench.py"
+    candidates = [Path.cwd() / "scripts" / name,
+                  Path(__file__).resolve().parent.parent / "scripts" / name]
     script = next((c for c in candidates if c.is_file()), None)
     if script is None:
-        _fail("evserver bench runs scripts/bench.py from a source checkout; none found here")
+        _fail(f"evserver bench runs scripts/{name} from a source checkout; none found here")
     sys.argv = [str(script), *args]
     runpy.run_path(str(script), run_name="__main__")
 

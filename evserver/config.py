@@ -266,6 +266,25 @@ SETTINGS: tuple[Setting, ...] = (
       optional=True),
     S("tls", "require_client_cert", bool, False,
       "Refuse clients without a certificate signed by the CA (mutual TLS)."),
+    S("cluster", "enabled", bool, False,
+      "Run as one node of a cluster: events go through Redis Streams to the node that owns "
+      "their partition (docs/cluster.md)."),
+    S("cluster", "url", str, "redis://127.0.0.1:6379/0", "Redis URL of the cluster.",
+      Check("a redis:// or rediss:// or unix:// URL",
+            lambda v: v.startswith(("redis://", "rediss://", "unix://")))),
+    S("cluster", "name", str, "evserver", "Prefix of every Redis key of this cluster.",
+      Check("a non-empty string without braces or spaces",
+            lambda v: bool(v) and not set(v) & set("{} \t\n"))),
+    S("cluster", "partitions", int, 16,
+      "Partition streams; stored in Redis, every node must agree.", _at_least(1)),
+    S("cluster", "lease", float, 10.0,
+      "Seconds a node owns its partitions without renewing; failover takes about this long.",
+      _number(0.5)),
+    S("cluster", "ack", str, "processed",
+      "When a client's ACK is sent: once processed, or once the append is durable in Redis.",
+      _one_of("processed", "stored")),
+    S("cluster", "max_deliveries", int, 5,
+      "Deliveries of an entry before it goes to the dead-letter stream unrun.", _at_least(1)),
 )
 del S
 _BY_NAME: Mapping[str, Setting] = MappingProxyType({s.name: s for s in SETTINGS})
@@ -476,6 +495,7 @@ def effective_settings(cfg: Config) -> list[tuple[str, Any, str]]:
 _NEEDS = (
     ("forward.users", "forward.shared_key", "a user handshake needs a shared key too"),
     ("forward.tls", "tls.cert", "TLS needs a certificate"),
+    ("cluster.enabled", "server.monkey_patch", "the Redis client must not block the hub"),
 )
 
 

@@ -31,10 +31,20 @@ from .dispatch import Dispatcher, Job
 log = logging.getLogger("evserver.server")
 
 
+class Intake(Protocol):
+    """Where a connection hands its jobs: the dispatcher, or in cluster mode the node's edge
+    (which appends them to Redis; the partitions' owners run them on their dispatchers)."""
+
+    def submit(self, job: Job) -> None: ...
+
+    def run_inline(self, job: Job) -> bool: ...
+
+
 class Host(Protocol):
     """What a connection needs from the server that accepted it."""
 
     dispatcher: Dispatcher
+    intake: Intake
     counters: dict[str, int]
     connections: set[StreamConnection]
     stopping: bool
@@ -231,7 +241,7 @@ class StreamConnection:
         """Run a read's frames as jobs: inline while the pool is idle, else through the
         queue, holding the reader while this connection has too many jobs in flight."""
         server = self.server
-        dispatcher = server.dispatcher
+        dispatcher = server.intake
         for job_frames in _split(frames):
             self.jobs += 1
             job = _job(self, job_frames)

@@ -494,12 +494,12 @@ class Dispatcher:
         previous = on_yield(group)
         try:
             self._listeners(group)
-        except BaseException as exc:
-            if not isinstance(exc, GreenletExit):
-                log.exception("internal error while running listeners")
-                group.failure = group.failure or Failure(
-                    "internal_error", type(exc).__name__, str(exc))
-            raise
+        except BaseException as exc:  # a bug here must neither kill the worker nor ack
+            if isinstance(exc, GreenletExit):
+                raise
+            log.exception("internal error while running listeners")
+            group.failure = group.failure or Failure(
+                "internal_error", type(exc).__name__, str(exc))
         finally:
             on_yield(previous)
             self.busy -= 1

@@ -91,6 +91,13 @@ class HandlerTimeout(LocalError, TimeoutError):
     code = "timeout"
 
 
+class ClusterError(LocalError, RuntimeError):
+    """Cluster mode cannot work: its Redis is unreachable, or the settings stored there
+    disagree with this node's (fix the deployment)."""
+
+    code = "cluster_unavailable"
+
+
 class RoutingError(LocalError, LookupError):
     """No processor (for a request) or no handler at all exists for an event type."""
 

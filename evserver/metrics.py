@@ -72,6 +72,7 @@ class Source(Protocol):
     connections: Any  # sized
     counters: dict[str, int]
     dispatcher: Any
+    cluster: Any  # a cluster Node (its ``stats()``), or None
 
 
 def snapshot(server: Source) -> dict[str, Any]:
@@ -91,6 +92,7 @@ def snapshot(server: Source) -> dict[str, Any]:
             "latency": {t: h.as_dict() for t, h in s.latency.items()},
             "busy": d.busy, "queued": d.queue.qsize(), "pool_size": d.pool_size,
         },
+        "cluster": server.cluster.stats() if server.cluster is not None else {},
     }
 
 
@@ -110,6 +112,8 @@ def retire(base: dict[str, Any], snap: dict[str, Any]) -> None:
     _add(into["by_type"], d.get("by_type", {}))
     _add(into["errors_by_type"], d.get("errors_by_type", {}))
     _add_latency(into["latency"], d.get("latency", {}))
+    cluster = snap.get("cluster") or {}
+    _add(base.setdefault("cluster", {}), {k: cluster[k] for k in CLUSTER_COUNTERS if k in cluster})
 
 
 def _add(into: dict[str, int], more: dict[str, int]) -> None:
@@ -135,8 +139,10 @@ def aggregate(snapshots: Iterable[dict[str, Any]], *, mode: str, uptime: float,
     errors = dict(base["dispatcher"]["errors_by_type"])
     latency: dict[str, dict[str, Any]] = {}
     _add_latency(latency, base["dispatcher"]["latency"])
+    cluster = dict(base.get("cluster", {}))
     workers = []
     for snap in snaps:
+        _add(cluster, snap.get("cluster") or {})
         d = snap["dispatcher"]
         for key in _COUNTERS:
             totals_d[key] += d.get(key, 0)
@@ -182,6 +188,7 @@ def aggregate(snapshots: Iterable[dict[str, Any]], *, mode: str, uptime: float,
             "dead_letters": totals_d["dead_letters"],
             "busy": sum(w["busy"] for w in workers), "queued": sum(w["queued"] for w in workers),
             "counters": counters,
+            "cluster": cluster,  # empty unless the workers are cluster nodes
         },
         "types": types,
         "retired_workers": base["workers"],
@@ -239,6 +246,30 @@ SERVER_COUNTERS: dict[str, tuple[Metric, ...]] = {
     ),
 }
 COUNTER_HELP = {m.key: m.help for group in SERVER_COUNTERS.values() for m in group}
+
+#: A cluster node's numbers (``Node.stats()``, the "cluster" of /stats), published as
+#: ``evserver_cluster_<key>``: counters, which the totals keep across worker restarts, and
+#: gauges of the moment.
+CLUSTER = tuple(Metric(f"cluster_{key}", kind, help, key) for key, kind, help in (
+    ("appended_entries", "counter", "Stream entries this node appended for its connections."),
+    ("appended_events", "counter", "Events in the entries this node appended."),
+    ("append_errors", "counter", "Appends to Redis that failed (the clients got an error)."),
+    ("processed_entries", "counter", "Entries of owned partitions run and acknowledged."),
+    ("processed_events", "counter", "Events in the entries of owned partitions that ran."),
+    ("redelivered_events", "counter", "Events in entries delivered more than once."),
+    ("dead_lettered_events", "counter",
+     "Events sent to the dead-letter stream after max_deliveries, unrun."),
+    ("fenced_entries", "counter",
+     "Entries completed after their partition's lease was lost, left unacknowledged."),
+    ("partitions_acquired", "counter", "Partition leases this node took."),
+    ("partitions_released", "counter", "Partition leases this node handed back."),
+    ("partitions_lost", "counter", "Partition leases this node lost without handing back."),
+    ("redis_errors", "counter", "Redis calls that failed."),
+    ("partitions_owned", "gauge", "Partitions this node owns now."),
+    ("nodes_live", "gauge", "Nodes of the cluster with a live heartbeat."),
+    ("waiting_jobs", "gauge", "Jobs waiting for their partition owners' reports."),
+))
+CLUSTER_COUNTERS = tuple(m.key for m in CLUSTER if m.kind == "counter")
 
 #: Numbers of the whole service (the master's, or the single process').
 SERVICE = (
@@ -304,6 +335,10 @@ class _StatsCollector:
             m = _counter(key, COUNTER_HELP.get(key, f"Server counter {key} (undeclared)."))
             yield _family(m, value=value)
         yield from self._by_type(st)
+        cluster = totals.get("cluster", {})
+        for m in CLUSTER:
+            if m.key in cluster:
+                yield _family(m, value=cluster[m.key])
         for m in BY_WORKER:
             family = _family(m)
             for w in st["workers"]:

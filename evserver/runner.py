@@ -40,6 +40,7 @@ def run_single(
     if cfg.server.monkey_patch:
         monkey_patch()
     from .admin import admin_unavailable
+    from .errors import ClusterError
     from .loader import AppLoadError, load_app
     from .server import Server
 
@@ -62,9 +63,11 @@ def run_single(
             return fail(EXIT_FAILURE, admin_unavailable(cfg, exc))
     try:
         server.start()
-    except OSError as exc:
+    except (OSError, ClusterError) as exc:
         if admin is not None:
             admin.kill()
+        if isinstance(exc, ClusterError):  # Redis unreachable, or another partition count
+            return fail(EXIT_FAILURE, str(exc))
         return fail(EXIT_FAILURE, f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
                                   f"{exc.strerror or exc}")
     server.install_signals()

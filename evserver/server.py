@@ -22,7 +22,7 @@ import socket
 import ssl
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__
 from . import protocol as p
@@ -39,6 +39,10 @@ from .logs import LogBudget
 from .metrics import new_counters
 from .security import configured_keys
 from .tls import context_from_config, shutdown_read
+
+if TYPE_CHECKING:
+    from .cluster.node import Node
+    from .connection import Intake
 
 log = logging.getLogger("evserver.server")
 security_log = logging.getLogger("evserver.security")
@@ -309,6 +313,10 @@ class Server:
                                      handler_defaults=handler_defaults(cfg),
                                      dead_letters=dead_letters)
         self.dispatcher.outcomes.debug = cfg.security.debug
+        # Where connections hand their jobs: the dispatcher, or in cluster mode the node's
+        # edge, which appends them to Redis (the owned partitions feed the dispatcher).
+        self.intake: Intake = self.dispatcher
+        self.cluster: Node | None = None
         # Security: with neither, a connection costs exactly as before.
         keys = configured_keys(cfg)
         self.auth = Authenticator(keys) if keys else None
@@ -354,6 +362,8 @@ class Server:
             self._listener = wrap_server_socket(self.ssl_context, self._listener)
         self.started_at = time.time()
         self.dispatcher.start()
+        if self.cfg.cluster.enabled:
+            self._join_cluster()
         self._accepter = eventlet.spawn(accept_loop, self, self._listener,
                                         partial(Connection, self), Connection.refuse)
         if self.forward is not None:
@@ -363,6 +373,24 @@ class Server:
         if self.park_after > 0:
             eventlet.spawn_n(self._sweep)
         log.info("listening on %s:%d (pool %d)", *self.address, self.dispatcher.pool_size)
+
+    def _join_cluster(self) -> None:
+        """Become a node (ClusterError if Redis is unusable); dead letters go to the
+        cluster's stream, so every node and the CLI see one list."""
+        from .cluster.node import Node
+
+        node = Node(self, self.cfg.cluster)
+        try:
+            node.start()
+        except BaseException:
+            self._listener.close()
+            self.dispatcher.stop(timeout=1.0)
+            raise
+        self.cluster = node
+        self.intake = node.edge
+        # The file store's API; handler failures are recorded by the dispatcher's outcomes.
+        self.dispatcher.dead_letters = self.dispatcher.outcomes.dead_letters = cast(
+            Any, node.dead_letters)
 
     def _sync_dead_letters(self, store: DeadLetterStore) -> None:
         """Batched fsync: appends reach the OS at once, the disk within ``fsync_interval``."""
@@ -439,6 +467,8 @@ class Server:
         ok = not self.connections
         for conn in list(self.connections):
             conn._abort("drain timeout")
+        if self.cluster is not None:  # hand partitions over: finish, ack, release
+            self.cluster.stop(timeout=max(0.1, deadline - time.monotonic()))
         ok = self.dispatcher.stop(timeout=max(0.1, deadline - time.monotonic())) and ok
         if not ok:
             log.warning("drain timeout (%gs) reached; abandoned unfinished work",

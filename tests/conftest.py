@@ -10,11 +10,17 @@ Pass ``port=`` to restart a server where a killed one listened. Every server a t
 is stopped (SIGTERM, then SIGKILL) at teardown, and a failing test's report shows each
 server's stderr. ``APPS`` is the folder of test apps (``tests/apps``), e.g.
 ``server_factory(f"{APPS}/basic.py:app")``.
+
+``redis_factory(*args)`` starts a real ``redis-server`` on a free loopback port (the cluster
+tests' engine), waits until it answers PING and stops it by PID at teardown; ``restart()``
+brings it back on the same port and directory (with ``--appendonly yes``, its data too).
+These tests never skip: without ``redis-server`` they fail and say how to install it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,3 +157,77 @@ def server_factory(request: pytest.FixtureRequest,
     yield start
     for server in servers:
         server.stop()
+
+
+REDIS_INSTALL = ("redis-server is not installed; the cluster tests need it: "
+                 "apt-get install -y redis-server (as root)")
+
+
+class RedisProcess:
+    """One ``redis-server`` subprocess on loopback, in its own directory."""
+
+    def __init__(self, binary: str, port: int, workdir: Path, args: tuple[str, ...]) -> None:
+        self.binary = binary
+        self.port = port
+        self.workdir = workdir
+        self.args = args
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.workdir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--dir", str(self.workdir), "--daemonize", "no", *self.args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        wait_for(self.ping, START_TIMEOUT, f"redis-server on port {self.port} to answer PING")
+
+    def ping(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}: "
+                               + (self.workdir / "redis.log").read_text(errors="replace"))
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def client(self):  # a redis-py client, for tests that look inside
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=10)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop by PID (SIGTERM: Redis writes its AOF and exits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def redis_factory(
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RedisProcess]]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(REDIS_INSTALL)
+    started: list[RedisProcess] = []
+
+    def start(*args: str) -> RedisProcess:
+        server = RedisProcess(binary, free_port(), tmp_path_factory.mktemp("redis"), args)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL)

@@ -148,6 +148,20 @@ def test_handler_wait_runs_evserver_and_the_asyncio_reference(
 
 
 @pytest.mark.timeout(90)
+def test_handler_wait_over_50_request_reply_connections(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """50 connections with one request each in flight, a pool of 40: neither server may run
+    more than the pool, and each answers every request (latency percentiles reported)."""
+    modes = run_bench(capsys, "--mode", "rr", "--connections", "50", "--handler-wait", "5",
+                      "--pool-size", "40", "--target", "evserver")
+    entry = modes["rr"]
+    for target in ("asyncio", "evserver"):
+        assert entry[target]["rt_per_s"] > 0 and "p99_us" in entry[target]
+        assert 1 <= entry[target]["max_in_flight"] <= 40
+    assert entry["bound"]["events_per_s"] == pytest.approx(40 / 0.005)
+
+
+@pytest.mark.timeout(90)
 def test_ordered_keys_cap_concurrency_at_the_key_count(
         capsys: pytest.CaptureFixture[str]) -> None:
     """Over 3 keys at most 3 handlers may run at once, whatever the pool (Forward, batches)."""

@@ -42,7 +42,8 @@ def test_defaults() -> None:
     assert cfg.source is None
     assert cfg.as_dict() == {
         t: {s.key: s.default for s in SETTINGS if s.table == t}
-        for t in ("server", "handlers", "dead_letters", "admin", "forward", "security", "tls")
+        for t in ("server", "handlers", "dead_letters", "admin", "forward", "security", "tls",
+                  "cluster")
     }
     assert (cfg.server.port, cfg.handlers.retries, cfg.server.pid_file) == (7878, 0, None)
     assert cfg.get("dead_letters", "path") == "./evserver-dead-letters"
