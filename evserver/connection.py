@@ -394,12 +394,14 @@ class Connection:
     def job_done(self, job: Job) -> None:
         """The dispatcher's ``Sink`` callback: the protocol's answers go out, and a reader
         waiting for pipeline room wakes up."""
-        out, close = self.protocol.job_done(job)
-        if out:
-            self.write(out)
-        if close is not None:
-            self._abort(close)
-        self._job_finished()
+        try:
+            out, close = self.protocol.job_done(job)
+            if out:
+                self.write(out)
+            if close is not None:
+                self._abort(close)
+        finally:
+            self._job_finished()  # whatever happened, the reader must not wait for this job
 
     def _dispatch(self, units: list[Unit]) -> None:
         """Run units as jobs: inline while the pool is idle, else through the queue, holding

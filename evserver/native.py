@@ -243,7 +243,7 @@ def _answer(frame: p.Frame, job: Outcome, start: int, stop: int) -> bytes:
     if frame.kind == p.REQUEST:
         try:
             return p.encode_reply(frame.corr, job.values.get(start))
-        except (TypeError, ValueError, OverflowError) as exc:
+        except Exception as exc:  # msgpack raises TypeError, ValueError, BufferError...
             return p.encode_error(frame.corr, "handler_error", "TypeError",
                                   f"the processor's return value cannot be sent: {exc}")
     return p.encode_ack(frame.corr)
