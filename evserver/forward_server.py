@@ -22,6 +22,7 @@ from .forward import ForwardConnection as ForwardDecoder
 from .forward import ForwardHandshake
 from .forward_session import ForwardProtocol
 from .metrics import new_counters
+from .reuseport import allow_migration
 
 log = logging.getLogger("evserver.forward")
 
@@ -53,6 +54,8 @@ class ForwardListener:
         try:
             self._listener = eventlet.listen((host, port), family=family,
                                              backlog=self.server.backlog, reuse_port=reuse_port)
+            if reuse_port:
+                allow_migration(self._listener)
             udp = socket.socket(family, socket.SOCK_DGRAM)
             if reuse_port:
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
