@@ -167,6 +167,8 @@ def generator(ports: list[int], conns: int, batch: int, window: int, duration: f
             unpacker.feed(data)
             for frame in unpacker:
                 now = time.monotonic()
+                if (ci, frame[1]) not in sent_at:
+                    raise RuntimeError(f"unexpected answer {frame!r} on connection {ci}")
                 rtts.append(now - sent_at.pop((ci, frame[1])))
                 if frame[0] == ACK:
                     acked += batch

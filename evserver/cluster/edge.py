@@ -76,7 +76,10 @@ class Edge:
         parts = split(events, self._key_of, self.partitions)
         token = next(self._tokens)
         owed = {part for part, idx in parts.items() if any(wants[i] for i in idx)}
-        if owed:
+        # Registered before appending: while XADD is in flight, this node may own the
+        # partition, run the entry and report (``on_reply``) before ``execute`` returns.
+        waits = bool(owed)
+        if waits:
             self._waiting[token] = (job, owed)
         keys = node.keys
         pipe = node.redis.pipeline(transaction=False)
@@ -86,7 +89,8 @@ class Edge:
         try:
             pipe.execute()
         except node.redis_errors as exc:
-            self._waiting.pop(token, None)
+            if waits and self._waiting.pop(token, None) is None:
+                return  # an owner ran and reported it all the same: it is complete
             node.count("append_errors")
             node.log_error("append", "cannot append to Redis: %s", exc)
             job.broken = Failure("cluster_unavailable", "ClusterError",
@@ -95,7 +99,7 @@ class Edge:
             return
         node.count("appended_entries", len(parts))
         node.count("appended_events", len(events))
-        if not owed:
+        if not waits:
             job.sink.job_done(job)
 
     def _key_of(self, event: Event) -> Any:
