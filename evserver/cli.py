@@ -76,11 +76,13 @@ def _log_startup(cfg: Any) -> None:
     The listeners log their own bound addresses as they bind."""
     import platform
 
+    from .logs import plural
+
     log.info("evserver %s (Python %s, pid %d), %s", __version__,
              platform.python_version(), os.getpid(), describe_sources(cfg))
     srv = cfg.server
-    log.info("%d worker%s, pool %d and queue %d per worker; [forward] %s, [admin] %s",
-             srv.workers, "" if srv.workers == 1 else "s", srv.pool_size, srv.queue_size,
+    log.info("%s, pool %d and queue %d per worker; [forward] %s, [admin] %s",
+             plural(srv.workers, "worker"), srv.pool_size, srv.queue_size,
              f"{cfg.forward.host}:{cfg.forward.port}" if cfg.forward.enabled else "off",
              f"{cfg.admin.host}:{cfg.admin.port}" if cfg.admin.enabled else "off")
     if cfg.security.debug:
@@ -462,8 +464,8 @@ def _client_command(func: Any = None, *, config_path_to_func: bool = False) -> A
         click.option("--port", envvar="EVSERVER_PORT", type=int, default=None,
                      help="Server port [env EVSERVER_PORT; default: [server] port of the "
                           "config, 7878]."),
-        click.option("--timeout", type=float, default=10.0, show_default=True,
-                     help="Seconds to wait for the server."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+                     show_default=True, help="Seconds to wait for the server (> 0)."),
         click.option("--shared-key", envvar="EVSERVER_SHARED_KEY", default=None,
                      help="Authenticate with this shared key [env EVSERVER_SHARED_KEY; "
                           "default: [security] of the config; the env var keeps it out of "
@@ -488,7 +490,16 @@ def _client_command(func: Any = None, *, config_path_to_func: bool = False) -> A
     return command
 
 
-_type_arg = click.argument("type")
+def _event_type(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a TYPE the server would refuse as a usage error (exit 2), before connecting."""
+    from .event import type_problem
+
+    if (problem := type_problem(value)) is not None:
+        raise click.BadParameter(f"an event type {problem}")
+    return value
+
+
+_type_arg = click.argument("type", callback=_event_type)
 _data_arg = click.argument("data", type=_Json(), required=False, metavar="[JSON|-|@FILE]")
 _meta_opt = click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=_meta,
                          help="Event metadata; repeatable.")

@@ -22,6 +22,11 @@ backpressure instead of memory growth.
 ``ordered_by`` (``evserver.ordering``): an event whose key has an earlier event still
 running is parked and run later by whoever finishes that one, so runners never wait on each
 other and different keys run in parallel. A job completes when the last of its events ran.
+
+A handler's exception fails its own event, whatever its class (``eventlet.Timeout`` from its
+own timeout, ``SystemExit``, ``asyncio.CancelledError``...): one escaping into the dispatcher
+would answer the wrong job and stall ordered keys. All but ``GreenletExit``, which is how a
+stuck handler is ended at the drain timeout, and is re-raised everywhere.
 """
 
 from __future__ import annotations
@@ -32,9 +37,8 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from operator import length_hint
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import tracing
 from ._eventlet import GreenletExit, eventlet, on_yield
@@ -42,9 +46,10 @@ from .app import App, Handler
 from .deadletters import DeadLetterStore
 from .errors import HandlerTimeout
 from .event import Event
-from .ordering import Sequencer, Ticket
+from .ordering import Sequencer
 from .outcomes import MAX_TYPES, Outcomes, Stats, tally
 from .plan import Entry, Failure, Plan
+from .work import Job, Listeners, Shared
 
 log = logging.getLogger("evserver.dispatch")
 
@@ -53,11 +58,6 @@ YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot sta
 # would cost ~25% of the dispatch path; sampling costs one compare per event (~3%).
 SAMPLE_EVERY = 128
 _BACKOFF_MAX = 30.0
-# What a handler may raise that fails its event: eventlet.Timeout (a BaseException) from the
-# handler's own timeouts, sys.exit(), KeyboardInterrupt. GreenletExit is not among them: it
-# is how a stuck handler is ended at the drain timeout.
-_HANDLER_ERRORS = (Exception, eventlet.Timeout, SystemExit, KeyboardInterrupt)
-_NO_REQUESTS: frozenset[int] = frozenset()
 
 
 def _bare(entry: Entry) -> tuple[Plan | None, Plan | None]:
@@ -68,98 +68,6 @@ def _bare(entry: Entry) -> tuple[Plan | None, Plan | None]:
     if not plans or len(listeners) > 1 or not all(plan.direct for plan in plans):
         return None, None
     return plans[0], plans[1] if len(plans) > 1 else None
-
-
-class Sink(Protocol):
-    """Where a job's outcome goes: the connection (of whichever protocol) that read it."""
-
-    def job_done(self, job: Job) -> None:
-        """Called once per job, after every one of its events (processor and listeners) ran."""
-
-
-class _Shared:
-    """Work whose items one iterator hands to every green thread that joins it.
-
-    ``holds`` counts what keeps it open: each green thread working on it, and (for a job)
-    each parked event. ``started`` tells a fresh job from an offer to join a running one.
-    Calling it is the hub hook (``on_yield``) of the green threads working on it: it
-    offers the rest to idle workers (``Dispatcher._offer``), with nothing allocated per run.
-    """
-
-    __slots__ = ("dispatcher", "holds", "started")
-
-    dispatcher: Dispatcher
-    holds: int
-    started: bool
-
-    def __call__(self) -> None:
-        self.dispatcher._offer(self)
-
-    def left(self) -> int:
-        """Items not yet taken (a hint: others may take them before the caller does)."""
-        raise NotImplementedError
-
-
-class Job(_Shared):
-    """Events decoded from one read of one connection, and where their outcome goes.
-
-    ``requests`` holds the indexes of events whose processor's value is a reply; ``context``
-    is the sink's own (its wire frames, say). After ``job_done``: ``failure(start, stop)`` and
-    ``values`` (reply values by index) say how each event went.
-    """
-
-    __slots__ = ("_src", "broken", "context", "cursor", "events", "failures", "requests",
-                 "sampled", "sink", "tickets", "values")
-
-    def __init__(
-        self, sink: Sink, events: list[Event], requests: frozenset[int] = _NO_REQUESTS,
-        context: Any = None,
-    ) -> None:
-        self.holds = 0
-        self.started = False
-        self.sink = sink
-        self.events = events
-        self.requests = requests
-        self.context = context
-        # The first failure of each failed event, by id(event): the hot loop has no index.
-        self.failures: dict[int, Failure] = {}
-        self.values: dict[int, Any] = {}
-        self.broken: Failure | None = None  # an internal error stopped the job half-way
-        self.tickets: dict[int, Ticket] | None = None
-        self.sampled: Event | None = None  # the event timed for the latency histogram
-        self._src = iter(events)
-        # What runners take events from: the events themselves, or (index, event) pairs
-        # when some events need their index (requests, ordering tickets); see ``_admit``.
-        self.cursor: Iterator[Any] = self._src
-
-    def left(self) -> int:
-        return length_hint(self._src)
-
-    def failure(self, start: int, stop: int) -> Failure | None:
-        """The first failure (by position) among ``events[start:stop]``, or None."""
-        if failures := self.failures:
-            for event in self.events[start:stop]:
-                if (failure := failures.get(id(event))) is not None:
-                    return failure
-        return self.broken
-
-
-class _Listeners(_Shared):
-    """The listeners of one event: independent observers, so those that wait overlap."""
-
-    __slots__ = ("event", "failure", "it", "waiter")
-
-    def __init__(self, dispatcher: Dispatcher, listeners: Sequence[Plan], event: Event) -> None:
-        self.dispatcher = dispatcher
-        self.holds = 1  # its owner's
-        self.started = True
-        self.event = event
-        self.it = iter(listeners)
-        self.failure: Failure | None = None
-        self.waiter: Any = None  # an Event the owner waits on for helpers still running
-
-    def left(self) -> int:
-        return length_hint(self.it)
 
 
 class Dispatcher:
@@ -258,6 +166,8 @@ class Dispatcher:
             except eventlet.Timeout:
                 ok = False
                 gt.kill()
+            except Exception:  # a worker that died of a bug: the others still get stopped
+                log.exception("a worker green thread had died")
         putter.kill()
         self._workers = []
         if ok and any(plan.blocking for plan in self._plans.values()):
@@ -286,7 +196,7 @@ class Dispatcher:
                 self._help(item)
             eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
 
-    def _offer(self, work: _Shared) -> None:
+    def offer(self, work: Shared) -> None:
         """The hub's ``switch_out`` hook while a green thread works on ``work``: it is about
         to block in a handler, so invite idle workers to take the rest.
 
@@ -310,9 +220,12 @@ class Dispatcher:
         previous = on_yield(job)
         try:
             self._drain(job)
+        except GreenletExit:  # ended at the drain timeout: nobody may take its events now
+            job.broken = Failure("internal_error", "GreenletExit", "stopped at the drain timeout")
+            for _ in job.cursor:
+                pass
+            raise
         except BaseException as exc:  # a bug here must neither kill the worker nor ack
-            if isinstance(exc, GreenletExit):
-                raise
             log.exception("internal error while running a job")
             self._abandon(job, Failure("internal_error", type(exc).__name__, str(exc)))
         finally:
@@ -324,7 +237,10 @@ class Dispatcher:
     def _release(self, job: Job) -> None:
         job.holds -= 1
         if not job.holds:
-            job.sink.job_done(job)
+            try:
+                job.sink.job_done(job)
+            except Exception:  # the sink's bug must not end the green thread that ran the job
+                log.exception("internal error while answering a job")
 
     def _abandon(self, job: Job, failure: Failure) -> None:
         """A job stopped half-way: fail it, take the events nobody took yet, and skip their
@@ -385,13 +301,17 @@ class Dispatcher:
                     continue
                 try:
                     func(event)
-                except _HANDLER_ERRORS as exc:
+                except GreenletExit:
+                    raise
+                except BaseException as exc:
                     failures.setdefault(id(event), self._failed(
                         first, event, exc, 1, traceback.format_exc()))  # type: ignore[arg-type]
                 if listener is not None:
                     try:
                         listener(event)
-                    except _HANDLER_ERRORS as exc:
+                    except GreenletExit:
+                        raise
+                    except BaseException as exc:
                         failures.setdefault(id(event), self._failed(
                             second, event, exc, 1, traceback.format_exc()))  # type: ignore[arg-type]
             if not job.left():
@@ -432,9 +352,18 @@ class Dispatcher:
             self._sequencer.done(ticket)
 
     def _run_parked(self, job: Job, i: int, event: Event) -> None:
-        """Run an ordered event whose turn has come, in whichever green thread got there."""
+        """Run an ordered event whose turn has come, in whichever green thread got there.
+
+        It belongs to another job than the one this green thread runs, so nothing may escape
+        from here: it would answer the wrong job and stop the key's other parked events."""
         try:
             self._process(job, i, event, self._entries.get(event.type) or self._entry(event.type))
+        except GreenletExit:
+            raise
+        except BaseException as exc:
+            log.exception("internal error while running a parked event")
+            job.failures.setdefault(id(event), Failure(
+                "internal_error", type(exc).__name__, str(exc)))
         finally:
             self._release(job)
 
@@ -475,10 +404,16 @@ class Dispatcher:
     def _listen(self, listeners: Sequence[Plan], event: Event) -> Failure | None:
         """Run an event's listeners, sharing them with idle workers once one waits; return
         the first failure. Returns when every one of them has finished."""
-        group = _Listeners(self, listeners, event)
+        group = Listeners(self, listeners, event)
         previous = on_yield(group)
         try:
             self._listeners(group)
+        except GreenletExit:
+            raise
+        except BaseException as exc:  # a bug: fail the event, after the helpers finished
+            log.exception("internal error while running listeners")
+            group.failure = group.failure or Failure(
+                "internal_error", type(exc).__name__, str(exc))
         finally:
             on_yield(previous)
         group.holds -= 1
@@ -487,7 +422,7 @@ class Dispatcher:
             group.waiter.wait()
         return group.failure
 
-    def _help(self, group: _Listeners) -> None:
+    def _help(self, group: Listeners) -> None:
         """A worker joining an event's listeners, holding one pool slot (released here)."""
         self.busy += 1
         group.holds += 1
@@ -508,7 +443,7 @@ class Dispatcher:
             if not group.holds and group.waiter is not None:
                 group.waiter.send()
 
-    def _listeners(self, group: _Listeners) -> None:
+    def _listeners(self, group: Listeners) -> None:
         for plan in group.it:
             failure = self._call(plan, group.event)[1]
             if failure is not None and group.failure is None:
@@ -553,7 +488,9 @@ class Dispatcher:
         if plan.direct:
             try:
                 return plan.func(event), None
-            except _HANDLER_ERRORS as exc:
+            except GreenletExit:
+                raise
+            except BaseException as exc:
                 return None, self._failed(plan, event, exc, 1, traceback.format_exc(),
                                           dead_letter)
         attempt = 0
@@ -561,7 +498,9 @@ class Dispatcher:
             attempt += 1
             try:
                 return self._attempt(plan, event), None
-            except _HANDLER_ERRORS as exc:
+            except GreenletExit:
+                raise
+            except BaseException as exc:
                 if attempt > plan.retries:
                     return None, self._failed(plan, event, exc, attempt,
                                               traceback.format_exc(), dead_letter)

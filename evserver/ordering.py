@@ -94,6 +94,8 @@ class Sequencer:
             self._resume(key, state)
 
     def _resume(self, key: Any, state: _KeyState) -> None:
+        """Run the parked events that are due; ``run`` lets nothing but GreenletExit (a stop
+        at the drain timeout) escape, so one event cannot strand the key's others."""
         while state.next in state.parked:
             parked = state.parked.pop(state.next)
             try:

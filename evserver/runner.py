@@ -75,10 +75,30 @@ def run_single(
     log.info("evserver ready: serving %s on %s:%d", app_spec, *server.address)
     if on_ready is not None:
         on_ready(server)
+    else:  # a service of its own, not a master's worker
+        _serve_as_service()
     server.serve_forever()
     if admin is not None:
         admin.kill()
     return EXIT_OK
+
+
+def _serve_as_service() -> None:
+    """A single process does for its service manager what a master does: systemd's
+    ``READY=1`` (``Type=notify`` units), and HUP, the reload signal, answered with a warning:
+    it has no workers to replace, and the signal's default action (exit) would turn
+    ``systemctl reload`` into an outage. The handler only schedules the log line."""
+    import signal
+
+    from ._eventlet import eventlet
+    from .service import sd_notify
+
+    def reload(signum: int, frame: Any) -> None:
+        eventlet.spawn_n(log.warning, "HUP ignored: a single process has no workers to reload "
+                                      "(serve with --workers 2 or more to reload on HUP)")
+
+    signal.signal(signal.SIGHUP, reload)
+    sd_notify("READY=1")
 
 
 def tune_gc(threshold: int) -> None:

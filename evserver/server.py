@@ -103,10 +103,12 @@ class Connection(StreamConnection):
             if frame.corr or frame.kind == p.PING:
                 answers.append(_answer(frame, job, start, stop))
             start = stop
-        if answers:
-            self.replies_pending -= sum(1 for f in job.context if f.corr)
-            self.write(b"".join(answers))
-        self._job_finished()
+        try:
+            if answers:
+                self.replies_pending -= sum(1 for f in job.context if f.corr)
+                self.write(b"".join(answers))
+        finally:
+            self._job_finished()  # whatever happened, the reader must not wait for this job
 
     # ------------------------------------------------------------------ reading
 
@@ -269,7 +271,7 @@ def _answer(frame: p.Frame, job: Job, start: int, stop: int) -> bytes:
     if frame.kind == p.REQUEST:
         try:
             return p.encode_reply(frame.corr, job.values.get(start))
-        except (TypeError, ValueError, OverflowError) as exc:
+        except Exception as exc:  # msgpack raises TypeError, ValueError, BufferError...
             return p.encode_error(frame.corr, "handler_error", "TypeError",
                                   f"the processor's return value cannot be sent: {exc}")
     return p.encode_ack(frame.corr)

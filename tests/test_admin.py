@@ -329,6 +329,7 @@ def test_two_workers_report_exact_counts(serve) -> None:
 
     # Scale down to one: the retiring worker's counts stay in the totals.
     assert s.cli("scale", "1").output.strip() == "workers: 2 -> 1"
+    wait_for(lambda: "admin: now 1 worker (was 2)" in s.log, 10, "the scale in the log")
     wait_for(lambda: len(s.stats()["workers"]) == 1 and s.stats()["retired_workers"] == 1,
              15, "one worker left")
     assert_exact_counts(s.stats(), s.get("/metrics")[1].decode(), expected, exited=True)

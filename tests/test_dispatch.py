@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from evserver import App, dispatch, outcomes
 from evserver._eventlet import eventlet
 from evserver.dispatch import Dispatcher, Job
@@ -78,3 +80,87 @@ def test_the_empty_type_is_routed_like_any_other() -> None:
     assert seen == [1, 2, 3] and dispatcher.stats.unrouted == 0
     assert dict(dispatcher.stats.by_type) == {"": 2, "x": 1}
     assert sink.jobs[0].failure(0, 1000) is None
+
+
+class Answers:
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    def job_done(self, job: Job) -> None:
+        self.jobs.append(job)
+
+
+def test_a_base_exception_in_a_parked_ordered_event_fails_only_that_event() -> None:
+    """Any exception a handler raises fails its own event; the key's next events still run."""
+    app = App()
+
+    @app.processor("o", ordered_by="k")
+    def proc(event: Event) -> None:
+        if event.data["n"] == 0:
+            eventlet.sleep(0.02)  # the next ticket of the key is parked meanwhile
+        if event.data["n"] == 1:
+            raise asyncio.CancelledError()
+
+    dispatcher = Dispatcher(app, pool_size=4)
+    dispatcher.start()
+    sinks = [Answers() for _ in range(3)]
+    for n, sink in enumerate(sinks):
+        dispatcher.submit(Job(sink, [Event("o", {"k": 1, "n": n})]))
+    with eventlet.Timeout(5):
+        while not all(s.jobs for s in sinks):
+            eventlet.sleep(0.01)
+    failures = [s.jobs[0].failure(0, 1) for s in sinks]
+    assert failures[0] is None and failures[2] is None
+    assert failures[1] is not None and failures[1].type == "CancelledError"
+    assert dispatcher.stop(timeout=5)
+
+
+def test_a_job_is_answered_only_after_all_listeners_even_when_one_raises() -> None:
+    app, finished, at_done = App(), [], []
+
+    @app.listener("e")
+    def first(event: Event) -> None:
+        eventlet.sleep(0.01)  # blocks: the other listeners go to idle workers
+        raise asyncio.CancelledError()
+
+    @app.listener("e")
+    def slow(event: Event) -> None:
+        eventlet.sleep(0.1)
+        finished.append("slow")
+
+    @app.listener("e")
+    def other(event: Event) -> None:
+        finished.append("other")
+
+    class Sink:
+        def job_done(self, job: Job) -> None:
+            at_done.append((sorted(finished), job.failure(0, 1)))
+
+    dispatcher = Dispatcher(app, pool_size=4)
+    dispatcher.start()
+    dispatcher.submit(Job(Sink(), [Event("e", 1)]))
+    with eventlet.Timeout(5):
+        while not at_done:
+            eventlet.sleep(0.01)
+    assert at_done[0][0] == ["other", "slow"]
+    assert at_done[0][1] is not None and at_done[0][1].type == "CancelledError"
+    assert dispatcher.stop(timeout=5)
+
+
+def test_a_sink_that_raises_ends_no_worker() -> None:
+    app = App()
+    app.processor("x")(lambda event: None)
+
+    class Broken:
+        def job_done(self, job: Job) -> None:
+            raise BufferError("cannot answer")
+
+    dispatcher = Dispatcher(app, pool_size=2)
+    dispatcher.start()
+    for _ in range(4):
+        dispatcher.submit(Job(Broken(), [Event("x")]))
+    with eventlet.Timeout(5):
+        while dispatcher.queue.qsize() or dispatcher.busy:
+            eventlet.sleep(0.01)
+    assert not [gt for gt in dispatcher._workers if gt.dead]
+    assert dispatcher.stop(timeout=5)

@@ -26,6 +26,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from click.testing import CliRunner
 from conftest import APPS, ServerFactory, ServerProcess, free_port
 from fluent import asyncsender, handler, sender
 from rawpeer import RawPeer
@@ -33,6 +34,7 @@ from rawpeer import RawPeer
 from evserver import Client
 from evserver import protocol as p
 from evserver.app import App
+from evserver.cli import main
 from evserver.dispatch import Job
 from evserver.event import TYPE_RULE, Event
 from evserver.forward import ack_bytes
@@ -441,3 +443,15 @@ def test_integer_record_keys_are_accepted_end_to_end(forward: Callable[..., Forw
         assert read_msgs(sock, 1) == [{"ack": "b"}]
     assert [e["data"] for e in f.wait_events(2)] == [{"1": "one"}, {"k": 2}]
     assert f.counters()["forward_errors"] == 0
+
+
+def test_evserver_stats_shows_the_forward_counters(forward: Callable[..., Forward]) -> None:
+    f = forward()
+    with f.connect() as sock:
+        sock.sendall(fwd("shown", [[T0, {"n": 1}], [T0, {"n": 2}]], chunk="s1"))
+        assert read_msgs(sock, 1) == [{"ack": "s1"}]
+    f.wait_events(2)
+    result = CliRunner().invoke(main, ["stats", "--admin", f"http://127.0.0.1:{f.admin}"])
+    assert result.exit_code == 0, result.output
+    assert ("forward: connections 1, requests 1, events 2, skipped 0, errors 0, "
+            "auth failures 0, unacked 0, heartbeats 0") in result.output

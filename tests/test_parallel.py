@@ -250,3 +250,14 @@ def test_a_request_with_no_processor_runs_no_listener() -> None:
         client.send("orphan.noted", 1, ack=True)  # an event still reaches its listeners
     assert info.value.code == "no_handler"
     assert len(seen) == 1
+
+
+def test_a_reply_msgpack_refuses_is_answered_with_an_error() -> None:
+    app = App()
+    app.processor("r")(lambda event: memoryview(b"abcd")[::2])  # msgpack: BufferError
+    with serve_in_thread(app, pool_size=2) as server, \
+            Client(*server.address, timeout=5, retries=0) as client:
+        with pytest.raises(RemoteError, match="cannot be sent"):
+            client.request("r", 1)
+        with pytest.raises(RemoteError, match="cannot be sent"):
+            client.request("r", 2)  # the same connection still answers
