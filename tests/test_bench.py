@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import msgpack
@@ -202,3 +204,18 @@ def test_listener_option_gives_every_bench_event_a_listener(
         monkeypatch.undo()
         importlib.reload(costs)
         importlib.reload(app)
+
+
+def test_core_busy_counts_what_ran_on_that_core() -> None:
+    """others% is the core's busy time minus the server's: the core's must include ours."""
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})
+    try:
+        before = bench.core_busy(0)
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+        after = bench.core_busy(0)
+    finally:
+        os.sched_setaffinity(0, affinity)
+    assert after - before >= 0.25

@@ -97,6 +97,7 @@ class Node:
             housekeeping.create_groups(self.redis, self.keys, self.settings.partitions)
             self._open_inbox()
             self.acker.start()
+            self.edge.start()
             self._tick()
         except self.redis_errors as exc:
             raise ClusterError(f"cannot use the cluster's Redis at {self.settings.url}: "
@@ -114,6 +115,7 @@ class Node:
         while self.owners and time.monotonic() < deadline:
             eventlet.sleep(0.01)  # owners end within one blocking read (0.5 s) plus drain
         self.acker.stop()
+        self.edge.stop()
         for glet in self._glets:
             glet.kill()
         try:
@@ -174,6 +176,9 @@ class Node:
                                            if o.state == RUNNING])
             if not self.redis.expire(self.inbox, int(INBOX_TTL)):
                 self._open_inbox()  # Redis lost it (restarted without persistence)
+        # What the inbox reader has read is done with: keep the inbox short (once a tick,
+        # not once a read: a round trip per read would cost as much as the read).
+        self.redis.xtrim(self.inbox, minid=self._inbox_from)
 
     def owner_ended(self, owner: PartitionOwner) -> None:
         if self.owners.get(owner.partition) is owner:
@@ -210,10 +215,6 @@ class Node:
                         self.edge.on_reply(*codec.decode_reply(raw))
                     except Exception:
                         log.exception("bad report in the inbox: %r", raw[:200])
-                try:  # what was read is done with: keep the inbox short
-                    self.redis.xtrim(self.inbox, minid=self._inbox_from)
-                except self.redis_errors:
-                    pass  # trimmed at the next read
 
     # ------------------------------------------------------------------ reporting
 
