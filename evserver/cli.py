@@ -706,6 +706,37 @@ def bench(args: tuple[str, ...]) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+@main.command()
+@click.option("--duration", type=click.FloatRange(min=10), default=600.0, show_default=True,
+              help="Seconds of load and faults.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seeds the fault schedule and the load: the same seed, the same plan.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Worker processes of the server under test.")
+@click.option("--rate-scale", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Multiply every fault rate (0: the warm-up's faults only).")
+@click.option("--keep", type=click.Path(file_okay=False), default=None,
+              help="Work in this directory and keep it (records, logs, soak.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, not a table.")
+def soak(duration: float, seed: int, workers: int, rate_scale: float, keep: str | None,
+         as_json: bool) -> None:
+    """Serve a soak app with --workers N under mixed load and seeded faults; print figures.
+
+    Exits 1 when a check fails (acknowledged events lost, order violated, RSS growth, fds,
+    replacements); docs/reliability.md explains every figure.
+    """
+    from pathlib import Path
+
+    from .soak.run import soak as run_soak
+    from .soak.run import table
+
+    doc = run_soak(duration, seed, workers, rate_scale=rate_scale,
+                   keep=Path(keep) if keep else None)
+    click.echo(json.dumps(doc) if as_json else table(doc))
+    if not doc["passed"]:
+        sys.exit(1)
+
+
 def _jsonable(value: Any) -> Any:
     """msgpack has bin and ext types JSON lacks: show bytes as text, the rest as repr."""
     if isinstance(value, bytes):

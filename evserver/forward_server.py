@@ -34,6 +34,7 @@ from .errors import ConfigError, HandshakeFailed, ProtocolError, RoutingError
 from .event import Event
 from .forward import ForwardConnection as ForwardDecoder
 from .forward import ForwardHandshake, ForwardRequest, ack_bytes
+from .reuseport import allow_migration
 
 log = logging.getLogger("evserver.forward")
 
@@ -103,6 +104,8 @@ class ForwardListener:
         try:
             self._listener = eventlet.listen((host, port), family=family,
                                              backlog=self.server.backlog, reuse_port=reuse_port)
+            if reuse_port:
+                allow_migration(self._listener)
             udp = socket.socket(family, socket.SOCK_DGRAM)
             if reuse_port:
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

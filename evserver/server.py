@@ -16,10 +16,13 @@ their responses flush -> close -> stop the workers; bounded by ``drain_timeout``
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import signal
 import socket
 import ssl
+import struct
+import termios
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -35,6 +38,7 @@ from .dispatch import Dispatcher, Job
 from .errors import AuthError, ProtocolError
 from .forward_server import ForwardListener, ForwardSettings
 from .logs import LogBudget
+from .reuseport import allow_migration
 from .security import security_options
 from .tls import shutdown_read
 
@@ -48,6 +52,8 @@ security_log = logging.getLogger("evserver.security")
 
 #: The largest frame (and about the most buffered input) accepted before authentication.
 PRE_AUTH_MAX_BYTES = 4096
+_UNREAD_GRACE = 0.5  # seconds a stop lets readers take bytes peers sent before it
+_QUIET = 0.1  # ... until each connection has been silent this long
 
 
 class _Closed(Exception):
@@ -277,6 +283,15 @@ def _answer(frame: p.Frame, job: Job, start: int, stop: int) -> bytes:
     return p.encode_ack(frame.corr)
 
 
+def _unread(sock: Any) -> int:
+    """Bytes received on ``sock`` and not read yet (0 once it is closed)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,
+                                                  b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
+
+
 class Server:
     """A single-process evserver: one listener, one hub, one dispatcher.
 
@@ -394,6 +409,8 @@ class Server:
             (self.host, self.port), family=family, backlog=self.backlog,
             reuse_port=self.reuse_port,
         )
+        if self.reuse_port:  # a reload or a killed worker must not reset queued connections
+            allow_migration(self._listener)
         if self.ssl_context is not None:
             self._listener = wrap_server_socket(self.ssl_context, self._listener)
         self.started_at = time.time()
@@ -476,13 +493,25 @@ class Server:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
+    def _read_what_arrived(self) -> None:
+        """Before reads stop: let readers take what peers sent, or are sending, right now.
+
+        A connection accepted just before a reload has its first request in the kernel or
+        on its way; shutting reads then would close it with unread data, which Linux
+        answers with a reset. So reads go on until every connection has no unread bytes and
+        has been quiet for ``_QUIET`` seconds, for at most ``_UNREAD_GRACE`` seconds (a peer
+        that keeps sending, or that is held back by its unread replies, uses it all)."""
+        end = time.monotonic() + _UNREAD_GRACE
+        while (now := time.monotonic()) < end and any(
+                now - c.last_active < _QUIET or _unread(c.sock) for c in list(self.connections)):
+            eventlet.sleep(0.01)
+
     def stop(self) -> None:
         """Graceful stop: nothing acknowledged is lost; bounded by ``drain_timeout``."""
         if self._stop_started:
             self._stopped.wait()
             return
         self._stop_started = True
-        self.stopping = True
         deadline = time.monotonic() + self.drain_timeout
         log.info("stopping: draining %d connection(s)", len(self.connections))
         if self._accepter is not None:
@@ -491,6 +520,8 @@ class Server:
             self._listener.close()
         if self.forward is not None:
             self.forward.close()
+        self._read_what_arrived()  # readers still read: ``stopping`` ends their loops
+        self.stopping = True
         for conn in list(self.connections):
             # EOF for the reader; in-flight jobs still run and their responses still flush.
             try:
