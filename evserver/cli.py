@@ -127,7 +127,8 @@ def check(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
     Validates the config (the same layers and flags as `serve`), imports APP and lists its
     routes. Exit 0 when all is well, 2 for a bad config, 4 when the app cannot be imported.
     """
-    from .admin import describe_handlers, handler_defaults
+    from .admin import describe_handlers
+    from .config import handler_defaults
     from .console import format_handlers
     from .contract import EXIT_APP_LOAD_ERROR
     from .loader import AppLoadError, load_app

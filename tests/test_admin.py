@@ -228,6 +228,23 @@ def snap(pid: int, processed: int, by_type: dict[str, int]) -> dict[str, Any]:
                            "busy": 0, "queued": 0, "pool_size": 4}}
 
 
+def test_every_published_number_has_its_declared_help_text() -> None:
+    from evserver.metrics import SERVER_COUNTERS, new_counters
+
+    one = snap(7, 3, {"a.b": 3})
+    one["counters"] = {**new_counters("server", "forward"), "connections_total": 5}
+    text = render_prometheus(aggregate([one], mode="single", uptime=1.0)).decode()
+    helps = dict(line[len("# HELP "):].split(" ", 1) for line in text.splitlines()
+                 if line.startswith("# HELP "))
+    declared = {f"evserver_{m.name}_total": m.help for group in SERVER_COUNTERS.values()
+                for m in group}
+    assert {name: helps.get(name) for name in declared} == declared
+    assert not [name for name, help in helps.items() if "Server counter" in help]
+    assert metric_values(text)["evserver_connections_total", ()] == 5
+    with pytest.raises(KeyError):  # an undeclared counter cannot be counted
+        new_counters("server")["not_declared"] += 1
+
+
 def test_totals_keep_exited_workers() -> None:
     """A replaced worker's counts stay in the totals: counters never go backwards."""
     base = empty_base()

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from .._eventlet import eventlet
 from ..errors import ClusterError
 from ..logs import LogBudget
-from . import COUNTERS, codec, housekeeping
+from ..metrics import CLUSTER_COUNTERS
+from . import codec, housekeeping
 from .deadletters import StreamDeadLetters
 from .edge import Edge
 from .keys import Keys
@@ -31,7 +32,6 @@ from .leases import HEARTBEAT, RELEASE, RENEW, assigned
 from .owner import FENCED, RUNNING, Acker, PartitionOwner, Reader
 
 if TYPE_CHECKING:
-    from . import ClusterSettings
     from .host import ServerView
 
 log = logging.getLogger("evserver.cluster")
@@ -59,7 +59,8 @@ def connect(url: str, max_connections: int) -> Any:
 
 
 class Node:
-    def __init__(self, server: ServerView, settings: ClusterSettings) -> None:
+    def __init__(self, server: ServerView, settings: Any) -> None:
+        """``settings`` is the config's ``[cluster]`` table, taken whole."""
         import redis
 
         self.server = server
@@ -70,7 +71,7 @@ class Node:
         self.redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self.lease_ms = int(settings.lease * 1000)
         self.period = min(1.0, settings.lease / 4)
-        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.counters = dict.fromkeys(CLUSTER_COUNTERS, 0)
         self.live: list[str] = []
         self.owners: dict[int, PartitionOwner] = {}
         self.edge = Edge(self)
