@@ -26,7 +26,6 @@ from evserver import App
 from evserver.cli import main
 from evserver.deadletters import DeadLetter, DeadLetterStore
 from evserver.testing import serve_in_thread
-from evserver.tls import server_context
 
 KEY = "k" * 24
 
@@ -113,8 +112,7 @@ def test_client_commands_use_the_configured_tls(cwd: Path, tmp_path: Path) -> No
     pki = make_pki(tmp_path / "pki")
     app = App()
     app.processor("echo")(lambda event: event.data)
-    with serve_in_thread(app, ssl_context=server_context(pki.server_cert,
-                                                         pki.server_key)) as server:
+    with serve_in_thread(app, settings=pki.settings()) as server:
         port = server.address[1]
         assert invoke("ping", "--port", str(port), "--timeout", "2").exit_code == 1  # plain
         write_config(cwd, f'[server]\nport = {port}\n[tls]\ncert = "{pki.server_cert}"\n'
