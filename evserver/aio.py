@@ -409,7 +409,15 @@ class AsyncClient:
         if task is None:
             task = self._connecting = asyncio.ensure_future(self._connect())
             task.add_done_callback(_retrieve)
-        return await asyncio.shield(task)  # one caller's cancellation must not stop it
+        try:
+            return await asyncio.shield(task)  # one caller's cancellation must not stop it
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                # ``close()`` stopped the connect this call was waiting for.
+                raise ClientConnectionError(f"the client for {self.address} was closed") \
+                    from None
+            raise
 
     async def _connect(self) -> _Connection:
         """Open a connection (with backoff between attempts) and re-send unanswered frames.
