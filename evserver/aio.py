@@ -31,7 +31,7 @@ from . import auth as _auth
 from . import protocol as p
 from .errors import ClientConnectionError, RemoteError
 from .session import (
-    ClientSession,
+    ClientBase,
     ConnectionLost,
     EventTuple,
     packed_batches,
@@ -111,7 +111,7 @@ class _Connection(asyncio.Protocol):
             await self._drained
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """An asyncio evserver client over one connection, opened on first use.
 
     Arguments and errors are ``Client``'s: ``timeout`` bounds every wait (a connect attempt
@@ -125,40 +125,7 @@ class AsyncClient:
     ...     await client.request("order.created", {"id": 1})
     """
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 7878,
-        timeout: float = 10.0,
-        *,
-        retries: int = 5,
-        backoff: float = 0.1,
-        backoff_max: float = 2.0,
-        window: int = 16,
-        shared_key: str | bytes | None = None,
-        key_id: str | None = None,
-        ssl: _ssl.SSLContext | None = None,
-        tls: bool = False,
-        cafile: str | None = None,
-        certfile: str | None = None,
-        keyfile: str | None = None,
-        server_hostname: str | None = None,
-    ) -> None:
-        if window < 1 or retries < 0:
-            raise ValueError("window must be >= 1 and retries >= 0")
-        self._session = ClientSession(f"{host}:{port}", retries=retries, backoff=backoff,
-                                      backoff_max=backoff_max, shared_key=shared_key,
-                                      key_id=key_id)
-        if ssl is None and (tls or cafile or certfile):
-            from .tls import client_context
-
-            ssl = client_context(cafile, certfile, keyfile)
-        self.ssl = ssl
-        self.server_hostname = server_hostname or host
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        self.window = window
+    def _init_io(self) -> None:
         self._conn: _Connection | None = None
         self._opening: _Connection | None = None  # the connection a connect task is setting up
         self._connecting: asyncio.Task[_Connection] | None = None
@@ -167,15 +134,6 @@ class AsyncClient:
         self._out: list[bytes] = []  # frames written in this loop iteration, sent together
         self._out_bytes = 0
         self._epoch = 0  # bumped whenever the connection changes: waits restart their clock
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def server_info(self) -> dict[str, Any]:
-        """The server's HELLO info (``server``, ``max_frame_bytes``, ...), once received."""
-        return self._session.server_info
 
     # ------------------------------------------------------------------ public API
 
