@@ -54,7 +54,7 @@ class _Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self.reason: str | None = None  # why we closed it, if we did
         self._loop = loop
-        self._paused = False
+        self.paused = False  # the transport's buffer is over its high-water mark
         self._drained: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,10 +92,10 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.paused = False
         self._wake()
 
     def _wake(self) -> None:
@@ -105,7 +105,7 @@ class _Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         """Wait while the transport's buffer is over its high-water mark (TCP pushback)."""
-        while self._paused and not self.closed.done():
+        while self.paused and not self.closed.done():
             if self._drained is None:
                 self._drained = self._loop.create_future()
             await self._drained
@@ -277,7 +277,8 @@ class AsyncClient(ClientBase):
             if conn is None:
                 conn = await self._connected()
             self._write(wire)
-        await conn.drain()
+        if conn.paused:  # TCP pushback; checked here to spare a coroutine per frame
+            await conn.drain()
 
     def _write(self, wire: bytes) -> None:
         """Queue a frame for the current connection; it leaves with the others
