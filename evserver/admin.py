@@ -220,11 +220,6 @@ def describe_handlers(app: App, defaults: dict[str, Any]) -> list[dict[str, Any]
     return out
 
 
-def handler_defaults(cfg: Any) -> dict[str, Any]:
-    return {"timeout": cfg.handlers.timeout, "retries": cfg.handlers.retries,
-            "backoff": cfg.handlers.backoff, "blocking": False}
-
-
 # --------------------------------------------------------------------------- the WSGI app
 
 _REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",

@@ -76,11 +76,13 @@ def _log_startup(cfg: Any) -> None:
     The listeners log their own bound addresses as they bind."""
     import platform
 
+    from .logs import plural
+
     log.info("evserver %s (Python %s, pid %d), %s", __version__,
              platform.python_version(), os.getpid(), describe_sources(cfg))
     srv = cfg.server
-    log.info("%d worker%s, pool %d and queue %d per worker; [forward] %s, [admin] %s",
-             srv.workers, "" if srv.workers == 1 else "s", srv.pool_size, srv.queue_size,
+    log.info("%s, pool %d and queue %d per worker; [forward] %s, [admin] %s",
+             plural(srv.workers, "worker"), srv.pool_size, srv.queue_size,
              f"{cfg.forward.host}:{cfg.forward.port}" if cfg.forward.enabled else "off",
              f"{cfg.admin.host}:{cfg.admin.port}" if cfg.admin.enabled else "off")
     if cfg.security.debug:
@@ -125,7 +127,8 @@ def check(app_spec: str, config_path: str | None, overrides: dict[str, Any]) -> 
     Validates the config (the same layers and flags as `serve`), imports APP and lists its
     routes. Exit 0 when all is well, 2 for a bad config, 4 when the app cannot be imported.
     """
-    from .admin import describe_handlers, handler_defaults
+    from .admin import describe_handlers
+    from .config import handler_defaults
     from .console import format_handlers
     from .contract import EXIT_APP_LOAD_ERROR
     from .loader import AppLoadError, load_app
@@ -462,8 +465,8 @@ def _client_command(func: Any = None, *, config_path_to_func: bool = False) -> A
         click.option("--port", envvar="EVSERVER_PORT", type=int, default=None,
                      help="Server port [env EVSERVER_PORT; default: [server] port of the "
                           "config, 7878]."),
-        click.option("--timeout", type=float, default=10.0, show_default=True,
-                     help="Seconds to wait for the server."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+                     show_default=True, help="Seconds to wait for the server (> 0)."),
         click.option("--shared-key", envvar="EVSERVER_SHARED_KEY", default=None,
                      help="Authenticate with this shared key [env EVSERVER_SHARED_KEY; "
                           "default: [security] of the config; the env var keeps it out of "
@@ -488,7 +491,16 @@ def _client_command(func: Any = None, *, config_path_to_func: bool = False) -> A
     return command
 
 
-_type_arg = click.argument("type")
+def _event_type(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a TYPE the server would refuse as a usage error (exit 2), before connecting."""
+    from .event import type_problem
+
+    if (problem := type_problem(value)) is not None:
+        raise click.BadParameter(f"an event type {problem}")
+    return value
+
+
+_type_arg = click.argument("type", callback=_event_type)
 _data_arg = click.argument("data", type=_Json(), required=False, metavar="[JSON|-|@FILE]")
 _meta_opt = click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=_meta,
                          help="Event metadata; repeatable.")
@@ -693,6 +705,37 @@ def bench(args: tuple[str, ...]) -> None:
         _fail(f"evserver bench runs scripts/{name} from a source checkout; none found here")
     sys.argv = [str(script), *args]
     runpy.run_path(str(script), run_name="__main__")
+
+
+@main.command()
+@click.option("--duration", type=click.FloatRange(min=10), default=600.0, show_default=True,
+              help="Seconds of load and faults.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seeds the fault schedule and the load: the same seed, the same plan.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Worker processes of the server under test.")
+@click.option("--rate-scale", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Multiply every fault rate (0: the warm-up's faults only).")
+@click.option("--keep", type=click.Path(file_okay=False), default=None,
+              help="Work in this directory and keep it (records, logs, soak.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, not a table.")
+def soak(duration: float, seed: int, workers: int, rate_scale: float, keep: str | None,
+         as_json: bool) -> None:
+    """Serve a soak app with --workers N under mixed load and seeded faults; print figures.
+
+    Exits 1 when a check fails (acknowledged events lost, order violated, RSS growth, fds,
+    replacements); docs/reliability.md explains every figure.
+    """
+    from pathlib import Path
+
+    from .soak.run import soak as run_soak
+    from .soak.run import table
+
+    doc = run_soak(duration, seed, workers, rate_scale=rate_scale,
+                   keep=Path(keep) if keep else None)
+    click.echo(json.dumps(doc) if as_json else table(doc))
+    if not doc["passed"]:
+        sys.exit(1)
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
+from evserver.auth import MIN_KEY_BYTES as _MIN_KEY
 from evserver.errors import ConfigError
 
 DEFAULT_PATH = Path("config", "evserver.toml")
@@ -30,7 +31,6 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _F = TypeVar("_F", bound=Callable[..., Any])
 _NOUNS = {bool: "a boolean (true/false, 1/0, yes/no, on/off)", int: "an integer",
           float: "a number", str: "a string", dict: "a table"}
-_MIN_KEY = 16  # bytes of a shared key; evserver.auth.MIN_KEY_BYTES (not imported: stays light)
 
 
 @dataclass(frozen=True)
@@ -67,23 +67,23 @@ def _parse_workers(raw: Any) -> int:
     return _coerce(int, raw)
 
 
-def parse_users(text: str) -> dict[str, str]:
+def parse_users(raw: Any) -> dict[str, str]:
     """``"alice:pw1,bob:pw2"`` -> ``{"alice": "pw1", "bob": "pw2"}`` (a table would not fit a
-    flag or an env var); a password may contain ':' but not ','."""
+    flag or an env var); a password may contain ':' but not ','. Parsed once, when the
+    setting is read: ``cfg.forward.users`` is the dict (or None)."""
+    if isinstance(raw, dict):  # already parsed: a worker's copy of the master's config
+        if not raw or not all(isinstance(v, str) and v for v in raw.values()):
+            raise ValueError(raw)
+        return {str(name): password for name, password in raw.items()}
+    if not isinstance(raw, str):
+        raise ValueError(raw)
     users = {}
-    for pair in text.split(","):
+    for pair in raw.split(","):
         name, sep, password = pair.strip().partition(":")
         if not (name and sep and password):
             raise ValueError(pair)
         users[name] = password
     return users
-
-
-def _users_ok(text: str) -> bool:
-    try:
-        return bool(parse_users(text))
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -232,10 +232,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("forward", "shared_key", str, None,
       "Require the HELO/PING/PONG handshake with this shared key; empty = no handshake.",
       optional=True),
-    S("forward", "users", str, None,
+    S("forward", "users", dict, None,
       "Also require a user in the handshake: name:password pairs separated by commas.",
-      Check("name:password pairs separated by commas", _users_ok),
-      optional=True),
+      optional=True, parse=parse_users, expects="name:password pairs separated by commas"),
     S("forward", "tls", bool, False,
       "Serve Forward over TLS with the [tls] certificate (Fluent Bit: tls on)."),
     S("forward", "max_request_bytes", int, 8 << 20,
@@ -364,6 +363,7 @@ class Config:
         values = {n: self.get(*n.split(".")) for n in _BY_NAME}
         origins = dict(self._origins)
         _apply_overrides(values, origins, overrides)
+        _check_together(values, origins)
         return Config(values, origins, self.source)
 
     def __eq__(self, other: object) -> bool:
@@ -413,6 +413,19 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
+
+
+def default_config() -> Config:
+    """Every setting at its default, nothing read from files or the environment."""
+    values = {s.name: s.default for s in SETTINGS}
+    return Config(values, dict.fromkeys(values, "default"), None)
+
+
+def handler_defaults(cfg: Config) -> dict[str, Any]:
+    """The ``[handlers]`` table as the options every handler starts from (its own options
+    override them): the one place that turns the table into handler options."""
+    h = cfg.handlers
+    return {"timeout": h.timeout, "retries": h.retries, "backoff": h.backoff, "blocking": False}
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,

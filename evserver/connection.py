@@ -1,17 +1,27 @@
-"""One accepted stream connection of any protocol, as the eventlet adapter drives it.
+"""The one connection driver: every protocol's accepted sockets, served the same way.
 
-A connection with bytes to read has one reader green thread: it ``recv_into``s a buffer
-shared by every connection of the process (nothing yields between the ``recv_into`` and the
-decoder copying the bytes, so sharing is safe and an idle connection costs no buffer),
-decodes with its protocol's sans-I/O reader and hands the results to the dispatcher a job of
-about ``JOB_EVENTS`` events at a time. A silent connection has no green thread at all: it is
-parked in the hub until bytes arrive. Responses go through ``StreamConnection.write``:
-whichever green thread finds the connection idle becomes its single writer and drains
-everything queued meanwhile, so writes coalesce and two green threads never write one socket
-at once (eventlet raises if they do).
+A ``Connection`` owns what is I/O about a connection, whatever its protocol: the TLS
+handshake and the protocol's opening, bounded together by ``handshake_timeout``; the reads;
+the idle timeout; the single writer; the jobs in flight and the limits on them; parking;
+the drain on close; the counters and log lines of a connection's end. What the bytes mean is
+the business of a sans-I/O protocol object plugged into it (``native.NativeProtocol``,
+``forward_session.ForwardProtocol``), which turns bytes into units of work for the
+dispatcher and outcomes into bytes, and keeps its lifecycle as a table of states.
+
+Reading: a connection with bytes to read has one reader green thread. It ``recv_into``s a
+buffer shared by every connection of the process (nothing yields between the ``recv_into``
+and the decoder copying the bytes, so sharing is safe and an idle connection costs no
+buffer) and hands the protocol's units to the dispatcher one job of about ``JOB_EVENTS``
+events at a time, each dispatched (inline, usually) before the next is decoded, so its
+memory is reused while still in cache. A silent connection has no green thread at all: it is
+parked in the hub until bytes arrive.
+
+Writing: whichever green thread finds the connection idle becomes its single writer and
+drains everything queued meanwhile, so writes coalesce and two green threads never write one
+socket at once (eventlet raises if they do).
 
 A connection sees the server that accepted it only as a ``Host``: the limits and the few
-callbacks it needs, so this module (and each protocol's adapter) does not import ``server``.
+callbacks it needs, so neither this module nor the protocols import ``server``.
 """
 
 from __future__ import annotations
@@ -24,11 +34,19 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import protocol as p
 from ._eventlet import ReadWait, call_in_hub, eventlet, getcurrent
 from .dispatch import Dispatcher, Job
+from .errors import (
+    AuthError,
+    HandshakeTimeout,
+    IdleTimeout,
+    PeerError,
+    ProtocolError,
+)
+from .logs import LogBudget
 
 log = logging.getLogger("evserver.server")
+security_log = logging.getLogger("evserver.security")
 
 
 class Intake(Protocol):
@@ -46,7 +64,7 @@ class Host(Protocol):
     dispatcher: Dispatcher
     intake: Intake
     counters: dict[str, int]
-    connections: set[StreamConnection]
+    connections: set[Connection]
     stopping: bool
     idle_timeout: float
     park_after: float
@@ -57,17 +75,39 @@ class Host(Protocol):
     reuse_port: bool
     backlog: int
     ssl_context: Any
+    auth_log: LogBudget
 
-    def closed(self, conn: StreamConnection) -> None:
+    def closed(self, conn: Connection) -> None:
         """The connection is closed and its jobs are done: forget it."""
 
     def limit_log(self, kind: str, msg: str, *args: Any) -> None:
         """A rate-limited warning about a misbehaving peer."""
 
 
+Unit = tuple[list[Any], frozenset[int], Any]  # (events, indexes of requests, sink context)
+
+
+class WireProtocol(Protocol):
+    """A sans-I/O protocol object, one per connection (see the module docstring)."""
+
+    name: str
+    peer: str
+    opening: bool  # the peer must finish a handshake before any work (handshake_timeout)
+    ERROR_COUNTERS: dict[type[PeerError], str]  # the counter of each way a connection ends
+
+    def data_to_send(self) -> bytes: ...
+    def receive_data(self, data: bytes | memoryview) -> None: ...
+    def receive_eof(self) -> None: ...
+    def next_jobs(self) -> list[Any]: ...  # Units; [] when more bytes are needed
+    def job_done(self, job: Job) -> tuple[bytes, str | None]: ...  # (answers, why to close)
+    def error_bytes(self, exc: PeerError) -> bytes: ...
+    def refusal(self, limit: int) -> bytes: ...
+
+
 _READ_SIZE = 1 << 16
 _BUF = bytearray(_READ_SIZE)  # shared by every reader of every protocol: see _recv
 _VIEW = memoryview(_BUF)
+_OPENING_READ = 4096  # bytes read at a time while a peer has not authenticated
 # Reads are decoded and dispatched in jobs of about this many events (a BATCH is never
 # split), so a long run of single-event frames spreads over several workers.
 JOB_EVENTS = 64
@@ -83,12 +123,13 @@ class _Park(BaseException):
     """Thrown into a reader blocked in ``recv`` to make it give up its green thread."""
 
 
-class StreamConnection:
-    """An accepted stream socket of any protocol: one writer, jobs in flight, drain on close.
+class _Closed(Exception):
+    """The peer went away during the opening handshake."""
 
-    Subclasses read their protocol in ``serve`` (with ``_recv``) and answer in ``job_done``
-    (the dispatcher's ``Sink``), calling ``_job_finished`` so a reader waiting for pipeline
-    room wakes up.
+
+class Connection:
+    """An accepted stream socket driving one protocol object: one writer, jobs in flight,
+    the idle and handshake timeouts, drain on close.
 
     Parking: a connection waits for its first bytes, and again after ``park_after``
     seconds without data with nothing in flight, as a ``ReadWait`` in the hub instead of a
@@ -99,16 +140,16 @@ class StreamConnection:
 
     __slots__ = (
         "addr", "closing", "flush_waiter", "idle_expired", "inline_skip", "jobs", "last_active",
-        "out", "out_bytes", "parked", "reader_glet", "receiving", "server", "sock", "waiter",
-        "writing",
+        "out", "out_bytes", "parked", "protocol", "reader_glet", "receiving", "server", "sock",
+        "tls", "waiter", "writing",
     )
 
-    protocol = "native"  # for log lines
-
-    def __init__(self, server: Host, sock: Any, addr: Any) -> None:
+    def __init__(self, server: Host, sock: Any, addr: Any, protocol: WireProtocol) -> None:
         self.server = server
         self.sock = sock
         self.addr = addr
+        self.protocol = protocol
+        self.tls = isinstance(sock, ssl.SSLSocket)
         self.out: list[bytes] = []
         self.out_bytes = 0  # queued or being sent: bounded by _OUT_LIMIT via the reader
         self.flush_waiter: Any = None  # an Event the reader waits on while out_bytes is high
@@ -149,41 +190,162 @@ class StreamConnection:
                 waiter, self.flush_waiter = self.flush_waiter, None
                 waiter.send()
 
+
+    # ------------------------------------------------------------------ reading
+
     def start(self) -> None:
-        """Serve a socket just accepted. A peer greeted here waits for its first bytes
-        parked, so a connection that never sends costs no green thread at all."""
-        if not self.greet():
+        """Serve a socket just accepted. A peer with no handshake to make is greeted here and
+        waits for its first bytes parked, so a connection that never sends costs no green
+        thread at all; the reader runs the TLS handshake and the protocol's opening."""
+        if self.tls or self.protocol.opening:
             eventlet.spawn_n(self.run)
-        elif self.server.park_after > 0:
+            return
+        if greeting := self.protocol.data_to_send():
+            self.write(greeting)
+        if self.server.park_after > 0:
             self._park_wait()
         else:
             eventlet.spawn_n(self.run, True)
 
-    def greet(self) -> bool:
-        """Queue the protocol's greeting; False when the reader must handshake first."""
-        raise NotImplementedError
-
     def run(self, resumed: bool = False) -> None:
-        """The reader green thread: the protocol's ``serve``, then the ending every protocol
-        shares: a vanished peer quietly, any other error loudly, and ``_finish`` unless the
-        connection was parked."""
+        """The reader green thread: ``serve``, then a vanished peer ends quietly, any other
+        error loudly, and the connection is closed unless it was parked."""
         self.reader_glet = getcurrent()
         try:
             self.serve(resumed)
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
-                log.info("%s connection %s: %s", self.protocol, peer_name(self.addr), exc)
+                log.info("%s connection %s: %s", self.protocol.name, self.protocol.peer, exc)
         except Exception:
-            log.exception("internal error on %s connection %s", self.protocol, peer_name(self.addr))
+            log.exception("internal error on %s connection %s", self.protocol.name,
+                          self.protocol.peer)
         finally:
             self.reader_glet = None
             if self.parked is None:
                 self._finish()
 
     def serve(self, resumed: bool) -> None:
-        """Read and decode the protocol, submit jobs; errors and ``_finish`` are ``run``'s.
-        ``resumed``: the peer was greeted already (``greet``, or an earlier reader)."""
-        raise NotImplementedError
+        """Open (unless ``resumed``), then read, decode and dispatch until EOF, a stop, an
+        error or parking. A peer's error is answered and ends the connection."""
+        server = self.server
+        protocol = self.protocol
+        try:
+            if not resumed and not self._open():
+                return
+            while self._pump() and not server.stopping:
+                try:
+                    data = self._recv()
+                except TimeoutError:
+                    if self.jobs:
+                        continue  # waiting on our own handlers is not idleness
+                    raise IdleTimeout(f"no data for {server.idle_timeout:g}s") from None
+                if data is None:
+                    return  # parked
+                if not data:
+                    if not server.stopping:
+                        protocol.receive_eof()
+                    return
+                protocol.receive_data(data)
+                self._pump()
+                # Fairness: recv only yields on EAGAIN, so a connection that always has
+                # data would otherwise never let others run.
+                eventlet.sleep(0)
+        except PeerError as exc:
+            self._fail(exc)
+
+    def _pump(self) -> bool:
+        """Dispatch every unit of work the protocol has decoded, one job at a time, and send
+        what it owes; False once the connection is closing."""
+        protocol = self.protocol
+        while units := protocol.next_jobs():
+            if out := protocol.data_to_send():
+                self.write(out)  # a Forward PONG goes out before any ack
+            self._dispatch(units)
+        if out := protocol.data_to_send():
+            self.write(out)
+        return not self.closing
+
+    def _open(self) -> bool:
+        """The TLS handshake eventlet's accept deferred, the greeting, and the protocol's
+        opening exchange, all within one absolute ``handshake_timeout`` (a slow-loris peer
+        trickling bytes gains nothing); False when the connection must be closed."""
+        server = self.server
+        protocol = self.protocol
+        timer = eventlet.Timeout(server.handshake_timeout)
+        try:
+            if self.tls:
+                self.sock.do_handshake()
+            if greeting := protocol.data_to_send():
+                self.write(greeting)
+            while protocol.opening:
+                data = self.sock.recv(_OPENING_READ)
+                if not data:
+                    raise _Closed
+                protocol.receive_data(data)
+                protocol.next_jobs()  # consumes the handshake only: no work before it ends
+            return True
+        except eventlet.Timeout as exc:
+            if exc is not timer:
+                raise
+            if self.tls and self.sock.version() is None:
+                # No TLS session to send an ERROR frame through.
+                server.counters["handshake_timeouts"] += 1
+                self._log_handshake_timeout()
+                self.closing = True
+                return False
+            self._fail(HandshakeTimeout(
+                f"handshake not completed within {server.handshake_timeout:g}s"))
+            return False
+        except ssl.SSLError as exc:
+            server.counters["tls_failures"] += 1
+            security_log.info("%s %s: TLS handshake failed: %s", protocol.name, protocol.peer,
+                              exc.reason or exc)
+            return False
+        except _Closed:
+            return False
+        finally:
+            timer.cancel()
+
+    def _log_handshake_timeout(self) -> None:
+        security_log.info("%s %s: no handshake within %gs; closing", self.protocol.name,
+                          self.protocol.peer, self.server.handshake_timeout)
+
+    def _fail(self, exc: PeerError) -> None:
+        """The peer broke the protocol (or went silent): count it, log it (rate-limited),
+        answer the frames before the bad one, then send the protocol's error and close."""
+        server = self.server
+        protocol = self.protocol
+        peer = protocol.peer
+        if isinstance(exc, IdleTimeout):
+            server.counters["idle_closed"] += 1
+            server.limit_log("idle_timeout", "closing idle connection %s after %gs", peer,
+                             server.idle_timeout)
+        elif isinstance(exc, HandshakeTimeout):
+            server.counters["handshake_timeouts"] += 1
+            self._log_handshake_timeout()
+        else:
+            counter = next((key for kind, key in protocol.ERROR_COUNTERS.items()
+                            if isinstance(exc, kind)), None)
+            if counter is not None:
+                server.counters[counter] += 1
+            if isinstance(exc, AuthError):
+                server.auth_log.warning(security_log, "auth", "authentication failed for %s: %s",
+                                        peer, str(exc))
+            else:
+                server.limit_log(f"{protocol.name}_{exc.code}",
+                                 "%s %s: closing connection: %s [%s]", protocol.name, peer,
+                                 exc, exc.code)
+        if isinstance(exc, ProtocolError):
+            # The frames before the bad one are answered first: a client that sees the
+            # connection-level error gives up on whatever is still unanswered.
+            self._wait_jobs(1, timeout=server.drain_timeout)
+        out = protocol.data_to_send() + protocol.error_bytes(exc)
+        self.closing = True
+        if out:
+            try:
+                self.write(out)
+            except Exception:  # best effort: the peer may be gone already
+                pass
 
     def _recv(self) -> memoryview | None:
         """The next bytes received, a view of the buffer every connection shares (decode it
@@ -228,30 +390,36 @@ class StreamConnection:
         self.idle_expired = timed_out
         eventlet.spawn_n(self.run, True)
 
-    @staticmethod
-    def refuse(sock: Any, limit: int) -> None:
-        """Turn away a socket accepted beyond ``max_connections`` (close it, at least)."""
-        sock.close()
 
     def job_done(self, job: Job) -> None:
-        """The dispatcher's ``Sink`` callback: each protocol answers in its own way."""
-        raise NotImplementedError
+        """The dispatcher's ``Sink`` callback: the protocol's answers go out, and a reader
+        waiting for pipeline room wakes up."""
+        try:
+            out, close = self.protocol.job_done(job)
+            if out:
+                self.write(out)
+            if close is not None:
+                self._abort(close)
+        finally:
+            self._job_finished()  # whatever happened, the reader must not wait for this job
 
-    def _dispatch(self, frames: list[p.Frame]) -> None:
-        """Run a read's frames as jobs: inline while the pool is idle, else through the
-        queue, holding the reader while this connection has too many jobs in flight."""
+    def _dispatch(self, units: list[Unit]) -> None:
+        """Run units as jobs: inline while the pool is idle, else through the queue, holding
+        the reader while this connection has too many jobs in flight."""
         server = self.server
-        dispatcher = server.intake
-        for job_frames in _split(frames):
+        intake = server.intake
+        stats = server.dispatcher.stats
+        for events, requests, context in units:
+            stats.events_in += len(events)
             self.jobs += 1
-            job = _job(self, job_frames)
+            job = Job(self, events, requests, context)
             started = time.perf_counter()
-            if not self.inline_skip and dispatcher.run_inline(job):
+            if not self.inline_skip and intake.run_inline(job):
                 if time.perf_counter() - started > _INLINE_MAX_SECONDS:
                     self.inline_skip = _INLINE_BACKOFF_JOBS
             else:
                 self.inline_skip = max(0, self.inline_skip - 1)
-                dispatcher.submit(job)
+                intake.submit(job)
             # Also after an inline run: its job stays open while ordered events are parked.
             self._wait_jobs(server.jobs_per_connection, timeout=None)
         if self.out_bytes >= _OUT_LIMIT and not self.closing:
@@ -286,7 +454,7 @@ class StreamConnection:
 
     def _abort(self, why: str) -> None:
         self.closing = True
-        log.debug("aborting %s: %s", peer_name(self.addr), why)
+        log.debug("aborting %s: %s", self.protocol.peer, why)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -303,43 +471,11 @@ class StreamConnection:
         self.server.closed(self)
 
 
-def _split(frames: list[p.Frame]) -> list[list[p.Frame]]:
-    """Group frames into jobs of about ``JOB_EVENTS`` events (a frame is never split)."""
-    jobs: list[list[p.Frame]] = [[]]
-    size = 0
-    for frame in frames:
-        if size >= JOB_EVENTS:
-            jobs.append([])
-            size = 0
-        jobs[-1].append(frame)
-        size += p.weight(frame)
-    return jobs
-
-
-def _job(sink: StreamConnection, frames: list[p.Frame]) -> Job:
-    """The dispatcher's unit of work for frames: their events, flat, and which are requests
-    (the frames ride along as the job's context, to answer them)."""
-    if len(frames) == 1 and frames[0].kind in p.EVENT_KINDS:  # a batch, usually
-        frame = frames[0]
-        return Job(sink, frame.body, _FIRST if frame.kind == p.REQUEST else _NONE, frames)
-    events: list[Any] = []
-    requests = []
-    for frame in frames:
-        if frame.kind in p.EVENT_KINDS:
-            if frame.kind == p.REQUEST:
-                requests.append(len(events))
-            events += frame.body
-    return Job(sink, events, frozenset(requests) if requests else _NONE, frames)
-
-
-_NONE: frozenset[int] = frozenset()
-_FIRST = frozenset({0})
-
-
-def accept_loop(host: Host, listener: Any, make: Callable[[Any, Any], StreamConnection],
-                refuse: Callable[[Any, int], None]) -> None:
-    """Accept sockets on ``listener`` until the host stops; ``make(sock, addr)`` builds the
-    protocol's connection, ``refuse(sock, limit)`` turns away one beyond the limit."""
+def accept_loop(host: Host, listener: Any, make: Callable[[str], WireProtocol],
+                refusal: Callable[[int], bytes]) -> None:
+    """The one listener loop: accept sockets on ``listener`` until the host stops, and drive
+    each with the protocol object ``make(peer)`` builds; turn away those beyond
+    ``max_connections`` with the protocol's ``refusal(limit)``."""
     while not host.stopping:
         try:
             sock, addr = listener.accept()
@@ -355,14 +491,26 @@ def accept_loop(host: Host, listener: Any, make: Callable[[Any, Any], StreamConn
             host.counters["refused_connections"] += 1
             host.limit_log("max_connections", "refusing %s: at max_connections=%d",
                            peer_name(addr), host.max_connections)
-            eventlet.spawn_n(refuse, sock, host.max_connections)
+            eventlet.spawn_n(_refuse, sock, refusal(host.max_connections))
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if host.idle_timeout:
             sock.settimeout(host.idle_timeout)
-        conn = make(sock, addr)
+        conn = Connection(host, sock, addr, make(peer_name(addr)))
         host.connections.add(conn)
         conn.start()
+
+
+def _refuse(sock: Any, data: bytes) -> None:
+    """Tell a socket accepted beyond ``max_connections`` why (if the protocol can), close it."""
+    try:
+        if data:
+            sock.settimeout(5.0)  # a TLS peer must not pin this green thread in its handshake
+            sock.sendall(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def peer_name(addr: Any) -> str:

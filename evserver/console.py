@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import sys
 import time
 import urllib.error
@@ -131,6 +132,21 @@ def ms(seconds: float | None) -> str:
     return f"{seconds * 1e3:.1f}ms" if seconds < 1 else f"{seconds:.2f}s"
 
 
+#: Shown under latency columns: a "-" there is not an error, just no sample yet.
+LATENCY_NOTE = "latency is sampled (about 1 event in 128 per worker): '-' = none sampled yet"
+# The Forward listener's counters, in the order docs/forward.md lists them.
+_FORWARD = ("connections", "requests", "events", "skipped", "errors", "auth_failures",
+            "unacked", "heartbeats")
+
+
+def _forward_line(counters: dict[str, int]) -> str | None:
+    """One line of the ``forward_*`` counters, or None when no Forward listener reported."""
+    if not any(key.startswith("forward_") for key in counters):
+        return None
+    return "forward: " + ", ".join(f"{key.replace('_', ' ')} {counters.get('forward_' + key, 0)}"
+                                   for key in _FORWARD)
+
+
 def format_stats(doc: dict[str, Any]) -> str:
     t = doc["totals"]
     head = (f"{doc['mode']} {doc['pid']}, up {duration(doc['uptime'])}, {t['workers']} "
@@ -151,7 +167,8 @@ def format_stats(doc: dict[str, Any]) -> str:
         table(["WORKER", "UPTIME", "CONNS", "IN", "OUT", "ERRORS", "UNROUTED", "BUSY",
                "QUEUED"], workers),
         table(["TYPE", "EVENTS", "ERRORS", "P50", "P90", "P99", *(f"@{p}" for p in pids)],
-              types) if types else "no events yet",
+              types) + "\n" + LATENCY_NOTE if types else "no events yet",
+        *filter(None, [_forward_line(t.get("counters", {}))]),
         f"dead letters: {doc['dead_letters']}",
     ])
 
@@ -182,22 +199,38 @@ def format_handlers(handlers: list[dict[str, Any]]) -> str:
     return table(["KIND", "PATTERN", "HANDLER", "OPTIONS"], rows)
 
 
+def _fit(items: list[str], width: int, sep: str = "  ") -> list[str]:
+    """Join ``items`` with ``sep`` into as few lines of at most ``width`` as they allow."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(sep) + len(item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines.append(item)
+    return lines
+
+
 def format_top(url: str, before: dict[str, Any] | None, after: dict[str, Any],
-               seconds: float) -> str:
-    """One screen of ``evserver top``: rates between two /stats documents, latencies, errors."""
+               seconds: float, width: int = 80) -> str:
+    """One screen of ``evserver top``: rates between two /stats documents, latencies, errors.
+
+    No line is wider than ``width`` (the terminal's): the header and summary wrap between
+    their items, table rows are cut, so nothing wraps on its own and scrolls the screen.
+    """
 
     def rate(new: int, old: int | None) -> float | None:
         return None if old is None or seconds <= 0 else (new - old) / seconds
 
     t, bt = after["totals"], (before or {}).get("totals", {})
     btypes = (before or {}).get("types", {})
-    head = (f"evserver top - {url} - {after['mode']} {after['pid']} up "
-            f"{duration(after['uptime'])} - {t['workers']} worker(s), {t['connections']} "
-            "connection(s) - q quits")
-    summary = (f"events/s {_cell(rate(t['events_out'], bt.get('events_out')))}  "
-               f"errors/s {_cell(rate(t['errors'], bt.get('errors')))}  "
-               f"total {t['events_out']}  errors {t['errors']}  unrouted {t['unrouted']}  "
-               f"dead letters {t['dead_letters']}  busy {t['busy']}  queued {t['queued']}")
+    head = _fit([f"evserver top - {url}", f"{after['mode']} {after['pid']} up "
+                 f"{duration(after['uptime'])}", f"{t['workers']} worker(s), "
+                 f"{t['connections']} connection(s)", "q quits"], width, " - ")
+    summary = _fit([f"events/s {_cell(rate(t['events_out'], bt.get('events_out')))}",
+                    f"errors/s {_cell(rate(t['errors'], bt.get('errors')))}",
+                    f"total {t['events_out']}", f"errors {t['errors']}",
+                    f"unrouted {t['unrouted']}", f"dead letters {t['dead_letters']}",
+                    f"busy {t['busy']}", f"queued {t['queued']}"], width)
     types = [[name, rate(ty["events"], btypes.get(name, {}).get("events", 0)
                          if before else None),
               rate(ty["errors"], btypes.get(name, {}).get("errors", 0) if before else None),
@@ -207,12 +240,24 @@ def format_top(url: str, before: dict[str, Any] | None, after: dict[str, Any],
     workers = [[w["pid"], duration(w["uptime"]), w["connections"], round(rates[w["pid"]], 1),
                 f"{w['busy']}/{w['pool_size']}", w["queued"], w["errors"]]
                for w in after["workers"]]
-    return "\n\n".join([
-        head, summary,
+    forward = _forward_line(t.get("counters", {}))
+    screen = "\n\n".join([
+        "\n".join(head), "\n".join(summary),
         table(["TYPE", "EVENTS/S", "ERRORS/S", "EVENTS", "ERRORS", "P50", "P99"], types)
-        if types else "no events yet",
+        + "\n" + "\n".join(_fit(LATENCY_NOTE.split(" "), width, " ")) if types
+        else "no events yet",
         table(["WORKER", "UPTIME", "CONNS", "EVENTS/S", "BUSY", "QUEUED", "ERRORS"], workers),
-    ]) + "\n"
+        *(["\n".join(_fit(forward.split(", "), width, ", "))] if forward else []),
+    ])
+    return "\n".join(line[:width] for line in screen.split("\n")) + "\n"
+
+
+def format_waiting(url: str, reason: str, width: int = 80) -> str:
+    """The screen ``top`` shows while the server is unreachable (restarting, stopped)."""
+    lines = [*_fit([f"evserver top - {url}", "q quits"], width, " - "), "",
+             *_fit(f"waiting for the server: {reason}".split(" "), width, " "), "",
+             "retrying every interval; the numbers start afresh when it is back"[:width]]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- top
@@ -240,11 +285,19 @@ def run_top(client: AdminClient, interval: float, stdin: TextIO = sys.stdin,
         taken = 0.0
         shown = 0
         while iterations is None or shown < iterations:
-            after = client.call("GET", "/stats")
-            now = time.monotonic()
-            stdout.write("\x1b[H\x1b[2J" + format_top(client.url, before, after, now - taken))
+            width = shutil.get_terminal_size().columns
+            try:
+                after = client.call("GET", "/stats")
+            except AdminFailure as exc:  # restarting: keep watching, as top(1) would
+                screen, before = format_waiting(client.url, str(exc), width), None
+            else:
+                now = time.monotonic()
+                if before is not None and before["pid"] != after["pid"]:
+                    before = None  # another server: its counters restarted from zero
+                screen = format_top(client.url, before, after, now - taken, width)
+                before, taken = after, now
+            stdout.write("\x1b[H\x1b[2J" + screen)
             stdout.flush()
-            before, taken = after, now
             shown += 1
             if not watch_keys:
                 time.sleep(interval)

@@ -186,6 +186,7 @@ class Dispatcher:
             if item.started:  # an offer to join running work
                 self._offered -= 1
                 if not item.left():
+                    del item
                     continue  # finished by the others meanwhile: no slot needed
             self._slots.acquire()  # inline runs hold slots too: pool_size bounds both
             if item.started and not item.left():
@@ -194,6 +195,7 @@ class Dispatcher:
                 self._run(item)
             else:
                 self._help(item)
+            del item  # an idle worker must not keep its last job (events, replies) alive
             eventlet.sleep(0)  # a job ends with a yield: a busy pool must not starve readers
 
     def offer(self, work: Shared) -> None:

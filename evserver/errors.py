@@ -69,6 +69,12 @@ class StateError(LocalError, RuntimeError):
     code = "state_error"
 
 
+class TooManyConnections(LocalError):
+    """A connection beyond ``max_connections``: turned away at once."""
+
+    code = "overloaded"
+
+
 class AdminError(LocalError):
     """An admin request that cannot be done; ``status`` is the HTTP status to answer."""
 
@@ -123,6 +129,25 @@ class UnsupportedVersion(ProtocolError):
     """The peer speaks a protocol version this side does not."""
 
     code = "unsupported_version"
+
+
+class TooManyPending(PeerError):
+    """The peer has more than ``max_pending_replies`` responses outstanding: it is not
+    reading them."""
+
+    code = "overloaded"
+
+
+class IdleTimeout(PeerError, TimeoutError):
+    """The peer sent nothing for ``idle_timeout`` seconds, with nothing of its in flight."""
+
+    code = "idle_timeout"
+
+
+class HandshakeTimeout(PeerError, TimeoutError):
+    """The peer did not finish the TLS and authentication handshakes in time."""
+
+    code = "handshake_timeout"
 
 
 class AuthError(PeerError, PermissionError):

@@ -76,3 +76,8 @@ class LogBudget:
             return False
         logger.warning(msg + "%s", *args, self.suppressed_note(key))
         return True
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``: log lines are read by people."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

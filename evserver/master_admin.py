@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from .admin import TAIL_FLUSH
 from .errors import AdminError
+from .logs import plural
 from .metrics import aggregate
 
 log = logging.getLogger("evserver.supervisor")
@@ -162,7 +163,7 @@ class AdminDesk:
         if self.fleet.stopping:
             raise AdminError(409, "stopping")
         previous, self.fleet.num_workers = self.fleet.num_workers, n
-        log.info("admin: now %d workers (was %d)", n, previous)
+        log.info("admin: now %s (was %d)", plural(n, "worker"), previous)
         return {"workers": n, "previous": previous}
 
     def open_tail(self, pattern: str, rate: int) -> tuple[int, _Tail]:

@@ -17,10 +17,8 @@ import bisect
 import os
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
-
-from .cluster import COUNTERS as CLUSTER_COUNTERS
-from .cluster import GAUGES as CLUSTER_GAUGES
 
 # Upper bounds (seconds) of the latency buckets: 5 us .. 30 s, about three per decade.
 BUCKETS: tuple[float, ...] = (
@@ -199,6 +197,124 @@ def aggregate(snapshots: Iterable[dict[str, Any]], *, mode: str, uptime: float,
     }
 
 
+# --------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One published number, declared once: its Prometheus name (without ``evserver_`` and a
+    counter's ``_total``), kind, help text and labels, and ``key``: where /stats has it (a key
+    of the totals, of a worker's entry, or of the server counters)."""
+
+    name: str
+    kind: str  # "counter", "gauge" or "histogram"
+    help: str
+    key: str = ""
+    labels: tuple[str, ...] = ()
+
+
+def _counter(key: str, help: str) -> Metric:
+    return Metric(key.removesuffix("_total"), "counter", help, key)
+
+
+#: The counters a serving process keeps in ``Server.counters`` (the "counters" of /stats),
+#: by group: a group's counters exist only where its listener runs.
+SERVER_COUNTERS: dict[str, tuple[Metric, ...]] = {
+    "server": (
+        _counter("connections_total", "Connections accepted, of every protocol."),
+        _counter("refused_connections", "Connections refused at max_connections."),
+        _counter("protocol_errors", "Native connections closed for a malformed frame."),
+        _counter("idle_closed", "Connections closed after idle_timeout without data."),
+        _counter("overloaded_closed",
+                 "Native connections closed for exceeding max_pending_replies."),
+        _counter("auth_failures", "Native handshakes refused: a missing or wrong key."),
+        _counter("handshake_timeouts", "Connections closed for not finishing the TLS or "
+                 "auth handshake within handshake_timeout."),
+        _counter("tls_failures", "TLS handshakes that failed."),
+    ),
+    "forward": (
+        _counter("forward_connections", "Fluentd Forward connections accepted."),
+        _counter("forward_requests", "Forward requests (Message, Forward, PackedForward "
+                 "and CompressedPackedForward modes) decoded."),
+        _counter("forward_events", "Events decoded from Forward requests."),
+        _counter("forward_skipped", "Forward entries skipped as invalid."),
+        _counter("forward_errors", "Forward connections closed for a malformed request."),
+        _counter("forward_auth_failures", "Forward handshakes refused (shared key or user)."),
+        _counter("forward_unacked",
+                 "Forward connections closed without an ack because a handler failed."),
+        _counter("forward_heartbeats", "Forward UDP heartbeats answered."),
+    ),
+}
+COUNTER_HELP = {m.key: m.help for group in SERVER_COUNTERS.values() for m in group}
+
+#: A cluster node's numbers (``Node.stats()``, the "cluster" of /stats), published as
+#: ``evserver_cluster_<key>``: counters, which the totals keep across worker restarts, and
+#: gauges of the moment.
+CLUSTER = tuple(Metric(f"cluster_{key}", kind, help, key) for key, kind, help in (
+    ("appended_entries", "counter", "Stream entries this node appended for its connections."),
+    ("appended_events", "counter", "Events in the entries this node appended."),
+    ("append_errors", "counter", "Appends to Redis that failed (the clients got an error)."),
+    ("processed_entries", "counter", "Entries of owned partitions run and acknowledged."),
+    ("processed_events", "counter", "Events in the entries of owned partitions that ran."),
+    ("redelivered_events", "counter", "Events in entries delivered more than once."),
+    ("dead_lettered_events", "counter",
+     "Events sent to the dead-letter stream after max_deliveries, unrun."),
+    ("fenced_entries", "counter",
+     "Entries completed after their partition's lease was lost, left unacknowledged."),
+    ("partitions_acquired", "counter", "Partition leases this node took."),
+    ("partitions_released", "counter", "Partition leases this node handed back."),
+    ("partitions_lost", "counter", "Partition leases this node lost without handing back."),
+    ("redis_errors", "counter", "Redis calls that failed."),
+    ("partitions_owned", "gauge", "Partitions this node owns now."),
+    ("nodes_live", "gauge", "Nodes of the cluster with a live heartbeat."),
+    ("waiting_jobs", "gauge", "Jobs waiting for their partition owners' reports."),
+))
+CLUSTER_COUNTERS = tuple(m.key for m in CLUSTER if m.kind == "counter")
+
+#: Numbers of the whole service (the master's, or the single process').
+SERVICE = (
+    Metric("uptime_seconds", "gauge", "Seconds since this process started."),
+    Metric("workers", "gauge", "Serving processes reporting stats.", "workers"),
+    Metric("worker_exits", "counter", "Worker processes that exited."),
+    Metric("events_received", "counter", "Events read off connections (all workers).",
+           "events_in"),
+    Metric("events_processed", "counter", "Events run through their handlers.", "events_out"),
+    Metric("unrouted_events", "counter", "Events no handler matched.", "unrouted"),
+    Metric("dead_letters", "counter", "Events stored as dead letters.", "dead_letters"),
+)
+#: Numbers by event type.
+BY_TYPE = (
+    Metric("events", "counter", "Events processed, by event type.", "events", ("type",)),
+    Metric("handler_errors", "counter", "Handler failures (after retries), by event type.",
+           "errors", ("type",)),
+    Metric("handler_latency_seconds", "histogram", "Handler wall time per event, sampled "
+           "(about one event in 128), by event type.", "latency", ("type",)),
+)
+#: Numbers by worker process.
+BY_WORKER = (
+    Metric("worker_events_received", "counter", "Events read, per worker.", "events_in",
+           ("worker",)),
+    Metric("worker_events_processed", "counter", "Events processed, per worker.", "events_out",
+           ("worker",)),
+    Metric("worker_handler_errors", "counter", "Handler failures, per worker.", "errors",
+           ("worker",)),
+    Metric("worker_connections", "gauge", "Open connections, per worker.", "connections",
+           ("worker",)),
+    Metric("worker_busy", "gauge", "Pool green threads running a job.", "busy", ("worker",)),
+    Metric("worker_queue_depth", "gauge", "Jobs waiting for the pool.", "queued", ("worker",)),
+    Metric("worker_uptime_seconds", "gauge", "Seconds since the worker started.", "uptime",
+           ("worker",)),
+    Metric("worker_events", "counter", "Events processed, per worker and event type.", "types",
+           ("worker", "type")),
+)
+
+
+def new_counters(*groups: str) -> dict[str, int]:
+    """Zeroed counters of ``groups`` (keys of ``SERVER_COUNTERS``): a counter not declared
+    there cannot be counted (``+=`` on a missing key raises)."""
+    return {m.key: 0 for group in groups for m in SERVER_COUNTERS[group]}
+
+
 # --------------------------------------------------------------------------- Prometheus
 
 
@@ -210,42 +326,35 @@ class _StatsCollector:
         self.stats = stats
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-
         st = self.stats
         totals = st["totals"]
-        yield GaugeMetricFamily("evserver_uptime_seconds", "Seconds since this process started.",
-                                value=st["uptime"])
-        yield GaugeMetricFamily("evserver_workers", "Serving processes reporting stats.",
-                                value=totals["workers"])
-        yield CounterMetricFamily("evserver_worker_exits", "Worker processes that exited.",
-                                  value=st["retired_workers"])
-        for name, key, doc in (
-            ("events_received", "events_in", "Events read off connections (all workers)."),
-            ("events_processed", "events_out", "Events run through their handlers."),
-            ("unrouted_events", "unrouted", "Events no handler matched."),
-            ("dead_letters", "dead_letters", "Events stored as dead letters."),
-        ):
-            yield CounterMetricFamily(f"evserver_{name}", doc, value=totals[key])
+        service = {"uptime": st["uptime"], "worker_exits": st["retired_workers"], **totals}
+        for m in SERVICE:
+            yield _family(m, value=service[m.key or m.name.removesuffix("_seconds")])
         for key, value in sorted(totals["counters"].items()):
-            name = key.removesuffix("_total")
-            yield CounterMetricFamily(f"evserver_{name}", f"Server counter {key}.", value=value)
-        by_type = CounterMetricFamily("evserver_events", "Events processed, by event type.",
-                                      labels=["type"])
-        errors = CounterMetricFamily("evserver_handler_errors",
-                                     "Handler failures (after retries), by event type.",
-                                     labels=["type"])
-        latency = HistogramMetricFamily(
-            "evserver_handler_latency_seconds",
-            "Handler wall time per event, sampled (about one event in 128), by event type.",
-            labels=["type"])
+            m = _counter(key, COUNTER_HELP.get(key, f"Server counter {key} (undeclared)."))
+            yield _family(m, value=value)
+        yield from self._by_type(st)
+        cluster = totals.get("cluster", {})
+        for m in CLUSTER:
+            if m.key in cluster:
+                yield _family(m, value=cluster[m.key])
+        for m in BY_WORKER:
+            family = _family(m)
+            for w in st["workers"]:
+                if m.key == "types":
+                    for etype, n in w["types"].items():
+                        family.add_metric([str(w["pid"]), etype], n)
+                else:
+                    family.add_metric([str(w["pid"])], w[m.key])
+            yield family
+
+    @staticmethod
+    def _by_type(st: dict[str, Any]) -> Iterator[Any]:
+        events, errors, latency = (_family(m) for m in BY_TYPE)
         bounds = [*(repr(float(b)) for b in st["latency_buckets"]), "+Inf"]
         for etype, t in st["types"].items():
-            by_type.add_metric([etype], t["events"])
+            events.add_metric([etype], t["events"])
             errors.add_metric([etype], t["errors"])
             counts = t["latency"]["buckets"]
             if counts:
@@ -254,35 +363,21 @@ class _StatsCollector:
                     seen += n
                     cumulative.append((bound, seen))
                 latency.add_metric([etype], cumulative, sum_value=t["latency"]["sum"])
-        yield by_type
-        yield errors
-        yield latency
-        for key, value in sorted(totals.get("cluster", {}).items()):
-            kind = GaugeMetricFamily if key in CLUSTER_GAUGES else CounterMetricFamily
-            yield kind(f"evserver_cluster_{key}", f"Cluster node {key.replace('_', ' ')}.",
-                       value=value)
-        per_worker = {
-            "events_received": ("events_in", CounterMetricFamily, "Events read, per worker."),
-            "events_processed": ("events_out", CounterMetricFamily,
-                                 "Events processed, per worker."),
-            "handler_errors": ("errors", CounterMetricFamily, "Handler failures, per worker."),
-            "connections": ("connections", GaugeMetricFamily, "Open connections, per worker."),
-            "busy": ("busy", GaugeMetricFamily, "Pool green threads running a job."),
-            "queue_depth": ("queued", GaugeMetricFamily, "Jobs waiting for the pool."),
-            "uptime_seconds": ("uptime", GaugeMetricFamily, "Seconds since the worker started."),
-        }
-        for name, (key, family, doc) in per_worker.items():
-            metric = family(f"evserver_worker_{name}", doc, labels=["worker"])
-            for w in st["workers"]:
-                metric.add_metric([str(w["pid"])], w[key])
-            yield metric
-        typed = CounterMetricFamily("evserver_worker_events",
-                                    "Events processed, per worker and event type.",
-                                    labels=["worker", "type"])
-        for w in st["workers"]:
-            for etype, n in w["types"].items():
-                typed.add_metric([str(w["pid"]), etype], n)
-        yield typed
+        yield from (events, errors, latency)
+
+
+def _family(m: Metric, **value: Any) -> Any:
+    """The prometheus_client family of a declaration (with ``value=`` for an unlabelled one)."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    kind = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+            "histogram": HistogramMetricFamily}[m.kind]
+    labels = {"labels": list(m.labels)} if m.labels else {}
+    return kind(f"evserver_{m.name}", m.help, **labels, **value)
 
 
 def render_prometheus(stats: dict[str, Any]) -> bytes:

@@ -118,7 +118,8 @@ def tune_gc(threshold: int) -> None:
 
 def start_admin(server: Server, cfg: Any) -> Any:
     """The admin listener on the server's hub (its green thread); OSError if it cannot bind."""
-    from .admin import AdminApp, handler_defaults
+    from .admin import AdminApp
+    from .config import handler_defaults
     from .local_admin import LocalBackend, serve_green
 
     app = AdminApp(LocalBackend(server, handler_defaults(cfg)), token=cfg.admin.token)

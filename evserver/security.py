@@ -13,10 +13,10 @@ import ipaddress
 import socket
 from typing import Any
 
-from .auth import DEFAULT_KEY_ID, Authenticator
+from .auth import DEFAULT_KEY_ID
 from .errors import ConfigError
 
-__all__ = ["configured_keys", "exposure_problem", "is_loopback", "security_options"]
+__all__ = ["configured_keys", "exposure_problem", "is_loopback"]
 
 
 def is_loopback(host: str) -> bool:
@@ -39,19 +39,6 @@ def configured_keys(cfg: Any) -> dict[str, str]:
                               "are both set, to different keys; keep one")
         keys[DEFAULT_KEY_ID] = sec.shared_key
     return keys
-
-
-def security_options(cfg: Any) -> dict[str, Any]:
-    """``Server`` keyword arguments for the config's security settings."""
-    from .tls import context_from_config
-
-    keys = configured_keys(cfg)
-    return {
-        "auth": Authenticator(keys) if keys else None,
-        "ssl_context": context_from_config(cfg.tls),
-        "handshake_timeout": cfg.security.handshake_timeout,
-        "debug": cfg.security.debug,
-    }
 
 
 def loopback_only(host: str) -> bool:

@@ -43,6 +43,7 @@ from .contract import (
     NOTIFY_SOCKET_ENV,
 )
 from .errors import AddressInUse, ConfigError
+from .logs import plural
 from .master_admin import AdminDesk, MasterAdmin
 from .ports import Claims, PortClaim, release
 from .service import remove_pid_file, sd_notify, write_pid_file
@@ -152,8 +153,8 @@ class Supervisor:
             if pid_file:
                 write_pid_file(pid_file)
             self._install_signals()
-            log.info("master %d: starting %d workers for %s on %s:%d", os.getpid(),
-                     self.num_workers, self.app_spec, *self.claims.address())
+            log.info("master %d: starting %s for %s on %s:%d", os.getpid(),
+                     plural(self.num_workers, "worker"), self.app_spec, *self.claims.address())
             if not self._start_admin():
                 return EXIT_FAILURE
             while not (self.stopping and not self.workers):
@@ -194,8 +195,9 @@ class Supervisor:
         self._manage_workers(now)
         if not self.booted and self._all_ready():
             self.booted = True
-            log.info("master ready: %d workers serving %s on %s:%d", len(self.workers),
-                     self.app_spec, self.cfg.server.host, self.cfg.server.port)
+            log.info("master ready: %s serving %s on %s:%d",
+                     plural(len(self.workers), "worker"), self.app_spec, self.cfg.server.host,
+                     self.cfg.server.port)
             sd_notify(f"READY=1\nMAINPID={os.getpid()}")
 
     def _sleep_time(self) -> float:
@@ -244,12 +246,12 @@ class Supervisor:
 
     def handle_ttin(self) -> None:
         self.num_workers += 1
-        log.info("TTIN: now %d workers", self.num_workers)
+        log.info("TTIN: now %s", plural(self.num_workers, "worker"))
 
     def handle_ttou(self) -> None:
         if self.num_workers > 1:
             self.num_workers -= 1
-        log.info("TTOU: now %d workers", self.num_workers)
+        log.info("TTOU: now %s", plural(self.num_workers, "worker"))
 
     def handle_hup(self) -> str | None:
         """Zero-downtime reload: new config, new app import, new workers; then retire the old.
@@ -278,8 +280,8 @@ class Supervisor:
         self.reload = Reload(generation, cfg, claimed,
                              time.monotonic() + cfg.server.worker_timeout)
         sd_notify("RELOADING=1")
-        log.info("HUP: reloading; starting %d generation-%d workers", cfg.server.workers,
-                 generation)
+        log.info("HUP: reloading; starting %s", plural(cfg.server.workers,
+                                                      f"generation-{generation} worker"))
         for _ in range(cfg.server.workers):
             self.spawn(generation, cfg)
         return None
@@ -438,7 +440,8 @@ class Supervisor:
         new = [w for w in self.workers.values() if w.generation == reload.generation]
         if len(new) >= reload.cfg.server.workers and all(w.ready_at for w in new):
             old = [w for w in self.workers.values() if w.generation < reload.generation]
-            log.info("HUP: %d new workers ready; retiring %d old ones", len(new), len(old))
+            log.info("HUP: %s ready; retiring %s", plural(len(new), "new worker"),
+                     plural(len(old), "old one"))
             self.reload = None
             self.generation = reload.generation
             self.cfg = reload.cfg
@@ -477,8 +480,8 @@ class Supervisor:
         sig = signal.SIGTERM if graceful else signal.SIGQUIT
         grace = self.cfg.server.drain_timeout + 1.0 if graceful else QUIT_GRACE
         self.stop_deadline = time.monotonic() + grace
-        log.info("master %d: %s stop of %d workers", os.getpid(),
-                 "graceful" if graceful else "immediate", len(self.workers))
+        log.info("master %d: %s stop of %s", os.getpid(),
+                 "graceful" if graceful else "immediate", plural(len(self.workers), "worker"))
         for worker in self.workers.values():
             worker.signal(sig)
 

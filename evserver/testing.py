@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .app import App
@@ -38,18 +38,24 @@ class ThreadedServer:
 
 @contextlib.contextmanager
 def serve_in_thread(
-    app: App, *, timeout: float = 10.0, **server_kwargs: Any
+    app: App, *, timeout: float = 10.0, settings: Mapping[str, Any] | None = None,
+    dead_letters: Any = None, **server_settings: Any,
 ) -> Iterator[ThreadedServer]:
     """Start a server for ``app`` on 127.0.0.1 (ephemeral port unless given); yield it.
 
-    On exit the server is stopped gracefully (``Server.stop``), exactly as SIGTERM would.
+    Keyword arguments are ``[server]`` settings (``port=0``, ``idle_timeout=0.3``);
+    ``settings`` takes any other by its full name (``{"security.shared_key": ...}``). Every
+    value is checked as a config file's would be. On exit the server is stopped gracefully
+    (``Server.stop``), exactly as SIGTERM would.
     """
     from ._eventlet import eventlet
+    from .config import default_config
     from .server import Server
 
-    server_kwargs.setdefault("host", "127.0.0.1")
-    server_kwargs.setdefault("port", 0)
-    server = Server(app, **server_kwargs)
+    overrides = {"server.host": "127.0.0.1", "server.port": 0,
+                 **{f"server.{key}": value for key, value in server_settings.items()},
+                 **(settings or {})}
+    server = Server(app, default_config().replace(**overrides), dead_letters=dead_letters)
     ready = threading.Event()
     failure: list[BaseException] = []
     stop_r, stop_w = socket.socketpair()

@@ -27,9 +27,9 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from .admin import TAIL_FLUSH, Tap, Taps, describe_handlers, handler_defaults
+from .admin import TAIL_FLUSH, Tap, Taps, describe_handlers
 from .channel import Channel
-from .config import SETTINGS, Config
+from .config import SETTINGS, Config, handler_defaults
 from .contract import CONFIG_ENV, CONFIG_FROM_ENV, EXIT_FAILURE
 from .errors import RegistrationError
 from .logs import configure_logging

@@ -69,6 +69,7 @@ EVENT_TIME = 1700000000  # Forward entry time: an int, as fluent-logger sends by
 IO_TIMEOUT = 30.0  # bounds every blocking socket call
 IDLE_SETTLE = 5.0  # idle mode: seconds before measuring (evserver parks after 2 s of silence)
 PING_FRAME = msgpack.packb([PING, 1])
+NOISY_PCT = 10  # warn when other processes take more of the server's core than this
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -321,6 +322,16 @@ def server_cpu(pid: int) -> float:
     return total / CLK_TCK
 
 
+def core_busy(core: int) -> float:
+    """Seconds ``core`` has been busy since boot, whoever ran there (/proc/stat: all but idle
+    and iowait; steal, the hypervisor's, counts as busy)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            ticks = [int(x) for x in line.split()[1:9]]
+            return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+    return 0.0
+
+
 def server_rss(pid: int) -> int:
     """Bytes of VmRSS over the server's process tree."""
     total = 0
@@ -405,11 +416,13 @@ def max_in_flight(prefix: str) -> int | None:
 
 
 def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float,
-          settle: Callable[[int], float | None] | None = None) -> dict:
+          settle: Callable[[int], float | None] | None = None, core: int | None = None) -> dict:
     """Spread ``conns`` over ``gens`` spawned generators, run them, collect the figures.
 
     ``settle(events)`` waits until the server has finished the events sent and returns when
-    it did (None: when the generators finished)."""
+    it did (None: when the generators finished). ``core``: the core the server is pinned to;
+    what other processes took of it is reported, since on a shared machine that is what
+    makes figures unreliable."""
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     gens = max(1, min(gens, conns))
@@ -425,6 +438,7 @@ def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float
             if err := ready.get(timeout=60):
                 raise RuntimeError(f"generator failed to connect: {err}")
         cpu0, w0 = server_cpu(pid), time.monotonic()
+        busy0 = core_busy(core) if core is not None else 0.0
         go.set()
         outs = [results.get(timeout=duration + 90) for _ in procs]
         if errors := [o["error"] for o in outs if "error" in o]:
@@ -432,6 +446,7 @@ def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float
         events = sum(o["events"] for o in outs)
         settled = settle(events) if settle else None
         cpu1, w1, rss = server_cpu(pid), time.monotonic(), server_rss(pid)
+        busy1 = core_busy(core) if core is not None else 0.0
     finally:
         for p in procs:
             p.join(5)
@@ -442,6 +457,8 @@ def drive(port: int, pid: int, job: dict, conns: int, gens: int, duration: float
     res = {"events_per_s": events / wall, "srv_us_per_event": (cpu1 - cpu0) / events * 1e6,
            "srv_cpu_pct": (cpu1 - cpu0) / (w1 - w0) * 100, "srv_rss_mib": rss / 2**20,
            "gen_cpu_pct": sum(o["cpu"] for o in outs) / wall * 100, "events": events}
+    if core is not None:
+        res["others_pct"] = max(0.0, busy1 - busy0 - (cpu1 - cpu0)) / (w1 - w0) * 100
     if lat:
         res["rt_per_s"] = len(lat) / wall
         for name, q in (("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)):
@@ -490,11 +507,13 @@ def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dic
                cpus={1} if pin else None, hello=native, rate=args.rate * workers)
     checked = target.startswith("evserver") and not args.server_cmd
     settle = (lambda sent: wait_processed(admin_port, sent)) if checked else None
+    core = 0 if pin and workers == 1 else None
     with (tempfile.TemporaryDirectory() as stats,
-          server(cmd, gen_port, {0} if pin and workers == 1 else None, hello=native,
+          server(cmd, gen_port, None if core is None else {core}, hello=native,
                  env=handler_env(args, str(Path(stats, "in-flight")))) as proc):
         if mode != "idle":
-            res = drive(gen_port, proc.pid, job, conns, args.generators, args.duration, settle)
+            res = drive(gen_port, proc.pid, job, conns, args.generators, args.duration, settle,
+                        core)
         else:
             rss0, idle = server_rss(proc.pid), []
             try:
@@ -505,7 +524,8 @@ def run_once(target: str, mode: str, args: argparse.Namespace, pin: bool) -> dic
                         break  # a limit in the server; report how many it took
                 time.sleep(IDLE_SETTLE)
                 rss1 = server_rss(proc.pid)
-                res = drive(port, proc.pid, job, conns, args.generators, args.duration, settle)
+                res = drive(port, proc.pid, job, conns, args.generators, args.duration, settle,
+                            core)
             finally:
                 for sock in idle:
                     sock.close()
@@ -539,7 +559,7 @@ COLUMNS = [("events_per_s", "events/s", "{:,.0f}"), ("rt_per_s", "rt/s", "{:,.0f
            ("p999_us", "p99.9 µs", "{:.0f}"), ("srv_us_per_event", "srv µs/ev", "{:.3f}"),
            ("srv_cpu_pct", "srv CPU%", "{:.0f}"), ("srv_rss_mib", "RSS MiB", "{:.1f}"),
            ("gen_cpu_pct", "gen CPU%", "{:.0f}"), ("kib_per_idle_conn", "KiB/idle", "{:.1f}"),
-           ("max_in_flight", "max conc", "{:.0f}")]
+           ("max_in_flight", "max conc", "{:.0f}"), ("others_pct", "others%", "{:.0f}")]
 
 # The acceptance loads of issue 13 (handlers that run in parallel), one row each: (name, what,
 # options). Options given with --suite apply to every row unless the row sets them.
@@ -588,7 +608,8 @@ def table(report: dict) -> str:
 
 
 def ratio(a: dict, b: dict) -> dict:
-    return {k: a[k] / b[k] for k, *_ in COLUMNS if b.get(k) and k in a}
+    """``a`` / ``b`` column by column (not others%: that is the machine's, not the server's)."""
+    return {k: a[k] / b[k] for k, *_ in COLUMNS if b.get(k) and k in a and k != "others_pct"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -754,6 +775,10 @@ def measure(args: argparse.Namespace) -> dict:
 def warn(report: dict) -> None:
     for mode, entry in report["modes"].items():
         for name, figs in entry.items():
+            if not name.endswith("ratio") and figs.get("others_pct", 0) > NOISY_PCT:
+                print(f"warning: {mode}/{name}: other processes took {figs['others_pct']:.0f}% "
+                      "of the server's core; its figures are unreliable, ratios of one run less "
+                      "so", file=sys.stderr)
             if figs.get("gen_cpu_pct", 0) > 60:
                 print(f"warning: {mode}/{name}: generators used {figs['gen_cpu_pct']:.0f}% of a "
                       "core; they may be the limit (try --generators, --no-pin)", file=sys.stderr)

@@ -38,6 +38,15 @@ SCRIPTS = ROOT / "scripts"
 HELLO, EVENT, BATCH, REQUEST, ACK, REPLY, ERROR = range(7)
 EVENT_BODY = ["bench", {"seq": 12345, "payload": "x" * 16}]
 IO_TIMEOUT = 30.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (on a shared machine, CPU per event says
+    more than events/s, which depends on what else runs)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def free_port() -> int:
@@ -56,7 +65,7 @@ def wait(cond: Any, timeout: float, what: str) -> Any:
 
 
 @contextlib.contextmanager
-def redis_server(aof: bool) -> Iterator[str]:
+def redis_server(aof: bool) -> Iterator[tuple[str, int]]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("bench_cluster: redis-server is not installed "
@@ -71,7 +80,7 @@ def redis_server(aof: bool) -> Iterator[str]:
 
             client = redis.Redis(port=port)
             wait(lambda: _ping(client), 10, "redis-server")
-            yield f"redis://127.0.0.1:{port}/0"
+            yield f"redis://127.0.0.1:{port}/0", proc.pid
         finally:
             proc.terminate()
             proc.wait(10)
@@ -85,7 +94,7 @@ def _ping(client: Any) -> bool:
 
 
 @contextlib.contextmanager
-def nodes(n: int, url: str, args: argparse.Namespace) -> Iterator[list[int]]:
+def nodes(n: int, url: str, args: argparse.Namespace) -> Iterator[tuple[list[int], list[int]]]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(SCRIPTS)]),
                PYTHONWARNINGS="ignore", EVSERVER_CLUSTER_ENABLED="1", EVSERVER_CLUSTER_URL=url,
                EVSERVER_CLUSTER_ACK=args.ack, EVSERVER_CLUSTER_LEASE="5")
@@ -111,7 +120,7 @@ def nodes(n: int, url: str, args: argparse.Namespace) -> Iterator[list[int]]:
                 return {h.decode().split("-")[-2] for h in held if h} == pids and all(held)
 
             wait(balanced, 30, "partitions to spread over the nodes")
-            yield ports
+            yield ports, [p.pid for p in procs]
         finally:
             for proc in procs:
                 proc.terminate()
@@ -167,6 +176,8 @@ def generator(ports: list[int], conns: int, batch: int, window: int, duration: f
             unpacker.feed(data)
             for frame in unpacker:
                 now = time.monotonic()
+                if (ci, frame[1]) not in sent_at:
+                    raise RuntimeError(f"unexpected answer {frame!r} on connection {ci}")
                 rtts.append(now - sent_at.pop((ci, frame[1])))
                 if frame[0] == ACK:
                     acked += batch
@@ -187,11 +198,11 @@ def _frame(sock: socket.socket, unpacker: msgpack.Unpacker) -> Any:
         unpacker.feed(sock.recv(1 << 16))
 
 
-def run(n: int, url: str, args: argparse.Namespace) -> dict[str, Any]:
+def run(n: int, url: str, redis_pid: int, args: argparse.Namespace) -> dict[str, Any]:
     import redis
 
     redis.Redis.from_url(url).flushall()
-    with nodes(n, url, args) as ports:
+    with nodes(n, url, args) as (ports, pids):
         ctx = mp.get_context("spawn")
         out = ctx.Queue()
         start_at = time.time() + 1.0
@@ -201,7 +212,10 @@ def run(n: int, url: str, args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(args.generators)]
         for g in gens:
             g.start()
+        time.sleep(max(0.0, start_at - time.time()))
+        before = [cpu_seconds(pid) for pid in (*pids, redis_pid)]
         results = [out.get(timeout=args.duration + 60) for _ in gens]
+        used = [cpu_seconds(pid) - b for pid, b in zip((*pids, redis_pid), before, strict=True)]
         for g in gens:
             g.join(10)
         client = redis.Redis.from_url(url)
@@ -214,7 +228,10 @@ def run(n: int, url: str, args: argparse.Namespace) -> dict[str, Any]:
             "events_per_second": acked / elapsed,
             "p50_ms": statistics.median(rtts) * 1000 if rtts else None,
             "p99_ms": rtts[int(len(rtts) * 0.99)] * 1000 if rtts else None,
-            "pending_after": pending}
+            "pending_after": pending,
+            # CPU per acked event: the nodes together, and Redis.
+            "node_us_per_event": sum(used[:-1]) / acked * 1e6 if acked else None,
+            "redis_us_per_event": used[-1] / acked * 1e6 if acked else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,18 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aof", action="store_true", help="Redis with appendonly (everysec)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
-    with redis_server(args.aof) as url:
-        report = [run(int(n), url, args) for n in args.nodes.split(",")]
+    with redis_server(args.aof) as (url, redis_pid):
+        report = [run(int(n), url, redis_pid, args) for n in args.nodes.split(",")]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"acked batches of {args.batch}, window {args.window}, {args.connections} conns, "
           f"ack={args.ack}, aof={'everysec' if args.aof else 'off'}, {args.duration:g}s")
     print(f"{'NODES':>5}  {'EVENTS/S':>10}  {'P50 MS':>7}  {'P99 MS':>7}  {'ERRORS':>6}  "
-          f"{'PENDING':>7}")
+          f"{'PENDING':>7}  {'NODES US/EV':>11}  {'REDIS US/EV':>11}")
     for r in report:
         print(f"{r['nodes']:>5}  {r['events_per_second']:>10,.0f}  {r['p50_ms']:>7.2f}  "
-              f"{r['p99_ms']:>7.2f}  {r['errors']:>6}  {r['pending_after']:>7}")
+              f"{r['p99_ms']:>7.2f}  {r['errors']:>6}  {r['pending_after']:>7}  "
+              f"{r['node_us_per_event']:>11.2f}  {r['redis_us_per_event']:>11.2f}")
     return 0
 
 

@@ -228,6 +228,23 @@ def snap(pid: int, processed: int, by_type: dict[str, int]) -> dict[str, Any]:
                            "busy": 0, "queued": 0, "pool_size": 4}}
 
 
+def test_every_published_number_has_its_declared_help_text() -> None:
+    from evserver.metrics import SERVER_COUNTERS, new_counters
+
+    one = snap(7, 3, {"a.b": 3})
+    one["counters"] = {**new_counters("server", "forward"), "connections_total": 5}
+    text = render_prometheus(aggregate([one], mode="single", uptime=1.0)).decode()
+    helps = dict(line[len("# HELP "):].split(" ", 1) for line in text.splitlines()
+                 if line.startswith("# HELP "))
+    declared = {f"evserver_{m.name}_total": m.help for group in SERVER_COUNTERS.values()
+                for m in group}
+    assert {name: helps.get(name) for name in declared} == declared
+    assert not [name for name, help in helps.items() if "Server counter" in help]
+    assert metric_values(text)["evserver_connections_total", ()] == 5
+    with pytest.raises(KeyError):  # an undeclared counter cannot be counted
+        new_counters("server")["not_declared"] += 1
+
+
 def test_totals_keep_exited_workers() -> None:
     """A replaced worker's counts stay in the totals: counters never go backwards."""
     base = empty_base()
@@ -329,6 +346,7 @@ def test_two_workers_report_exact_counts(serve) -> None:
 
     # Scale down to one: the retiring worker's counts stay in the totals.
     assert s.cli("scale", "1").output.strip() == "workers: 2 -> 1"
+    wait_for(lambda: "admin: now 1 worker (was 2)" in s.log, 10, "the scale in the log")
     wait_for(lambda: len(s.stats()["workers"]) == 1 and s.stats()["retired_workers"] == 1,
              15, "one worker left")
     assert_exact_counts(s.stats(), s.get("/metrics")[1].decode(), expected, exited=True)

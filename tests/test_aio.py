@@ -24,10 +24,9 @@ from conftest import APPS, REPO, ServerFactory
 
 from evserver import App, Event, RemoteError
 from evserver.aio import AsyncClient
-from evserver.auth import Authenticator, AuthError
+from evserver.auth import AuthError
 from evserver.errors import ClientConnectionError, FrameTooLarge
 from evserver.testing import ThreadedServer, serve_in_thread
-from evserver.tls import server_context
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -174,7 +173,7 @@ def test_shared_key_handshake(run: Callable[..., Any]) -> None:
             async with AsyncClient(*address, shared_key="w" * 32, retries=0) as client:
                 await client.request("echo", 1)
 
-    with serve_in_thread(make_app(), auth=Authenticator({"default": KEY})) as server:
+    with serve_in_thread(make_app(), settings={"security.shared_keys": {"default": KEY}}) as server:
         run(main(server.address))
         assert server.counters["auth_failures"] == 1
     assert seen(server) == list(range(50))
@@ -203,8 +202,7 @@ def test_tls(tmp_path: Path, run: Callable[..., Any]) -> None:
         with pytest.raises(ClientConnectionError, match="certificate verify failed"):
             await AsyncClient(*address, tls=True).request("echo", 1)  # not the system's CA
 
-    ctx = server_context(pki.server_cert, pki.server_key)
-    with serve_in_thread(make_app(), ssl_context=ctx) as server:
+    with serve_in_thread(make_app(), settings=pki.settings()) as server:
         run(main(server.address))
     assert seen(server) == list(range(100))
 

@@ -22,8 +22,9 @@ IO_MODULES = frozenset({"socket", "ssl", "select", "selectors", "eventlet", "gre
 HUB_DOOR = "evserver._eventlet"
 #: Sans-I/O modules: bytes, data and rules only (eventlet may be replaced; these stay).
 PURE = frozenset({
-    "evserver.protocol", "evserver.forward", "evserver.auth", "evserver.config",
-    "evserver.app", "evserver.event", "evserver.errors",
+    "evserver.protocol", "evserver.forward", "evserver.native", "evserver.forward_session",
+    "evserver.states", "evserver.auth", "evserver.config", "evserver.app", "evserver.event",
+    "evserver.errors",
 })
 
 
@@ -134,6 +135,9 @@ def test_no_import_cycles() -> None:
 @pytest.mark.parametrize("name", sorted(PURE))
 def test_pure_modules_do_no_io(name: str) -> None:
     assert not GRAPH[name][1] & IO_MODULES, f"{name} imports {GRAPH[name][1] & IO_MODULES}"
+    # Nor does anything they import: a protocol that reached the hub would not be sans-I/O.
+    reached = {m for m in closure(name) if GRAPH[m][1] & IO_MODULES or m == HUB_DOOR}
+    assert reached == set()
 
 
 def test_what_dispatch_needs_does_no_io_but_through_the_hub_door() -> None:

@@ -305,3 +305,79 @@ def test_handlers_list_ordered_by_for_every_processor(cwd: Path) -> None:
     assert rows["acct.*"].endswith("ordered_by=account")
     assert rows["ping"].endswith("ordered_by=-")
     assert "ordered_by" not in rows["**"]
+
+
+def test_a_failing_handler_logs_its_traceback(server: ServerProcess) -> None:
+    """Point 2's other half: the server log (not the client) gets the handler's traceback."""
+    result = invoke("request", "fail", '"boom"', "--port", str(server.port))
+    assert result.exit_code == 1 and "ValueError: boom" in result.stderr
+    assert "Traceback" not in result.stderr  # clients get type and message only
+    log = server.log()
+    assert "Traceback (most recent call last):" in log
+    assert re.search(r'File ".*basic\.py", line \d+, in fail', log), log
+    assert 'raise ValueError(event.data or "bad id")' in log
+
+
+def test_timeout_zero_and_bad_types_are_usage_errors(server: ServerProcess) -> None:
+    result = invoke("ping", "--timeout", "0", "--port", str(server.port))
+    assert result.exit_code == 2 and "'--timeout': 0.0 is not in the range x>0" in result.stderr
+    for command in (["request", ""], ["send", "a b"], ["request", "order.*", "1"]):
+        result = invoke(*command, "--port", str(server.port))
+        assert result.exit_code == 2, (command, result.output)
+        assert "Invalid value for 'TYPE': an event type must be" in result.stderr
+
+
+def test_shell_completion_is_documented_and_works() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert 'eval "$(_EVSERVER_COMPLETE=bash_source evserver)"' in readme
+    script = Path(sys.executable).parent / "evserver"  # the console script pip installed
+    env = {**os.environ, "_EVSERVER_COMPLETE": "bash_complete", "COMP_WORDS": "evserver che",
+           "COMP_CWORD": "1"}
+    result = subprocess.run([str(script)], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0 and "plain,check" in result.stdout.splitlines()
+    env["_EVSERVER_COMPLETE"] = "bash_source"
+    result = subprocess.run([str(script)], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0 and "_evserver_completion()" in result.stdout
+
+
+# ------------------------------------------------------------- point 15: evserver top
+
+
+def read_until(proc: subprocess.Popen[bytes], *texts: bytes, timeout: float = 20) -> bytes:
+    """What ``proc`` wrote until its last screen (after the last clear) holds all ``texts``
+    (bounded); fails if it never does."""
+    import select
+    import time
+
+    out = b""
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while not all(t in out.rsplit(b"\x1b[2J", 1)[-1] for t in texts):
+        assert time.monotonic() < deadline, out[-3000:]
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, out[-3000:]
+            out += chunk
+    return out
+
+
+def test_top_waits_for_a_restarting_server_and_fits_80_columns(
+        server_factory: ServerFactory) -> None:
+    admin = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
+    env.update(PYTHONPATH=str(REPO), COLUMNS="80")
+    top = subprocess.Popen(
+        [sys.executable, "-m", "evserver", "top", "--interval", "0.1", "--iterations", "300",
+         "--admin", f"http://127.0.0.1:{admin}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        screen = read_until(top, b"waiting for the server")
+        assert b"Connection refused" in screen and top.poll() is None
+        server = server_factory(f"{APPS}/basic.py:app", "--admin-port", str(admin))
+        assert invoke("send", "echo", "1", "--ack", "--port", str(server.port)).exit_code == 0
+        screen = read_until(top, b"echo", b"latency is sampled", b"QUEUED  ERRORS\n")
+        frame = screen.rsplit(b"\x1b[2J", 1)[-1].decode()
+        assert max(len(line) for line in frame.splitlines()) <= 80, frame
+    finally:
+        top.kill()
+        top.wait()

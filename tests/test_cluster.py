@@ -347,3 +347,26 @@ def test_redis_restarting_with_aof_loses_nothing_acknowledged(
         with Client(*node.address) as client:
             client.send_many([("count", {"key": "after", "n": n}) for n in range(100)],
                              ack=True)
+
+
+def test_sigterm_hands_partitions_over_without_loss_or_duplicates(
+        server_factory, redis_factory, tmp_path):
+    redis = redis_factory()
+    record = tmp_path / "runs"
+    a, b = start_nodes(server_factory, redis, 2, record)
+    wait_balanced(redis, [a, b])
+    streamers = stream([a], 300_000, clients=2)
+
+    def progress():
+        return sum(s.progress for s in streamers)
+
+    wait_for(lambda: progress() >= 2000, 60, "some events")
+    assert b.stop(signal.SIGTERM) == 0  # drains, finishes and acks, releases its leases
+    left = progress()
+    wait_for(lambda: set(owners(redis).values()) == {a.proc.pid}, 10, "A to own everything")
+    wait_for(lambda: progress() >= left + 2000, 60, "more events after B left")
+    for s in streamers:
+        s.halt = True
+    acked = finish(streamers)
+    assert check_runs(record, acked) == 0
+    assert "left" in b.log()

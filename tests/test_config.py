@@ -15,7 +15,6 @@ from evserver.config import (
     Config,
     click_options,
     load_config,
-    parse_users,
     render_default_toml,
     settings_table_markdown,
 )
@@ -242,7 +241,7 @@ def test_readme_settings_table_is_current():
 def test_forward_users_pairs() -> None:
     key = {"EVSERVER_FORWARD_SHARED_KEY": "s3cret"}
     cfg = load_config(env={**key, "EVSERVER_FORWARD_USERS": "alice:pw:1, bob:x"})
-    assert parse_users(cfg.forward.users) == {"alice": "pw:1", "bob": "x"}
+    assert cfg.forward.users == {"alice": "pw:1", "bob": "x"}  # parsed once, when read
     with pytest.raises(ConfigError, match=r"forward.users: expected name:password pairs"):
         load_config(env={**key, "EVSERVER_FORWARD_USERS": "alice"})
 

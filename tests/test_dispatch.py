@@ -82,6 +82,30 @@ def test_the_empty_type_is_routed_like_any_other() -> None:
     assert sink.jobs[0].failure(0, 1000) is None
 
 
+def test_idle_pool_workers_keep_no_finished_job_alive() -> None:
+    """A worker waiting for its next job used to hold its last one (events and replies)
+    until then: up to pool_size jobs of memory kept after the traffic ended (the soak found
+    a worker 3x its size after a few clients that stopped reading 16 KiB replies)."""
+    import gc
+
+    app = App()
+    app.processor("big")(lambda event: b"x" * 16384)
+    dispatcher, sink = Dispatcher(app, pool_size=4), Sink()
+    dispatcher.start()
+    for _ in range(8):
+        dispatcher.submit(Job(sink, [Event("big", None)], frozenset({0})))
+    for _ in range(500):  # bounded: the 8 jobs finish in a few hub turns
+        if len(sink.jobs) == 8:
+            break
+        eventlet.sleep(0.01)
+    assert [len(job.values[0]) for job in sink.jobs] == [16384] * 8
+    sink.jobs.clear()
+    eventlet.sleep(0)  # every worker is back waiting for work
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, Job)] == []
+    assert dispatcher.stop(timeout=5)
+
+
 class Answers:
     def __init__(self) -> None:
         self.jobs: list[Job] = []

@@ -26,19 +26,21 @@ from typing import Any
 
 import msgpack
 import pytest
+from click.testing import CliRunner
 from conftest import APPS, ServerFactory, ServerProcess, free_port
 from fluent import asyncsender, handler, sender
 from rawpeer import RawPeer
 
 from evserver import Client
 from evserver import protocol as p
-from evserver.app import App
+from evserver.cli import main
 from evserver.dispatch import Job
 from evserver.event import TYPE_RULE, Event
+from evserver.forward import ForwardConnection as ForwardDecoder
 from evserver.forward import ack_bytes
-from evserver.forward_server import ForwardConnection, ForwardSettings
+from evserver.forward_session import ForwardProtocol
+from evserver.metrics import new_counters
 from evserver.plan import Failure
-from evserver.server import Server
 
 APP = f"{APPS}/forward_app.py:app"
 T0 = 1_700_000_000
@@ -231,33 +233,21 @@ def test_failed_request_is_not_acked_and_the_connection_closes(
 
 
 def test_unit_acks_wait_for_earlier_requests_and_stop_at_a_failure() -> None:
-    """Jobs of one connection may finish out of order; acks must not."""
-    written: list[bytes] = []
+    """Jobs of one connection may finish out of order; acks must not (sans-I/O)."""
+    counters = new_counters("forward")
+    proto = ForwardProtocol(ForwardDecoder(), counters=counters, job_events=64)
+    proto.chunks = {1: "a", 2: "b", 3: "c", 4: "d"}
+    events = {n: Event("t", n) for n in (1, 2, 3, 4)}
 
-    class Sock:
-        def sendall(self, data: bytes) -> None:
-            written.append(data)
+    def job(*numbers: int) -> Job:
+        return Job(proto, [events[n] for n in numbers], context=[(n, 1) for n in numbers])
 
-        def shutdown(self, how: int) -> None:
-            written.append(b"<shutdown>")
-
-    server = Server(App("t"), port=0, forward=ForwardSettings(port=0))
-    conn = ForwardConnection(server, Sock(), ("127.0.0.1", 1), ForwardSettings(port=0))
-    frames = [p.Frame(p.BATCH, n, [Event("t", n)]) for n in (1, 2, 3, 4)]
-    conn.chunks = {1: "a", 2: "b", 3: "c", 4: "d"}
-    conn.jobs = 3
-
-    def job(frames: list[p.Frame]) -> Job:
-        return Job(conn, [f.body[0] for f in frames], context=frames)
-
-    conn.job_done(job(frames[1:2]))
-    assert written == []
-    conn.job_done(job(frames[0:1]))
-    assert written == [ack_bytes("a") + ack_bytes("b")]
-    failed = job(frames[2:4])
+    assert proto.job_done(job(2)) == (b"", None)
+    assert proto.job_done(job(1)) == (ack_bytes("a") + ack_bytes("b"), None)
+    failed = job(3, 4)
     failed.failures[id(failed.events[0])] = Failure("handler_error", "RuntimeError", "boom")
-    conn.job_done(failed)
-    assert written[1:] == [b"<shutdown>"] and conn.jobs == 0 and not conn.chunks
+    assert proto.job_done(failed) == (b"", "request failed")  # no ack for 4 either: closing
+    assert not proto.chunks and counters["forward_unacked"] == 1
 
 
 # --------------------------------------------------------------------------- handshake
@@ -441,3 +431,15 @@ def test_integer_record_keys_are_accepted_end_to_end(forward: Callable[..., Forw
         assert read_msgs(sock, 1) == [{"ack": "b"}]
     assert [e["data"] for e in f.wait_events(2)] == [{"1": "one"}, {"k": 2}]
     assert f.counters()["forward_errors"] == 0
+
+
+def test_evserver_stats_shows_the_forward_counters(forward: Callable[..., Forward]) -> None:
+    f = forward()
+    with f.connect() as sock:
+        sock.sendall(fwd("shown", [[T0, {"n": 1}], [T0, {"n": 2}]], chunk="s1"))
+        assert read_msgs(sock, 1) == [{"ack": "s1"}]
+    f.wait_events(2)
+    result = CliRunner().invoke(main, ["stats", "--admin", f"http://127.0.0.1:{f.admin}"])
+    assert result.exit_code == 0, result.output
+    assert ("forward: connections 1, requests 1, events 2, skipped 0, errors 0, "
+            "auth failures 0, unacked 0, heartbeats 0") in result.output

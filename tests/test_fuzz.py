@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from evserver import App, Client, Event
 from evserver import protocol as p
-from evserver.auth import Authenticator
 from evserver.errors import ProtocolError
 from evserver.testing import serve_in_thread
 
@@ -185,9 +184,9 @@ def live(request: pytest.FixtureRequest):
     errors = _Errors()
     log = logging.getLogger("evserver")
     log.addHandler(errors)
-    auth = Authenticator({"default": "f" * 32}) if request.param == "auth" else None
-    with serve_in_thread(app, max_frame_bytes=MAX, auth=auth, handshake_timeout=5,
-                         idle_timeout=5) as server:
+    auth = {"security.shared_key": "f" * 32} if request.param == "auth" else {}
+    with serve_in_thread(app, max_frame_bytes=MAX, idle_timeout=5,
+                         settings={"security.handshake_timeout": 5, **auth}) as server:
         yield server, app, errors, request.param
     log.removeHandler(errors)
 

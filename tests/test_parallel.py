@@ -183,7 +183,7 @@ def test_ordered_keys_in_pipelined_single_event_frames() -> None:
 
 def test_ordered_keys_over_forward_run_in_parallel_in_order_per_key() -> None:
     log = OrderLog()
-    with serve_in_thread(_ordered_app(log), pool_size=64, forward=_forward()) as server:
+    with serve_in_thread(_ordered_app(log), pool_size=64, settings=FORWARD) as server:
         sock = socket.create_connection(server.forward.address, timeout=10)
         entries = [[1700000000, data] for _, data in _ordered_events(10, 20)]
         sock.sendall(msgpack.packb(["ordered", entries, {"chunk": "c1"}]))
@@ -198,10 +198,7 @@ def test_ordered_keys_over_forward_run_in_parallel_in_order_per_key() -> None:
     _check_order(log, 10, 20)
 
 
-def _forward() -> Any:
-    from evserver.forward_server import ForwardSettings
-
-    return ForwardSettings(port=0)
+FORWARD = {"forward.enabled": True, "forward.port": 0}
 
 
 def test_blocking_handlers_of_one_batch_run_in_parallel_native_threads() -> None:

@@ -29,6 +29,11 @@ KEY = "k" * 32
 OLD, NEW = "old-secret-0123456789", "new-secret-0123456789"
 
 
+def keys(**by_id: str) -> dict[str, object]:
+    """The settings accepting these shared keys, by key id."""
+    return {"security.shared_keys": by_id}
+
+
 def make_app() -> App:
     app = App()
     app.seen = []
@@ -100,7 +105,7 @@ def test_handshake_round_trip_and_tampering() -> None:
 
 def test_right_key_round_trip_and_server_info() -> None:
     app = make_app()
-    with serve_in_thread(app, auth=Authenticator({"default": KEY})) as server:
+    with serve_in_thread(app, settings=keys(default=KEY)) as server:
         with Client(*server.address, timeout=5, shared_key=KEY) as client:
             assert client.request("echo", {"x": 1}) == {"x": 1}
             assert client.server_info["auth"] == "hmac-sha256"
@@ -112,7 +117,7 @@ def test_right_key_round_trip_and_server_info() -> None:
 @pytest.mark.parametrize("key,key_id", [("w" * 32, None), (KEY, "other"), ("w" * 32, "default")])
 def test_wrong_key_refused_nothing_dispatched(key: str, key_id: str | None) -> None:
     app = make_app()
-    with serve_in_thread(app, auth=Authenticator({"default": KEY, "other": OLD})) as server:
+    with serve_in_thread(app, settings=keys(default=KEY, other=OLD)) as server:
         with pytest.raises(AuthError), Client(*server.address, timeout=5, shared_key=key,
                                               key_id=key_id, retries=0) as client:
             client.request("echo", 1)
@@ -122,7 +127,7 @@ def test_wrong_key_refused_nothing_dispatched(key: str, key_id: str | None) -> N
 
 def test_no_key_gets_auth_failed_and_nothing_dispatched() -> None:
     app = make_app()
-    with serve_in_thread(app, auth=Authenticator({"default": KEY})) as server:
+    with serve_in_thread(app, settings=keys(default=KEY)) as server:
         with pytest.raises(RemoteError) as info, Client(*server.address, timeout=5,
                                                         retries=0) as client:
             client.request("echo", 1)
@@ -142,7 +147,7 @@ def test_no_key_gets_auth_failed_and_nothing_dispatched() -> None:
 def test_replayed_handshake_refused() -> None:
     """A recorded client HELLO is bound to the nonce of the connection it was made for."""
     app = make_app()
-    with serve_in_thread(app, auth=Authenticator({"default": KEY})) as server:
+    with serve_in_thread(app, settings=keys(default=KEY)) as server:
         with socket.create_connection(server.address, timeout=5) as sock:
             reader = p.FrameReader(p.CLIENT_RECEIVES)
             snonce = hello(sock, reader).body["nonce"]
@@ -163,7 +168,7 @@ def test_replayed_handshake_refused() -> None:
 
 def test_events_pipelined_behind_the_hello_are_served() -> None:
     app = make_app()
-    with serve_in_thread(app, auth=Authenticator({"default": KEY})) as server:
+    with serve_in_thread(app, settings=keys(default=KEY)) as server:
         with socket.create_connection(server.address, timeout=5) as sock:
             reader = p.FrameReader(p.CLIENT_RECEIVES)
             snonce = hello(sock, reader).body["nonce"]
@@ -180,11 +185,11 @@ def test_events_pipelined_behind_the_hello_are_served() -> None:
 def test_key_rotation_without_downtime() -> None:
     """Old and new keys side by side: clients with either work, by id or by trying all."""
     app = make_app()
-    with serve_in_thread(app, auth=Authenticator({"old": OLD, "new": NEW})) as server:
+    with serve_in_thread(app, settings=keys(old=OLD, new=NEW)) as server:
         for key, key_id in ((OLD, "old"), (NEW, "new"), (OLD, None), (NEW, None)):
             with Client(*server.address, timeout=5, shared_key=key, key_id=key_id) as client:
                 assert client.request("echo", key_id) == key_id
-    with serve_in_thread(app, auth=Authenticator({"new": NEW})) as server:  # old key retired
+    with serve_in_thread(app, settings=keys(new=NEW)) as server:  # old key retired
         with Client(*server.address, timeout=5, shared_key=NEW) as client:
             assert client.request("echo", "still") == "still"
         with pytest.raises(AuthError), Client(*server.address, timeout=5, shared_key=OLD,
@@ -204,8 +209,8 @@ def test_client_refuses_a_server_that_does_not_authenticate() -> None:
 
 def test_slow_unauthenticated_peer_dropped_at_handshake_timeout() -> None:
     app = make_app()
-    with serve_in_thread(app, auth=Authenticator({"default": KEY}),
-                         handshake_timeout=0.5) as server:
+    settings = {**keys(default=KEY), "security.handshake_timeout": 0.5}
+    with serve_in_thread(app, settings=settings) as server:
         with socket.create_connection(server.address, timeout=10) as sock:
             reader = p.FrameReader(p.CLIENT_RECEIVES)
             hello(sock, reader)
@@ -222,7 +227,7 @@ def test_slow_unauthenticated_peer_dropped_at_handshake_timeout() -> None:
 
 def test_unauthenticated_peer_holds_a_small_buffer_only() -> None:
     app = make_app()
-    with serve_in_thread(app, auth=Authenticator({"default": KEY})) as server:
+    with serve_in_thread(app, settings=keys(default=KEY)) as server:
         with socket.create_connection(server.address, timeout=5) as sock:
             reader = p.FrameReader(p.CLIENT_RECEIVES)
             hello(sock, reader)
@@ -257,7 +262,7 @@ def test_failures_are_logged_rate_limited_with_peer(caplog: pytest.LogCaptureFix
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_handler_errors_carry_type_and_message_only(debug: bool) -> None:
-    with serve_in_thread(make_app(), debug=debug) as server, Client(
+    with serve_in_thread(make_app(), settings={"security.debug": debug}) as server, Client(
             *server.address, timeout=5) as client, pytest.raises(RemoteError) as info:
         client.request("boom")
     assert info.value.type == "ValueError"

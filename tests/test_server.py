@@ -116,7 +116,7 @@ def test_ack_fire_and_forget_batch_and_ping(app, peer):
     assert app.audited.count("order.c") == 100
 
 
-def test_handler_errors_are_error_frames(peer):
+def test_handler_errors_are_error_frames(app, peer):
     peer.send(p.encode_event(1, ["fail", 3], request=True)
               + p.encode_event(2, ["nothing.here", 1], request=True)
               + p.encode_event(3, ["only.listened", 1], request=True)
@@ -126,11 +126,12 @@ def test_handler_errors_are_error_frames(peer):
     f = peer.by_corr(5)
     assert f[1].body == ("handler_error", "ValueError", "bad 3")
     assert f[2].body[:2] == ("no_handler", "RoutingError")
-    assert f[3].body[:2] == ("no_handler", "RoutingError")  # listeners ran, but no processor
+    assert f[3].body[:2] == ("no_handler", "RoutingError")  # no processor: nothing ran
     assert f[4].body[:2] == ("no_handler", "RoutingError")
     assert f[5].body[1] == "TypeError"
     # The connection is still healthy, and a fire-and-forget failure got no response.
     assert peer.request(7, "echo", "ok").body == "ok"
+    assert "only.listened" not in app.audited  # a refused request runs no listener either
 
 
 def test_listener_failure_nacks_an_ack_but_never_changes_a_reply(app, peer):

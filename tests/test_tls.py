@@ -20,7 +20,6 @@ from tlscerts import Pki, make_pki
 from evserver import App, Client
 from evserver import protocol as p
 from evserver._eventlet import eventlet
-from evserver.auth import Authenticator
 from evserver.errors import ClientConnectionError
 from evserver.testing import serve_in_thread
 from evserver.tls import client_context, server_context
@@ -101,8 +100,7 @@ def test_context_defaults(pki: Pki) -> None:
 
 def test_tls_round_trip(pki: Pki) -> None:
     app = make_app()
-    ctx = server_context(pki.server_cert, pki.server_key)
-    with serve_in_thread(app, ssl_context=ctx) as server:
+    with serve_in_thread(app, settings=pki.settings()) as server:
         with Client(*server.address, timeout=5, tls=True, cafile=str(pki.ca)) as client:
             assert client.request("echo", {"big": "x" * 200_000}) == {"big": "x" * 200_000}
             client.send_many([("echo", i) for i in range(100)], ack=True)
@@ -114,8 +112,7 @@ def test_tls_round_trip(pki: Pki) -> None:
 
 def test_wrong_ca_refused(pki: Pki, other_pki: Pki) -> None:
     app = make_app()
-    ctx = server_context(pki.server_cert, pki.server_key)
-    with serve_in_thread(app, ssl_context=ctx) as server, pytest.raises(
+    with serve_in_thread(app, settings=pki.settings()) as server, pytest.raises(
             ClientConnectionError, match="CERTIFICATE_VERIFY_FAILED"), Client(
             *server.address, timeout=5, cafile=str(other_pki.ca), retries=3) as client:
         client.request("echo", "secret")
@@ -124,8 +121,7 @@ def test_wrong_ca_refused(pki: Pki, other_pki: Pki) -> None:
 
 def test_client_cert_required(pki: Pki, other_pki: Pki) -> None:
     app = make_app()
-    ctx = server_context(pki.server_cert, pki.server_key, ca=pki.ca, require_client_cert=True)
-    with serve_in_thread(app, ssl_context=ctx) as server:
+    with serve_in_thread(app, settings=pki.settings(require_client_cert=True)) as server:
         with pytest.raises(ClientConnectionError), Client(
                 *server.address, timeout=5, cafile=str(pki.ca), retries=0) as client:
             client.request("echo", "no cert")
@@ -142,8 +138,8 @@ def test_client_cert_required(pki: Pki, other_pki: Pki) -> None:
 
 def test_plaintext_peer_on_tls_port(pki: Pki) -> None:
     app = make_app()
-    with serve_in_thread(app, ssl_context=server_context(pki.server_cert, pki.server_key),
-                         handshake_timeout=0.5) as server, socket.create_connection(
+    with serve_in_thread(app, settings=pki.settings(**{"security.handshake_timeout": 0.5})
+                         ) as server, socket.create_connection(
             server.address, timeout=10) as sock:
         sock.sendall(p.encode_event(1, ["echo", "plain"], request=True))
         assert not until_closed(sock).startswith(b"\x93")  # never a REPLY
@@ -153,8 +149,8 @@ def test_plaintext_peer_on_tls_port(pki: Pki) -> None:
 
 def test_tls_and_shared_key_together(pki: Pki) -> None:
     app = make_app()
-    with serve_in_thread(app, ssl_context=server_context(pki.server_cert, pki.server_key),
-                         auth=Authenticator({"default": KEY})) as server, Client(
+    with serve_in_thread(app, settings=pki.settings(**{"security.shared_key": KEY})
+                         ) as server, Client(
             *server.address, timeout=5, cafile=str(pki.ca), shared_key=KEY) as client:
         assert client.request("echo", "both") == "both"
 
@@ -163,8 +159,7 @@ def test_graceful_stop_keeps_tls_replies_encrypted(pki: Pki) -> None:
     """Stopping shuts the read side of each connection; on TLS sockets that must not drop
     the TLS layer, or the in-flight replies would go out in plaintext."""
     app = make_app()
-    ctx = server_context(pki.server_cert, pki.server_key)
-    with serve_in_thread(app, ssl_context=ctx) as server, Client(
+    with serve_in_thread(app, settings=pki.settings()) as server, Client(
             *server.address, timeout=10, cafile=str(pki.ca), retries=0) as client:
         result: list[object] = []
         worker = threading.Thread(target=lambda: result.append(client.request("slow", 0.3)))
@@ -216,12 +211,10 @@ def test_forward_over_tls_acks_and_turns_plaintext_away(pki: Pki) -> None:
     """Fluent Bit's ``tls on``: the Forward listener speaks TLS with the [tls] certificate."""
     import msgpack
 
-    from evserver.forward_server import ForwardSettings
-
     app = make_app()
-    with serve_in_thread(app, ssl_context=server_context(pki.server_cert, pki.server_key),
-                         handshake_timeout=0.5,
-                         forward=ForwardSettings(port=0, tls=True)) as server:
+    forward = {"forward.enabled": True, "forward.port": 0, "forward.tls": True,
+               "security.handshake_timeout": 0.5}
+    with serve_in_thread(app, settings=pki.settings(**forward)) as server:
         assert server.forward is not None
         address = server.forward.address
         with client_context(pki.ca).wrap_socket(socket.create_connection(address, timeout=10),

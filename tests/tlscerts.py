@@ -24,6 +24,15 @@ class Pki:
     client_cert: Path
     client_key: Path
 
+    def settings(self, *, require_client_cert: bool = False, **more: object) -> dict[str, object]:
+        """The ``[tls]`` settings serving with this server certificate (and, to require
+        client certificates, this CA), plus ``more`` settings by full name."""
+        tls: dict[str, object] = {"tls.cert": str(self.server_cert),
+                                  "tls.key": str(self.server_key)}
+        if require_client_cert:
+            tls.update({"tls.ca": str(self.ca), "tls.require_client_cert": True})
+        return {**tls, **more}
+
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

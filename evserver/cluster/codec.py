@@ -4,8 +4,9 @@ An entry (field ``d`` of a partition stream entry) is ``[origin, token, events]`
 node that appended it, the edge's token for the job, and per event ``[type, data, id, time,
 meta, index, want]``. ``index`` is the event's place in the edge's job; ``want`` says what
 the edge waits for: ``NOTHING``, ``ACK`` (to know it ran) or ``REPLY`` (a request's value).
-The event id is assigned by the edge, so every delivery of an event carries the same id and
-handlers can deduplicate on it.
+An event without a client-given id gets one derived from its place in the stream
+(``<stream entry id>/<index>``, see ``AppendedEvent``), so every delivery of it carries the
+same id and handlers can deduplicate on it, and the edge pays nothing for ids.
 
 A reply (field ``d`` of an inbox entry) is ``[token, partition, results]`` with ``[index,
 None, value]`` per request and ``[index, [code, type, message], None]`` per failed event
@@ -31,13 +32,45 @@ Outcome = tuple[int, Failed | None, Any]  # index, failure, value
 def encode_entry(origin: str, token: int, items: list[tuple[Event, int, int]]) -> bytes:
     """``items``: (event, index, want) in the order they must run."""
     return msgpack.packb([origin, token, [
-        [e.type, e.data, e.id, e.time, e._meta, index, want] for e, index, want in items]])
+        [e.type, e.data, e._id, e.time, e._meta, index, want] for e, index, want in items]])
 
 
-def decode_entry(raw: bytes) -> tuple[str, int, list[tuple[Event, int, int]]]:
+class AppendedEvent(Event):
+    """An event read from a partition stream. Without a client-given id, its id is its
+    place in the stream: ``<partition>:<entry id>/<index>``, the same on every delivery,
+    unique in the cluster, and formatted only if a handler reads it."""
+
+    __slots__ = ("_place",)
+
+    _place: tuple[str, int]
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            self._id = "%s/%d" % self._place  # noqa: UP031 (the fastest format here)
+        return self._id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._id = value
+
+
+_alloc = object.__new__
+
+
+def decode_entry(raw: bytes, place: str) -> tuple[str, int, list[tuple[Event, int, int]]]:
+    """``place``: ``<partition>:<entry id>``, the prefix of derived event ids."""
     origin, token, rows = msgpack.unpackb(raw, strict_map_key=False)
-    items = [(Event(t, data, eid, at, meta), index, want)
-             for t, data, eid, at, meta, index, want in rows]
+    items: list[tuple[Event, int, int]] = []
+    for etype, data, eid, at, meta, index, want in rows:
+        event = _alloc(AppendedEvent)  # the decoders' shortcut (evserver.event.decoded)
+        event.type = etype
+        event.data = data
+        event._id = eid
+        event.time = at
+        event._meta = meta
+        event._place = (place, index)
+        items.append((event, index, want))
     return origin, token, items
 
 

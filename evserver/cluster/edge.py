@@ -1,9 +1,9 @@
 """The edge: where a connection's jobs enter the cluster, and where their answers come back.
 
 The connection hands the edge a job exactly as it would hand it to the dispatcher
-(``submit``/``run_inline``). The edge splits the job's events by partition, appends one
-entry per partition in one pipelined round trip (in the reader's green thread, so a slow
-Redis slows that reader: backpressure, as a full queue would), and completes the job once:
+(``submit``/``run_inline``). The edge splits the job's events by partition into one entry
+per partition, which the node's appender sends with everything else queued meanwhile (see
+``Edge``), and completes the job once:
 
 - with ``ack = "processed"``, when every partition's owner has reported, through this
   node's inbox, that its events ran (with their failures and reply values): the job
@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from .._eventlet import eventlet
 from ..dispatch import Job
 from ..event import Event
 from ..plan import Failure
@@ -34,11 +35,31 @@ from .partition import split
 log = logging.getLogger("evserver.cluster")
 
 KeyOf = Callable[[Event], Any]
+MAX_QUEUED = 256  # jobs waiting for the appender before readers block
+
+
+class _Append:
+    """One job's entries, queued for the appender."""
+
+    __slots__ = ("entries", "job", "token", "waits")
+
+    def __init__(self, job: Job, token: int, waits: bool, entries: list[tuple[str, bytes]]):
+        self.job = job
+        self.token = token
+        self.waits = waits
+        self.entries = entries
 
 
 class Edge:
     """Appends jobs to the partition streams and completes them (the dispatcher's
-    ``submit``/``run_inline`` contract)."""
+    ``submit``/``run_inline`` contract).
+
+    Readers do not wait for Redis: they queue their job's entries (blocking only while
+    ``MAX_QUEUED`` jobs wait, which is the backpressure) and go on reading. One appender
+    green thread sends everything queued meanwhile in one pipeline (group commit), so a
+    busy node pays one round trip for many jobs. The queue is FIFO, so the entries of one
+    connection reach each stream in the order it sent them.
+    """
 
     def __init__(self, node: NodeView) -> None:
         self.node = node
@@ -47,6 +68,16 @@ class Edge:
         self._tokens = itertools.count(1)
         self._waiting: dict[int, tuple[Job, set[int]]] = {}  # token -> job, partitions owed
         self._keys: dict[str, KeyOf | None] = {}
+        self._queue: Any = eventlet.queue.LightQueue(MAX_QUEUED)
+        self._appender: Any = None
+
+    def start(self) -> None:
+        self._appender = eventlet.spawn(self._run_appender)
+
+    def stop(self) -> None:
+        """After the connections drained (nothing is queued any more)."""
+        if self._appender is not None:
+            self._appender.kill()
 
     # ------------------------------------------------------------------ the dispatcher's contract
 
@@ -76,27 +107,58 @@ class Edge:
         parts = split(events, self._key_of, self.partitions)
         token = next(self._tokens)
         owed = {part for part, idx in parts.items() if any(wants[i] for i in idx)}
-        if owed:
+        # Registered before appending: while XADD is in flight, this node may own the
+        # partition, run the entry and report (``on_reply``) before the append returns.
+        waits = bool(owed)
+        if waits:
             self._waiting[token] = (job, owed)
         keys = node.keys
+        entries = [(keys.stream(part), codec.encode_entry(
+            node.id, token, [(events[i], i, wants[i]) for i in idx]))
+            for part, idx in parts.items()]
+        self._queue.put(_Append(job, token, waits, entries))
+
+    def _run_appender(self) -> None:
+        queue = self._queue
+        while True:
+            batch = [queue.get()]
+            while not queue.empty() and len(batch) < MAX_QUEUED:
+                batch.append(queue.get_nowait())
+            self._flush(batch)
+
+    def _flush(self, batch: list[_Append]) -> None:
+        node = self.node
         pipe = node.redis.pipeline(transaction=False)
-        for part, idx in parts.items():
-            entry = codec.encode_entry(node.id, token, [(events[i], i, wants[i]) for i in idx])
-            pipe.xadd(keys.stream(part), {codec.FIELD: entry})
+        for item in batch:
+            for stream, entry in item.entries:
+                pipe.xadd(stream, {codec.FIELD: entry})
         try:
-            pipe.execute()
+            results = pipe.execute(raise_on_error=False)
         except node.redis_errors as exc:
-            self._waiting.pop(token, None)
-            node.count("append_errors")
-            node.log_error("append", "cannot append to Redis: %s", exc)
-            job.broken = Failure("cluster_unavailable", "ClusterError",
-                                 f"the cluster's Redis is unavailable: {exc}")
-            job.sink.job_done(job)
-            return
-        node.count("appended_entries", len(parts))
-        node.count("appended_events", len(events))
-        if not owed:
-            job.sink.job_done(job)
+            results = [exc] * len(pipe)
+        at = 0
+        for item in batch:
+            n = len(item.entries)
+            failed = next((r for r in results[at:at + n] if isinstance(r, Exception)), None)
+            at += n
+            if failed is not None:
+                self._failed(item, failed)
+                continue
+            node.count("appended_entries", n)
+            node.count("appended_events", len(item.job.events))
+            if not item.waits:
+                item.job.sink.job_done(item.job)
+
+    def _failed(self, item: _Append, exc: BaseException) -> None:
+        """Fail a job Redis did not take (all of it: the client resends)."""
+        node = self.node
+        if item.waits and self._waiting.pop(item.token, None) is None:
+            return  # an owner ran and reported it all the same: it is complete
+        node.count("append_errors")
+        node.log_error("append", "cannot append to Redis: %s", exc)
+        item.job.broken = Failure("cluster_unavailable", "ClusterError",
+                                  f"the cluster's Redis is unavailable: {exc}")
+        item.job.sink.job_done(item.job)
 
     def _key_of(self, event: Event) -> Any:
         """The ordered_by key of the event's processor, or None (no order needed)."""

@@ -7,7 +7,6 @@ from typing import Any, Protocol
 
 from ..app import App
 from ..dispatch import Dispatcher
-from . import ClusterSettings
 from .keys import Keys
 
 
@@ -23,7 +22,7 @@ class NodeView(Protocol):
     """What the edge and the partition owners need from their node."""
 
     id: str
-    settings: ClusterSettings
+    settings: Any  # the config's [cluster] table
     keys: Keys
     redis: Any
     redis_errors: tuple[type[BaseException], ...]

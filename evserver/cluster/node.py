@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from .._eventlet import eventlet
 from ..errors import ClusterError
 from ..logs import LogBudget
-from . import COUNTERS, codec, housekeeping
+from ..metrics import CLUSTER_COUNTERS
+from . import codec, housekeeping
 from .deadletters import StreamDeadLetters
 from .edge import Edge
 from .keys import Keys
@@ -31,7 +32,6 @@ from .leases import HEARTBEAT, RELEASE, RENEW, assigned
 from .owner import FENCED, RUNNING, Acker, PartitionOwner
 
 if TYPE_CHECKING:
-    from . import ClusterSettings
     from .host import ServerView
 
 log = logging.getLogger("evserver.cluster")
@@ -59,7 +59,8 @@ def connect(url: str, max_connections: int) -> Any:
 
 
 class Node:
-    def __init__(self, server: ServerView, settings: ClusterSettings) -> None:
+    def __init__(self, server: ServerView, settings: Any) -> None:
+        """``settings`` is the config's ``[cluster]`` table, taken whole."""
         import redis
 
         self.server = server
@@ -70,7 +71,7 @@ class Node:
         self.redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self.lease_ms = int(settings.lease * 1000)
         self.period = min(1.0, settings.lease / 4)
-        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.counters = dict.fromkeys(CLUSTER_COUNTERS, 0)
         self.live: list[str] = []
         self.owners: dict[int, PartitionOwner] = {}
         self.edge = Edge(self)
@@ -96,6 +97,7 @@ class Node:
             housekeeping.create_groups(self.redis, self.keys, self.settings.partitions)
             self._open_inbox()
             self.acker.start()
+            self.edge.start()
             self._tick()
         except self.redis_errors as exc:
             raise ClusterError(f"cannot use the cluster's Redis at {self.settings.url}: "
@@ -113,6 +115,7 @@ class Node:
         while self.owners and time.monotonic() < deadline:
             eventlet.sleep(0.01)  # owners end within one blocking read (0.5 s) plus drain
         self.acker.stop()
+        self.edge.stop()
         for glet in self._glets:
             glet.kill()
         try:
@@ -173,6 +176,9 @@ class Node:
                                            if o.state == RUNNING])
             if not self.redis.expire(self.inbox, int(INBOX_TTL)):
                 self._open_inbox()  # Redis lost it (restarted without persistence)
+        # What the inbox reader has read is done with: keep the inbox short (once a tick,
+        # not once a read: a round trip per read would cost as much as the read).
+        self.redis.xtrim(self.inbox, minid=self._inbox_from)
 
     def owner_ended(self, owner: PartitionOwner) -> None:
         if self.owners.get(owner.partition) is owner:
@@ -209,10 +215,6 @@ class Node:
                         self.edge.on_reply(*codec.decode_reply(raw))
                     except Exception:
                         log.exception("bad report in the inbox: %r", raw[:200])
-                try:  # what was read is done with: keep the inbox short
-                    self.redis.xtrim(self.inbox, minid=self._inbox_from)
-                except self.redis_errors:
-                    pass  # trimmed at the next read
 
     # ------------------------------------------------------------------ reporting
 

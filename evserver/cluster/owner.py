@@ -151,7 +151,8 @@ class PartitionOwner:
         if not self.valid():
             return  # left pending for the next owner
         try:
-            origin, token, items = codec.decode_entry(fields[codec.FIELD])
+            origin, token, items = codec.decode_entry(
+                fields[codec.FIELD], f"{self.partition}:{_text(eid)}")
         except Exception as exc:  # not ours, or corrupted: nothing could ever run it
             node.dead_letters.entry_undecodable(self.stream, eid, fields, exc)
             node.acker.ack(self.stream, eid, None, None)
