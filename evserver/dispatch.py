@@ -53,7 +53,7 @@ from .work import Job, Listeners, Shared
 
 log = logging.getLogger("evserver.dispatch")
 
-YIELD_EVERY = 64  # events between cooperative yields, so one big job cannot starve the hub
+YIELD_EVERY = 64  # events between cooperative yields in a job of more than twice as many
 # One event in about this many is timed for the latency histograms: timing every event
 # would cost ~25% of the dispatch path; sampling costs one compare per event (~3%).
 SAMPLE_EVERY = 128
@@ -284,8 +284,10 @@ class Dispatcher:
         first = second = None  # the plans called bare, in this order (see _bare)
         func = listener = None  # their functions
         run = processed = 0
-        # A job that needs no yield in the middle is iterated directly: islice costs ~10 %.
-        chunks = len(job.events) > YIELD_EVERY
+        # A job of up to two chunks (a batch of 100, say) runs without a pause: the reader
+        # yields after every read anyway, and islice plus a hub switch cost ~10 % of such a
+        # job. Longer ones pause every YIELD_EVERY events.
+        chunks = len(job.events) > 2 * YIELD_EVERY
         while True:
             for event in itertools.islice(cursor, YIELD_EVERY) if chunks else cursor:
                 if event.type != etype:

@@ -188,6 +188,18 @@ def test_cpu_spin_and_listener_over_request_reply(capsys: pytest.CaptureFixture[
     assert "p99_us" in entry["evserver"]
 
 
+@pytest.mark.timeout(90)
+def test_paced_fire_and_forget_with_waits_counts_every_event(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The PING's answer proves dispatch, not completion: the run ends when evserver's
+    /stats has counted every event sent (bench.main fails otherwise)."""
+    modes = run_bench(capsys, "--mode", "batch", "--batch", "10", "--rate", "2000",
+                      "--handler-wait", "2", "--target", "evserver")
+    entry = modes["batch"]
+    assert entry["evserver"]["events"] > 0 and entry["asyncio"]["events"] > 0
+    assert entry["bound"]["events_per_s"] == 2000
+
+
 def test_listener_option_gives_every_bench_event_a_listener(
         monkeypatch: pytest.MonkeyPatch) -> None:
     costs, app = importlib.import_module("bench_costs"), importlib.import_module("bench_app")
