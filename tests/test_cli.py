@@ -20,8 +20,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import APPS, REPO, ServerFactory, ServerProcess, free_port
+from tlscerts import make_pki
 
+from evserver import App
 from evserver.cli import main
+from evserver.deadletters import DeadLetter, DeadLetterStore
+from evserver.testing import serve_in_thread
 
 KEY = "k" * 24
 
@@ -102,6 +106,31 @@ def run_serve(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "evserver", "serve", *args],
                           capture_output=True, text=True, timeout=60, env=env, cwd=cwd,
                           stdin=subprocess.DEVNULL)
+
+
+def test_client_commands_use_the_configured_tls(cwd: Path, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    app = App()
+    app.processor("echo")(lambda event: event.data)
+    with serve_in_thread(app, settings=pki.settings()) as server:
+        port = server.address[1]
+        assert invoke("ping", "--port", str(port), "--timeout", "2").exit_code == 1  # plain
+        write_config(cwd, f'[server]\nport = {port}\n[tls]\ncert = "{pki.server_cert}"\n'
+                          f'key = "{pki.server_key}"\nca = "{pki.ca}"\n')
+        result = invoke("request", "echo", "[5]")
+        assert result.exit_code == 0 and json.loads(result.stdout) == [5], result.output
+
+
+def test_dead_letters_replay_reaches_the_configured_server(server: ServerProcess,
+                                                          cwd: Path) -> None:
+    with DeadLetterStore(str(cwd / "dl")) as store:
+        store.append(DeadLetter("echo", {"n": 1}, "dl-1", 1.5, {}, "app.echo", "processor",
+                                "ValueError", "bad", "Traceback...", 1, 100.0))
+    write_config(cwd, f'[server]\nport = {server.port}\n[dead_letters]\npath = "dl"\n')
+    result = invoke("dead-letters", "replay")
+    assert result.exit_code == 0 and result.stdout == "replayed 1, failed 0\n", result.output
+    with DeadLetterStore(str(cwd / "dl")) as store:
+        assert list(store.read()) == []
 
 
 # ---------------------------------------------- point 2: an app import error shows a traceback
