@@ -25,10 +25,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -59,6 +60,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def evserver_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of an evserver subprocess: this checkout first on PYTHONPATH, and no
+    ``EVSERVER_*`` variable of the developer's leaking in; then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def launch(*args: str, cwd: Path, log: Path | None = None, env: dict[str, str] | None = None,
+           stderr: int | None = None) -> subprocess.Popen[bytes]:
+    """The one way the tests start evserver: ``python -m evserver ARGS`` in ``cwd`` with
+    ``evserver_env(env)``, stdout and stderr appended to ``log`` (or stderr to ``stderr``)."""
+    out: Any = log.open("ab") if log is not None else subprocess.DEVNULL
+    try:
+        return subprocess.Popen([sys.executable, "-m", "evserver", *args], cwd=cwd,
+                                env=evserver_env(env), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out if log is not None else stderr)
+    finally:
+        if log is not None:
+            out.close()
 
 
 class ServerProcess:
@@ -137,18 +162,11 @@ def server_factory(request: pytest.FixtureRequest,
     def start(app_spec: str, *extra_args: str, env: dict[str, str] | None = None,
               port: int | None = None) -> ServerProcess:
         port = free_port() if port is None else port
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
-        environ["EVSERVER_ADMIN_PORT"] = "0"  # a busy admin port refuses the start
-        environ["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(REPO), environ.get("PYTHONPATH")]))
-        environ.update(env or {})
         log_path = workdir / f"server-{len(servers)}-{port}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "evserver", "serve", app_spec,
-                 "--host", "127.0.0.1", "--port", str(port), *extra_args],
-                cwd=workdir, env=environ, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )
+        # EVSERVER_ADMIN_PORT=0: a busy admin port would refuse the start.
+        proc = launch("serve", app_spec, "--host", "127.0.0.1", "--port", str(port),
+                      *extra_args, cwd=workdir, log=log_path,
+                      env={"EVSERVER_ADMIN_PORT": "0", **(env or {})})
         server = ServerProcess(proc, "127.0.0.1", port, log_path)
         servers.append(server)
         server.wait_ready()
@@ -231,3 +249,39 @@ def redis_factory(
     yield start
     for server in started:
         server.stop(signal.SIGKILL)
+
+
+def crash_mid_stream(server_factory: ServerFactory, app_spec: str, env: dict[str, str],
+                     work: Callable[[tuple[str, int], Callable[[], None]], None]
+                     ) -> ServerProcess:
+    """Start ``app_spec``, run ``work(address, crash)`` in a thread, and when it calls
+    ``crash()`` SIGKILL the server and start another on the same port. ``crash()`` returns
+    once the first server is dead, so whatever the client had in flight is lost to it.
+    Returns the second server after ``work`` finished; raises what ``work`` raised."""
+    first = server_factory(app_spec, env=env)
+    in_flight, killed = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def crash() -> None:
+        in_flight.set()
+        assert killed.wait(20)
+
+    def run() -> None:
+        try:
+            work(first.address, crash)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            in_flight.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert in_flight.wait(20)
+    first.stop(signal.SIGKILL)
+    killed.set()
+    second = server_factory(app_spec, env=env, port=first.port)
+    thread.join(40)
+    assert not thread.is_alive()
+    if errors:
+        raise errors[0]
+    return second
