@@ -42,7 +42,7 @@ Design decisions, and why:
   hands msgpack's key/value pairs to ``_text_keys``, which turns every key that is not str or
   bin into its text (``1`` -> ``"1"``) before any dict is built. The decoder is re-fed from
   the start of the request, which is why the connection keeps the bytes of the request in
-  progress (``_raw``).
+  progress (``_kept``).
 * EventTime (ext type 0) becomes float seconds wherever it appears, records included; Fluentd's
   unpacker registers it globally too. A float64 holds about 0.25 us at current epochs, so the
   float is an ``EventTime``, which also carries the exact integer nanoseconds (``ns``, read as
@@ -458,14 +458,14 @@ class ForwardConnection:
         "_error",
         "_fed",
         "_handshake",
+        "_kept",
+        "_kept_from",
         "_lenient",
         "_max_decompressed",
         "_max_request",
         "_outgoing",
         "_pending",
         "_pending_len",
-        "_raw",
-        "_raw_start",
         "_start",
         "_unpacker",
     )
@@ -492,8 +492,8 @@ class ForwardConnection:
         self._start = 0  # stream offset where the current request starts
         self._error: ProtocolError | None = None
         self._lenient = False  # see _relax
-        self._raw = bytearray()  # the bytes fed to the Unpacker from offset _raw_start on
-        self._raw_start = 0
+        self._kept = bytearray()  # the bytes fed to the Unpacker from offset _kept_from on
+        self._kept_from = 0
         self._handshake = handshake
         self._outgoing = bytearray(handshake.helo_bytes() if handshake is not None else b"")
 
@@ -520,7 +520,7 @@ class ForwardConnection:
         size = len(data)
         if not self._pending and size <= self._room():
             self._unpacker.feed(data)
-            self._raw += data
+            self._keep(data)
             self._fed += size
         else:
             self._pending.append(memoryview(bytes(data)))
@@ -610,7 +610,7 @@ class ForwardConnection:
                 pending[0] = view[room:]
                 view = view[:room]
             self._unpacker.feed(view)
-            self._raw += view
+            self._keep(view)
             n = len(view)
             self._fed += n
             self._pending_len -= n
@@ -618,15 +618,24 @@ class ForwardConnection:
             moved = True
         return moved
 
+    def _keep(self, data: bytes | memoryview) -> None:
+        """Remember bytes fed to the Unpacker, for ``_relax``; those of the requests decoded
+        since the last call are dropped first (once per read, not once per request)."""
+        done = self._start - self._kept_from
+        if done:
+            del self._kept[:done]
+            self._kept_from = self._start
+        self._kept += data
+
     def _relax(self) -> msgpack.Unpacker:
         """Switch to the lenient decoder, re-fed from the start of the failed request (a
         failed Unpacker cannot go on); return it."""
-        rest = bytes(self._raw[self._start - self._raw_start:])
+        rest = bytes(self._kept[self._start - self._kept_from:])
         self._lenient = True
         self._unpacker = _unpacker(self._max_request, lenient=True)
         self._unpacker.feed(rest)
-        self._raw = bytearray(rest)
-        self._fed, self._start, self._raw_start = len(rest), 0, 0
+        self._kept = bytearray(rest)
+        self._fed, self._start, self._kept_from = len(rest), 0, 0
         return self._unpacker
 
     def _next_message(self) -> tuple[Any, int] | None:
@@ -654,8 +663,6 @@ class ForwardConnection:
             end = unpacker.tell()
             size = end - self._start
             self._start = end
-            del self._raw[:end - self._raw_start]  # O(1): bytearray drops a prefix in place
-            self._raw_start = end
             if size > self._max_request:
                 raise RequestTooLarge(
                     f"request of {size} bytes exceeds max_request_bytes ({self._max_request})"
