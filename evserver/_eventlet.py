@@ -1,8 +1,9 @@
 """The one door to eventlet: import it quietly and monkey-patch at the right moment.
 
 eventlet is in maintenance mode; keeping every import of it (and of greenlet, which it runs
-on) behind this module keeps a later move to another loop small. A test
-(tests/test_architecture.py) holds the modules that may use this door to a short list.
+on) behind this module keeps a later move to another loop small. tests/test_architecture.py
+checks that no other module imports eventlet or greenlet, that the sans-I/O modules do not
+reach this door, and that the master does not either.
 """
 
 from __future__ import annotations

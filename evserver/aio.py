@@ -31,7 +31,7 @@ from . import auth as _auth
 from . import protocol as p
 from .errors import ClientConnectionError, RemoteError
 from .session import (
-    ClientSession,
+    ClientBase,
     ConnectionLost,
     EventTuple,
     packed_batches,
@@ -54,7 +54,7 @@ class _Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self.reason: str | None = None  # why we closed it, if we did
         self._loop = loop
-        self._paused = False
+        self.paused = False  # the transport's buffer is over its high-water mark
         self._drained: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,10 +92,10 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.paused = False
         self._wake()
 
     def _wake(self) -> None:
@@ -105,13 +105,13 @@ class _Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         """Wait while the transport's buffer is over its high-water mark (TCP pushback)."""
-        while self._paused and not self.closed.done():
+        while self.paused and not self.closed.done():
             if self._drained is None:
                 self._drained = self._loop.create_future()
             await self._drained
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """An asyncio evserver client over one connection, opened on first use.
 
     Arguments and errors are ``Client``'s: ``timeout`` bounds every wait (a connect attempt
@@ -125,40 +125,7 @@ class AsyncClient:
     ...     await client.request("order.created", {"id": 1})
     """
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 7878,
-        timeout: float = 10.0,
-        *,
-        retries: int = 5,
-        backoff: float = 0.1,
-        backoff_max: float = 2.0,
-        window: int = 16,
-        shared_key: str | bytes | None = None,
-        key_id: str | None = None,
-        ssl: _ssl.SSLContext | None = None,
-        tls: bool = False,
-        cafile: str | None = None,
-        certfile: str | None = None,
-        keyfile: str | None = None,
-        server_hostname: str | None = None,
-    ) -> None:
-        if window < 1 or retries < 0:
-            raise ValueError("window must be >= 1 and retries >= 0")
-        self._session = ClientSession(f"{host}:{port}", retries=retries, backoff=backoff,
-                                      backoff_max=backoff_max, shared_key=shared_key,
-                                      key_id=key_id)
-        if ssl is None and (tls or cafile or certfile):
-            from .tls import client_context
-
-            ssl = client_context(cafile, certfile, keyfile)
-        self.ssl = ssl
-        self.server_hostname = server_hostname or host
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        self.window = window
+    def _init_io(self) -> None:
         self._conn: _Connection | None = None
         self._opening: _Connection | None = None  # the connection a connect task is setting up
         self._connecting: asyncio.Task[_Connection] | None = None
@@ -167,15 +134,6 @@ class AsyncClient:
         self._out: list[bytes] = []  # frames written in this loop iteration, sent together
         self._out_bytes = 0
         self._epoch = 0  # bumped whenever the connection changes: waits restart their clock
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def server_info(self) -> dict[str, Any]:
-        """The server's HELLO info (``server``, ``max_frame_bytes``, ...), once received."""
-        return self._session.server_info
 
     # ------------------------------------------------------------------ public API
 
@@ -319,7 +277,8 @@ class AsyncClient:
             if conn is None:
                 conn = await self._connected()
             self._write(wire)
-        await conn.drain()
+        if conn.paused:  # TCP pushback; checked here to spare a coroutine per frame
+            await conn.drain()
 
     def _write(self, wire: bytes) -> None:
         """Queue a frame for the current connection; it leaves with the others
@@ -409,7 +368,15 @@ class AsyncClient:
         if task is None:
             task = self._connecting = asyncio.ensure_future(self._connect())
             task.add_done_callback(_retrieve)
-        return await asyncio.shield(task)  # one caller's cancellation must not stop it
+        try:
+            return await asyncio.shield(task)  # one caller's cancellation must not stop it
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                # ``close()`` stopped the connect this call was waiting for.
+                raise ClientConnectionError(f"the client for {self.address} was closed") \
+                    from None
+            raise
 
     async def _connect(self) -> _Connection:
         """Open a connection (with backoff between attempts) and re-send unanswered frames.

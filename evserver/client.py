@@ -29,7 +29,7 @@ from typing import Any
 from . import auth as _auth
 from . import protocol as p
 from .errors import ClientConnectionError, RemoteError
-from .session import ClientSession, EventTuple, packed_batches, remote_error, wire_event
+from .session import ClientBase, EventTuple, packed_batches, remote_error, wire_event
 from .session import ConnectionLost as _Lost
 
 __all__ = ["Client", "EventTuple"]
@@ -41,7 +41,7 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-class Client:
+class Client(ClientBase):
     """A blocking evserver client over one TCP connection, opened on first use.
 
     ``timeout`` bounds every wait for the server (a connect attempt, a write, an answer).
@@ -62,53 +62,11 @@ class Client:
     ...     client.request("order.created", {"id": 1})
     """
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 7878,
-        timeout: float = 10.0,
-        *,
-        retries: int = 5,
-        backoff: float = 0.1,
-        backoff_max: float = 2.0,
-        window: int = 16,
-        shared_key: str | bytes | None = None,
-        key_id: str | None = None,
-        ssl: _ssl.SSLContext | None = None,
-        tls: bool = False,
-        cafile: str | None = None,
-        certfile: str | None = None,
-        keyfile: str | None = None,
-        server_hostname: str | None = None,
-    ) -> None:
-        if window < 1 or retries < 0:
-            raise ValueError("window must be >= 1 and retries >= 0")
-        self._session = ClientSession(f"{host}:{port}", retries=retries, backoff=backoff,
-                                      backoff_max=backoff_max, shared_key=shared_key,
-                                      key_id=key_id)
-        if ssl is None and (tls or cafile or certfile):
-            from .tls import client_context
-
-            ssl = client_context(cafile, certfile, keyfile)
-        self.ssl = ssl
-        self.server_hostname = server_hostname or host
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        self.window = window
+    def _init_io(self) -> None:
         self._sock: socket.socket | None = None
         self._buf = bytearray(_READ_SIZE)
         self._view = memoryview(self._buf)
         self._answers: dict[int, p.Frame] = {}  # answered, not yet collected by its caller
-
-    @property
-    def server_info(self) -> dict[str, Any]:
-        """The server's HELLO info (``server``, ``max_frame_bytes``, ...), once received."""
-        return self._session.server_info
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     # ------------------------------------------------------------------ public API
 

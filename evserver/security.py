@@ -1,5 +1,5 @@
-"""From a Config's ``[security]`` and ``[tls]`` tables to what the servers need, plus the
-protected-mode check that refuses to expose an unauthenticated server.
+"""Who may connect: the configured keys, what counts as loopback, and the protected-mode
+check that refuses to expose an unauthenticated server.
 
 Protected mode (as in Redis): an evserver runs the operator's handlers on whatever anyone
 who can connect sends, so listening beyond loopback without proof of who is connecting is

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import ssl as _ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -28,7 +29,8 @@ from .errors import (
 )
 from .event import new_event_id, type_problem
 
-__all__ = ["BATCH_BYTES", "ClientSession", "ConnectionLost", "EventTuple", "remote_error"]
+__all__ = ["BATCH_BYTES", "ClientBase", "ClientSession", "ConnectionLost", "EventTuple",
+           "remote_error"]
 
 BATCH_BYTES = 256 * 1024  # a BATCH stays well under the server's frame limit
 # Connection-level errors caused by what this client sent: reconnecting would not help.
@@ -256,3 +258,60 @@ class ClientSession:
         if self.failures > self.retries:
             self.lost = None
             raise ClientConnectionError(message)
+
+
+class ClientBase:
+    """The configuration both clients share: their constructor, address and server info.
+
+    The arguments are documented on ``Client``; each client adds its own I/O state in
+    ``_init_io``.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 7878,
+        timeout: float = 10.0,
+        *,
+        retries: int = 5,
+        backoff: float = 0.1,
+        backoff_max: float = 2.0,
+        window: int = 16,
+        shared_key: str | bytes | None = None,
+        key_id: str | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        tls: bool = False,
+        cafile: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        if window < 1 or retries < 0:
+            raise ValueError("window must be >= 1 and retries >= 0")
+        self._session = ClientSession(f"{host}:{port}", retries=retries, backoff=backoff,
+                                      backoff_max=backoff_max, shared_key=shared_key,
+                                      key_id=key_id)
+        if ssl is None and (tls or cafile or certfile):
+            from .tls import client_context
+
+            ssl = client_context(cafile, certfile, keyfile)
+        self.ssl = ssl
+        self.server_hostname = server_hostname or host
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.window = window
+        self._init_io()
+
+    def _init_io(self) -> None:
+        """Set up the client's connection state (nothing connects yet)."""
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        """The server's HELLO info (``server``, ``max_frame_bytes``, ...), once received."""
+        return self._session.server_info

@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from evserver import Client  # noqa: E402
+from evserver import Client, session  # noqa: E402
 from evserver.aio import AsyncClient  # noqa: E402
 
 DATA = {"seq": 12345, "payload": "x" * 16}  # the ~40-byte event of scripts/bench.py
@@ -154,14 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     with server(not args.no_pin) as port:
         for workload in args.workload or WORKLOADS:
             n = max(CONCURRENCY, int(args.events * WORKLOADS[workload]))
-            results[workload] = {
-                client: statistics.median(measure(port, client, workload, n)
-                                          for _ in range(args.repeat))
-                for client in clients
-            }
+            runs: dict[str, list[float]] = {client: [] for client in clients}
+            for _ in range(args.repeat):  # interleaved, so a slow spell hits every client
+                for client in clients:
+                    runs[client].append(measure(port, client, workload, n))
+            results[workload] = {client: statistics.median(r) for client, r in runs.items()}
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    hook = "on" if session.meta_hook is not None else "off (OpenTelemetry not installed)"
+    print(f"clients' trace-context hook: {hook}")
     print(f"{'workload':<16}" + "".join(f"{c:>22}" for c in clients) + "   async/Client")
     for workload, row in results.items():
         cells = "".join(f"{row[c]:>18,.0f} ev/s" if row[c] == row[c] else f"{'-':>22}"

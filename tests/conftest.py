@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -59,6 +59,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def evserver_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of an evserver subprocess: this checkout first on PYTHONPATH, and no
+    ``EVSERVER_*`` variable of the developer's leaking in; then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def launch(*args: str, cwd: Path, log: Path | None = None, env: dict[str, str] | None = None,
+           stderr: int | None = None) -> subprocess.Popen[bytes]:
+    """The one way the tests start evserver: ``python -m evserver ARGS`` in ``cwd`` with
+    ``evserver_env(env)``, stdout and stderr appended to ``log`` (or stderr to ``stderr``)."""
+    out: Any = log.open("ab") if log is not None else subprocess.DEVNULL
+    try:
+        return subprocess.Popen([sys.executable, "-m", "evserver", *args], cwd=cwd,
+                                env=evserver_env(env), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out if log is not None else stderr)
+    finally:
+        if log is not None:
+            out.close()
 
 
 class ServerProcess:
@@ -137,18 +161,11 @@ def server_factory(request: pytest.FixtureRequest,
     def start(app_spec: str, *extra_args: str, env: dict[str, str] | None = None,
               port: int | None = None) -> ServerProcess:
         port = free_port() if port is None else port
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
-        environ["EVSERVER_ADMIN_PORT"] = "0"  # a busy admin port refuses the start
-        environ["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(REPO), environ.get("PYTHONPATH")]))
-        environ.update(env or {})
         log_path = workdir / f"server-{len(servers)}-{port}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "evserver", "serve", app_spec,
-                 "--host", "127.0.0.1", "--port", str(port), *extra_args],
-                cwd=workdir, env=environ, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )
+        # EVSERVER_ADMIN_PORT=0: a busy admin port would refuse the start.
+        proc = launch("serve", app_spec, "--host", "127.0.0.1", "--port", str(port),
+                      *extra_args, cwd=workdir, log=log_path,
+                      env={"EVSERVER_ADMIN_PORT": "0", **(env or {})})
         server = ServerProcess(proc, "127.0.0.1", port, log_path)
         servers.append(server)
         server.wait_ready()

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import wait_for
+from conftest import evserver_env, launch, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from rawpeer import RawPeer
 
@@ -51,16 +51,10 @@ class Served:
 
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
-        self._log = self.log_path.open("wb")
-        self.env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-        for var in [v for v in self.env if v.startswith("EVSERVER_")]:
-            del self.env[var]
-        self.env.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evserver", "serve", f"{APP}:app", "--port", "0",
-             "--admin-port", "0", "--drain-timeout", "5", *args],
-            cwd=tmp_path, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
+        self.env = evserver_env(env)  # for the CLI subprocesses of the tests, too
+        self.proc = launch("serve", f"{APP}:app", "--port", "0", "--admin-port", "0",
+                           "--drain-timeout", "5", *args, cwd=tmp_path, log=self.log_path,
+                           env=env)
         ready = "master ready" if "--workers" in args else "evserver ready"
         wait_for(lambda: ready in self.log and "admin listening on" in self.log, 15,
                  f"{ready!r} in the log")
@@ -94,7 +88,6 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self._log.close()
 
 
 def http(method: str, url: str, token: str | None = None) -> tuple[int, bytes]:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -250,6 +251,23 @@ def test_reconnects_after_an_idle_timeout(run: Callable[..., Any]) -> None:
         run(main(server))
         assert server.counters["idle_closed"] >= 1
     assert seen(server) == [1, 2, 3]
+
+
+def test_close_fails_the_calls_still_waiting(run: Callable[..., Any]) -> None:
+    """A call waiting for a connection (here: a peer that never greets, so the shared-key
+    handshake cannot finish) gets ``ClientConnectionError`` when the client is closed."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody talks
+
+        async def main() -> None:
+            client = AsyncClient(*silent.getsockname()[:2], shared_key=KEY, timeout=30)
+            call = asyncio.ensure_future(client.request("echo", 1))
+            await asyncio.sleep(0)  # one step: the call starts the connection and waits
+            assert client._connecting is not None and not call.done()
+            await client.close()
+            with pytest.raises(ClientConnectionError, match="closed"):
+                await call
+
+        run(main())
 
 
 # ---------------------------------------------------------------------- reconnect and resend

@@ -22,7 +22,8 @@ IO_MODULES = frozenset({"socket", "ssl", "select", "selectors", "eventlet", "gre
 HUB_DOOR = "evserver._eventlet"
 #: Sans-I/O modules: bytes, data and rules only (eventlet may be replaced; these stay).
 PURE = frozenset({
-    "evserver.protocol", "evserver.forward", "evserver.native", "evserver.forward_session",
+    "evserver.protocol", "evserver.forward", "evserver.forward_handshake", "evserver.native",
+    "evserver.forward_session",
     "evserver.states", "evserver.auth", "evserver.config", "evserver.app", "evserver.event",
     "evserver.errors",
 })

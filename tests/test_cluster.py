@@ -28,10 +28,12 @@ PARTITIONS = 16
 KEYS = Keys("evserver")
 
 
-def start_nodes(server_factory, redis, n, record: Path, *, lease=2.0, **settings):
+def start_nodes(server_factory, redis, n, record: Path, *, lease=2.0, fail_while="",
+                **settings):
     """``n`` nodes of one cluster, each with its own admin port (``node.admin``)."""
     env = {"EVSERVER_CLUSTER_ENABLED": "true", "EVSERVER_CLUSTER_URL": redis.url,
            "EVSERVER_CLUSTER_LEASE": str(lease), "CLUSTER_RECORD": str(record),
+           "CLUSTER_FAIL_WHILE": fail_while,
            **{f"EVSERVER_CLUSTER_{k.upper()}": str(v) for k, v in settings.items()}}
     nodes = []
     for _ in range(n):
@@ -370,3 +372,32 @@ def test_sigterm_hands_partitions_over_without_loss_or_duplicates(
     acked = finish(streamers)
     assert check_runs(record, acked) == 0
     assert "left" in b.log()
+
+
+def test_dead_letters_of_every_node_are_listed_and_replayed_from_the_cluster_stream(
+        server_factory, redis_factory, tmp_path):
+    redis = redis_factory()
+    record = tmp_path / "runs"
+    flag = tmp_path / "fail"
+    flag.touch()
+    nodes = start_nodes(server_factory, redis, 2, record, fail_while=str(flag))
+    wait_balanced(redis, nodes)
+    with Client(*nodes[0].address) as client:
+        for n in range(6):  # unkeyed: their partitions, and so their nodes, vary
+            try:
+                client.send("flaky", {"key": "f", "n": n}, ack=True)
+                raise AssertionError("a failing handler must not be acked")
+            except RemoteError as exc:
+                assert exc.code == "handler_error"
+    listed = cluster_cli(redis, tmp_path, "status", "--json")
+    assert listed["dead_letters"] == 6
+    env = {"EVSERVER_CLUSTER_ENABLED": "1", "EVSERVER_CLUSTER_URL": redis.url,
+           "PYTHONPATH": str(REPO)}
+    flag.unlink()
+    replay = subprocess.run(
+        [sys.executable, "-m", "evserver", "dead-letters", "replay", "--port",
+         str(nodes[1].port)], env=env, capture_output=True, timeout=60, cwd=tmp_path)
+    assert replay.returncode == 0, replay.stderr.decode()
+    assert b"replayed 6, failed 0" in replay.stdout
+    assert sorted(n for _k, n, _p in runs(record)) == list(range(6))
+    assert redis.client().xlen(KEYS.dead) == 0

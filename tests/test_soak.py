@@ -1,6 +1,6 @@
 """THE ONE LONG TEST (about 75 s): a 60-second soak with a fixed seed, and its figures checked.
 
-``evserver soak --duration 60 --seed 17 --workers 2 --json`` starts ``evserver serve
+``evserver soak --duration 60 --seed 20 --workers 2 --json`` starts ``evserver serve
 --workers 2`` on the soak app, drives native and Forward load at it (fire-and-forget, acked
 batches, request/reply, ordered keys, failing and dead-lettered events, connection churn)
 and injects faults on the seed's schedule: SIGKILLed workers, HUP reloads, TTIN/TTOU,
@@ -31,7 +31,7 @@ def test_soak_60s_loses_no_acked_event_and_leaks_nothing(tmp_path: Path) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     run = subprocess.run(
-        [sys.executable, "-m", "evserver", "soak", "--duration", "60", "--seed", "17",
+        [sys.executable, "-m", "evserver", "soak", "--duration", "60", "--seed", "20",
          "--workers", "2", "--json", "--keep", str(tmp_path / "soak")],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert run.stdout.strip(), run.stderr
@@ -55,7 +55,11 @@ def test_soak_60s_loses_no_acked_event_and_leaks_nothing(tmp_path: Path) -> None
     assert doc["replacements_serving_within_1s"] == doc["workers_killed"], report
     assert doc["chaos"]["problems"] == [] and doc["chaos"]["garbage_unanswered"] == 0, report
     # Resources: no worker grew over 10 % after its warm-up; fds back to a fresh process's.
-    assert doc["rss_growth_pct"] is not None and doc["rss_growth_pct"] < 10, report
+    # (Seed 20 reloads late enough for the first workers to outlive their warm-up.)
+    grown = [r["rss_growth_pct"] for r in doc["processes"]
+             if r["role"] == "worker" and r["rss_growth_pct"] is not None]
+    assert grown and max(grown) < 10, doc["processes"]
+    assert doc["rss_growth_pct"] < 10, report
     assert doc["fd_delta"] is not None and abs(doc["fd_delta"]) <= 2, doc["processes"]
     assert doc["settled_at_end"] and doc["connections_drained"], report
     assert doc["master_exit_code"] == 0, report

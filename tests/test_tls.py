@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -14,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import APPS, REPO, free_port
+from conftest import APPS, REPO, evserver_env, free_port, launch
 from tlscerts import Pki, make_pki
 
 from evserver import App, Client
@@ -56,23 +55,14 @@ def make_app() -> App:
     return app
 
 
-def clean_env() -> dict[str, str]:
-    """The environment for an ``evserver`` subprocess: this checkout, no EVSERVER_* leaking in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVSERVER_")}
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
 def serve_tls(pki: Pki, *args: str, stderr: int = subprocess.DEVNULL
               ) -> tuple[subprocess.Popen[bytes], int, int]:
     """``evserver serve`` the basic app with the [tls] certificate (plus ``args``); return the
     process, its event port and its admin port."""
     port, admin_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "evserver", "serve", f"{APPS}/basic.py:app", "--port", str(port),
-         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-         "--admin-port", str(admin_port), *args],
-        env=clean_env(), cwd=pki.ca.parent, stdin=subprocess.DEVNULL, stderr=stderr)
+    proc = launch("serve", f"{APPS}/basic.py:app", "--port", str(port),
+                  "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                  "--admin-port", str(admin_port), *args, cwd=pki.ca.parent, stderr=stderr)
     return proc, port, admin_port
 
 
@@ -175,7 +165,7 @@ def test_serve_tls_event_and_admin_ports(pki: Pki, workers: str) -> None:
     """``serve`` with [tls] flags: both ports speak TLS. Started by hand, since the
     server_factory fixture's readiness probe speaks plaintext; the client's bounded
     reconnection backoff waits for the port instead."""
-    env = clean_env()
+    env = evserver_env()
     proc, port, admin_port = serve_tls(pki, "--workers", workers, stderr=subprocess.PIPE)
     try:
         with Client("127.0.0.1", port, timeout=5, cafile=str(pki.ca), retries=40,
@@ -200,7 +190,7 @@ def test_serve_tls_event_and_admin_ports(pki: Pki, workers: str) -> None:
 
 
 def test_serve_bad_tls_files_exit_2(tmp_path: Path) -> None:
-    env = clean_env()
+    env = evserver_env()
     result = subprocess.run(
         [sys.executable, "-m", "evserver", "serve", "x:app", "--port", "0", "--tls-cert",
          str(tmp_path / "missing.pem")], capture_output=True, text=True, timeout=30, env=env)
@@ -233,13 +223,13 @@ def test_forward_tls_needs_a_certificate(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "evserver", "serve", f"{APPS}/basic.py:app", "--port", "0",
          "--forward-enabled", "--forward-port", "0", "--forward-tls"],
-        capture_output=True, text=True, timeout=60, cwd=REPO, env=clean_env())
+        capture_output=True, text=True, timeout=60, cwd=REPO, env=evserver_env())
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "forward.tls: TLS needs a certificate (tls.cert)" in result.stderr
 
 
 def test_admin_cli_presents_a_client_certificate_when_the_server_demands_one(pki: Pki) -> None:
-    env = clean_env()
+    env = evserver_env()
     proc, port, admin_port = serve_tls(pki, "--tls-ca", str(pki.ca), "--tls-require-client-cert")
     try:
         with Client("127.0.0.1", port, timeout=5, cafile=str(pki.ca),

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import msgpack
 import pytest
-from conftest import wait_for
+from conftest import launch, wait_for
 from rawpeer import RawPeer
 
 from evserver import protocol as p
@@ -76,14 +76,10 @@ class Master:
         self.address = ("127.0.0.1", self.port)
         self.record = tmp_path / "record.txt"
         self.log_path = tmp_path / f"master-{self.port}.log"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1",
-                   WORKERS_APP_RECORD=str(self.record), EVSERVER_ADMIN_PORT="0", **(env or {}))
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evserver", "serve", f"{app}:app", "--workers", "2",
-             "--port", str(self.port), "--drain-timeout", "5", *args],
-            cwd=tmp_path, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
+        self.proc = launch("serve", f"{app}:app", "--workers", "2", "--port", str(self.port),
+                           "--drain-timeout", "5", *args, cwd=tmp_path, log=self.log_path,
+                           env={"WORKERS_APP_RECORD": str(self.record),
+                                "EVSERVER_ADMIN_PORT": "0", **(env or {})})
 
     @property
     def log(self) -> str:
@@ -117,7 +113,6 @@ class Master:
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        self._log.close()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ class NodeView(Protocol):
     server: ServerView
     edge: Any  # the node's Edge (its ``on_reply``)
     acker: Any  # the node's Acker
+    reader: Any  # the node's Reader
     dead_letters: Any  # the node's StreamDeadLetters
 
     def count(self, name: str, n: int = 1) -> None: ...

@@ -29,7 +29,7 @@ from .deadletters import StreamDeadLetters
 from .edge import Edge
 from .keys import Keys
 from .leases import HEARTBEAT, RELEASE, RENEW, assigned
-from .owner import FENCED, RUNNING, Acker, PartitionOwner
+from .owner import FENCED, RUNNING, Acker, PartitionOwner, Reader
 
 if TYPE_CHECKING:
     from .host import ServerView
@@ -76,6 +76,7 @@ class Node:
         self.owners: dict[int, PartitionOwner] = {}
         self.edge = Edge(self)
         self.acker = Acker(self)
+        self.reader = Reader(self, self.owners)
         self.dead_letters = StreamDeadLetters(self.redis, self.keys.dead)
         self.inbox = self.keys.inbox(self.id)
         self.stopping = False
@@ -98,6 +99,7 @@ class Node:
             self._open_inbox()
             self.acker.start()
             self.edge.start()
+            self.reader.start()
             self._tick()
         except self.redis_errors as exc:
             raise ClusterError(f"cannot use the cluster's Redis at {self.settings.url}: "
@@ -114,6 +116,7 @@ class Node:
             owner.hand_over()
         while self.owners and time.monotonic() < deadline:
             eventlet.sleep(0.01)  # owners end within one blocking read (0.5 s) plus drain
+        self.reader.stop()
         self.acker.stop()
         self.edge.stop()
         for glet in self._glets:

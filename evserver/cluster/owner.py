@@ -1,7 +1,9 @@
-"""The owner side: one consumer loop per owned partition, and one acker per node.
+"""The owner side: a ``PartitionOwner`` per owned partition, one ``Reader`` and one
+``Acker`` per node.
 
-A partition's loop first takes over the partition's pending entries (those a previous owner
-read but never acknowledged), oldest first, then reads new ones. Each entry becomes one job
+An owner first takes over its partition's pending entries (those a previous owner read but
+never acknowledged), oldest first; then the node's Reader reads its new ones, together with
+every other partition's, in one XREADGROUP. Each entry becomes one job
 for the node's ordinary ``Dispatcher``, so ordering, retries, timeouts, listeners and dead
 letters behave exactly as on one machine; entries are submitted in stream order, which is
 the order the dispatcher's ``ordered_by`` tickets keep.
@@ -47,8 +49,16 @@ class PartitionOwner:
         self.deadline = deadline  # time.monotonic() past which we may no longer act
         self.state = RUNNING
         self.in_flight = 0
+        self.reading = False  # recovered: the node's Reader reads its new entries
         self._room: Any = None  # an Event while the loop waits for in-flight entries
+        self._changed: Any = eventlet.event.Event()  # fenced or handed over
         self.glet = eventlet.spawn(self._run)
+
+    @property
+    def readable(self) -> bool:
+        """Should the node's Reader ask for this partition's new entries now?"""
+        return (self.reading and self.state == RUNNING and self.in_flight < MAX_IN_FLIGHT
+                and self.valid())
 
     def valid(self) -> bool:
         """May this node still run and acknowledge the partition's entries?"""
@@ -64,38 +74,40 @@ class PartitionOwner:
             self.state = FENCED
             self.node.count("partitions_lost")
             log.warning("partition %d: stopped working it: %s", self.partition, why)
+            self._wake()
 
     def hand_over(self) -> None:
         """Stop reading; finish and acknowledge what is in flight, then release the lease."""
         if self.state == RUNNING:
             self.state = HANDOVER
+            self._wake()
+
+    def _wake(self) -> None:
+        if not self._changed.ready():
+            self._changed.send()
 
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
+        """Recover the pending entries, then leave new ones to the node's Reader until the
+        partition is handed over or lost; then finish."""
         node = self.node
         try:
-            recovered = False
             failures = 0
-            while self.state == RUNNING and self.valid():
+            while self.state == RUNNING and self.valid() and not self.reading:
                 try:
-                    if not recovered:
-                        self._recover()
-                        recovered = True
-                        continue
-                    self._wait_room()
-                    if self.state != RUNNING or not self.valid():
-                        break
-                    answer = node.redis.xreadgroup(GROUP, node.id, {self.stream: ">"},
-                                                   count=READ_COUNT, block=READ_BLOCK_MS)
-                    failures = 0
-                    for _stream, entries in answer or ():
-                        for eid, fields in entries:
-                            self._take(eid, fields, 1)
+                    self._recover()
+                    self.reading = self.state == RUNNING
                 except node.redis_errors as exc:
                     failures += 1
                     node.log_error("read", "partition %d: %s", self.partition, exc)
                     eventlet.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))  # a backoff
+            while self.state == RUNNING and self.valid():
+                # Woken by a hand-over or a fence; the timeout re-checks the lease deadline.
+                with eventlet.Timeout(READ_BLOCK_MS / 1000, False):
+                    self._changed.wait()
+            self.reading = False
+            node.reader.wait_done(self.stream)  # entries it is reading for us are taken
             self._finish()
         finally:
             node.owner_ended(self)
@@ -124,6 +136,7 @@ class PartitionOwner:
             start = "(" + _text(ids[-1])
 
     def _wait_room(self) -> None:
+        """While recovering: wait until fewer than MAX_IN_FLIGHT entries are in flight."""
         while self.in_flight >= MAX_IN_FLIGHT and self.state != FENCED:
             self._room = eventlet.event.Event()
             self._room.wait()
@@ -211,6 +224,61 @@ def _outcomes(job: Job, items: list[tuple[Any, int, int]]) -> list[codec.Outcome
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Reader:
+    """Reads new entries of every partition the node owns with one XREADGROUP over all
+    their streams, so a busy node pays one round trip for entries of many partitions
+    (a loop per partition paid one per entry). A partition with MAX_IN_FLIGHT entries in
+    flight is left out of the next read: its backpressure."""
+
+    def __init__(self, node: NodeView, owners: dict[int, PartitionOwner]) -> None:
+        self.node = node
+        self.owners = owners
+        self.current: frozenset[str] = frozenset()  # the streams of the read in progress
+        self._round: Any = eventlet.event.Event()  # sent when that read's entries are taken
+        self.glet: Any = None
+
+    def start(self) -> None:
+        self.glet = eventlet.spawn(self._run)
+
+    def stop(self) -> None:
+        if self.glet is not None:
+            self.glet.kill()
+
+    def wait_done(self, stream: str) -> None:
+        """Until no read in progress includes ``stream`` (bounded: reads block 0.5 s)."""
+        for _ in range(10):
+            if stream not in self.current:
+                return
+            with eventlet.Timeout(READ_BLOCK_MS / 1000 * 4, False):
+                self._round.wait()
+
+    def _run(self) -> None:
+        node = self.node
+        failures = 0
+        while True:
+            readable = {o.stream: o for o in list(self.owners.values()) if o.readable}
+            if not readable:
+                eventlet.sleep(0.05)  # a poll interval: no partition to read yet
+                continue
+            self.current = frozenset(readable)
+            try:
+                answer = node.redis.xreadgroup(GROUP, node.id, dict.fromkeys(readable, ">"),
+                                               count=READ_COUNT, block=READ_BLOCK_MS)
+                failures = 0
+                for stream, entries in answer or ():
+                    owner = readable[_text(stream)]
+                    for eid, fields in entries:
+                        owner._take(eid, fields, 1)
+            except node.redis_errors as exc:
+                failures += 1
+                node.log_error("read", "cannot read partitions: %s", exc)
+                eventlet.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))  # a backoff
+            finally:
+                self.current = frozenset()
+                done, self._round = self._round, eventlet.event.Event()
+                done.send()
 
 
 class Acker:

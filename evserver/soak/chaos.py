@@ -23,8 +23,10 @@ from typing import Any
 from .. import protocol as p
 from .watch import Server
 
-# Faults per minute at the default rates (``--rate-scale`` multiplies them).
-RATES = {"kill": 2.0, "hup": 1.0, "scale": 0.5,
+# Faults per minute at the default rates (``--rate-scale`` multiplies them). Process faults
+# are rarer than connection faults so that some workers live for minutes: RSS growth after
+# a worker's first minute needs workers that outlive it.
+RATES = {"kill": 1.0, "hup": 0.2, "scale": 0.2,
          "slowloris": 2.0, "garbage": 4.0, "idle": 1.0, "nonreader": 1.0}
 PROCESS_FAULTS = ("kill", "hup", "scale")
 CRASH_WINDOW = 2.5  # the master treats a death within 2 s of ready as a crash loop

@@ -8,8 +8,10 @@ Definitions (docs/reliability.md):
   of an event (re-sends after a broken connection; at least once allows them).
 - ``order_violations``: per ordered key, events whose *first* run started after the first
   run of a later event of that key.
-- ``rss_growth_pct``: per worker, the peak RSS after its warm-up (its first ``warmup``
-  seconds) against its RSS at the end of the warm-up; the worst worker.
+- ``rss_growth_pct``: per worker, its RSS at the end of its life against its RSS at the end
+  of its warm-up (its first ``warmup`` seconds), each the median of 10 one-second samples so
+  that a transient peak that is freed again does not count; the worst worker. The peak is
+  reported on its own (``rss_peak_mib``).
 - ``fd_delta``: the largest difference between a process's open fds at the end (clients
   gone) and a freshly started process of its role (a worker before any load; the master).
 """
@@ -26,6 +28,8 @@ from .chaos import ChaosLog, summary
 from .ledger import ACKED, SENT, Ledger
 from .records import read_records
 from .watch import ProcessSamples
+
+_SETTLE = 10  # samples (seconds) whose median is a worker's RSS at a point in time
 
 
 def tally(ledger: Ledger, directory: Path) -> dict[str, Any]:
@@ -83,7 +87,8 @@ def dead_letters(path: Path, stream: str, doomed: set[int], answered: set[int]
 
 
 def processes(samples: dict[int, ProcessSamples], ready: dict[int, float], warmup: float,
-              fd_reference: int | None, end_fds: dict[int, int]) -> dict[str, Any]:
+              fd_reference: int | None, end_fds: dict[int, int],
+              queue_peak: dict[int, int]) -> dict[str, Any]:
     """Per process: peak RSS, growth after its warm-up, fds at start and end."""
     rows = []
     growths: list[float] = []
@@ -93,11 +98,14 @@ def processes(samples: dict[int, ProcessSamples], ready: dict[int, float], warmu
             continue
         born = ready.get(proc.pid, proc.samples[0][0]) if proc.role == "worker" else \
             proc.samples[0][0]
-        after = [s for s in proc.samples if s[0] >= born + warmup]
+        after = [s[1] for s in proc.samples if s[0] >= born + warmup]
         growth = None
-        if len(after) >= 2:
-            base = after[0][1]
-            growth = round(100.0 * (max(s[1] for s in after) - base) / base, 1)
+        if len(after) >= 2 * _SETTLE:
+            # Medians of the first and the last _SETTLE samples: a transient peak (a backlog
+            # of queued jobs, a burst of connections) is freed again and is not growth.
+            base = statistics.median(after[:_SETTLE])
+            end = statistics.median(after[-_SETTLE:])
+            growth = round(100.0 * (end - base) / base, 1)
             growths.append(growth)
         fd_start = next((s[2] for s in proc.samples if s[0] >= born), proc.samples[0][2])
         fd_end = end_fds.get(proc.pid)
@@ -108,7 +116,9 @@ def processes(samples: dict[int, ProcessSamples], ready: dict[int, float], warmu
         rows.append({"pid": proc.pid, "role": proc.role,
                      "lived_s": round(proc.samples[-1][0] - proc.samples[0][0], 1),
                      "rss_peak_mib": round(max(s[1] for s in proc.samples) / 1024, 1),
-                     "rss_growth_pct": growth, "fd_start": fd_start, "fd_end": fd_end})
+                     "rss_growth_pct": growth, "fd_start": fd_start, "fd_end": fd_end,
+                     "queued_jobs_peak": queue_peak.get(proc.pid),
+                     "rss_mib_every_10s": [round(s[1] / 1024, 1) for s in proc.samples[::10]]})
     return {"rss_growth_pct": max(growths) if growths else None,
             "fd_delta": max(deltas, key=abs) if deltas else None,
             "processes": rows}
@@ -149,5 +159,9 @@ def chaos_figures(log: ChaosLog, failures: list[tuple[float, str]]) -> dict[str,
         "kill_connect_errors": within(("kill",)),
         "scale_connect_errors": within(("ttin", "ttou")),
         "connect_errors": len(failures),
+        "kills": [{"pid": k.pid, "replacement": k.replacement,
+                   "ready_after_s": None if k.ready_after is None else round(k.ready_after, 3),
+                   "serving_after_s": None if k.serving_after is None
+                   else round(k.serving_after, 3)} for k in kills],
         "chaos": summary(log),
     }

@@ -104,7 +104,7 @@ def _drive(server: Server, duration: float, seed: int, warmup: float, quiet: flo
                                    flaky.doomed, flaky.dead_lettered))
     doc.update(report.chaos_figures(chaos.log, churn.failures))
     doc.update(report.processes(sampler.processes, server.ready, warmup, fd_reference,
-                                end_fds))
+                                end_fds, sampler.queue_peak))
     doc["latency"] = report.latency([x for r in requests for x in r.latencies], t0)
     doc.update({
         "churn_connections": churn.completed,
@@ -159,11 +159,12 @@ def table(doc: dict[str, Any]) -> str:
              f"{doc['workers']} workers, faults {doc['chaos']['done']}"]
     lines += [f"  {key:<28} {doc.get(key)}" for key in keys]
     lines.append(f"  {'pid':>8} {'role':<7} {'lived_s':>8} {'rss_peak_mib':>12} "
-                 f"{'rss_growth_pct':>14} {'fd_start':>8} {'fd_end':>6}")
+                 f"{'rss_growth_pct':>14} {'fd_start':>8} {'fd_end':>6} {'queued_peak':>11}")
     for row in doc["processes"]:
         lines.append(f"  {row['pid']:>8} {row['role']:<7} {row['lived_s']:>8} "
                      f"{row['rss_peak_mib']:>12} {row['rss_growth_pct']!s:>14} "
-                     f"{row['fd_start']:>8} {row['fd_end']!s:>6}")
+                     f"{row['fd_start']:>8} {row['fd_end']!s:>6} "
+                     f"{row['queued_jobs_peak']!s:>11}")
     lines.append("  request/reply latency per minute:")
     lines += [f"    minute {m['minute']:>2}: {m['requests']:>6} requests  p50 {m['p50_ms']} ms  "
               f"p99 {m['p99_ms']} ms" for m in doc["latency"]]

@@ -201,6 +201,7 @@ class Sampler(threading.Thread):
         self.server = server
         self.interval = interval
         self.processes: dict[int, ProcessSamples] = {}
+        self.queue_peak: dict[int, int] = {}  # worker pid -> most jobs seen queued at once
         self.halt = threading.Event()
 
     def sample(self) -> dict[int, int]:
@@ -219,6 +220,12 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.halt.wait(self.interval):
             self.sample()
+            try:  # how backed up each worker is: its RSS follows its queue
+                for w in self.server.stats().get("workers", []):
+                    pid = int(w["pid"])
+                    self.queue_peak[pid] = max(self.queue_peak.get(pid, 0), int(w["queued"]))
+            except (OSError, ValueError, KeyError):
+                pass
 
     def stop(self) -> None:
         self.halt.set()

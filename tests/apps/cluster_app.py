@@ -40,6 +40,15 @@ def seq(event: Event) -> int:
     return os.getpid()
 
 
+@app.processor("flaky")
+def flaky(event: Event) -> None:
+    """Fails while the file named by ``CLUSTER_FAIL_WHILE`` exists, then records."""
+    flag = os.environ.get("CLUSTER_FAIL_WHILE")
+    if flag and os.path.exists(flag):
+        raise RuntimeError("failing on purpose")
+    _write(event)
+
+
 @app.processor("job.*", ordered_by="key")
 def job(event: Event) -> Any:
     """``job.die`` kills its process (a poison event); ``job.ok`` is recorded."""
