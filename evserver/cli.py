@@ -712,8 +712,8 @@ def bench(args: tuple[str, ...]) -> None:
               help="Seconds of load and faults.")
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Seeds the fault schedule and the load: the same seed, the same plan.")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Worker processes of the server under test.")
+@click.option("--workers", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Worker processes of the server under test (a master supervises them).")
 @click.option("--rate-scale", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Multiply every fault rate (0: the warm-up's faults only).")
 @click.option("--keep", type=click.Path(file_okay=False), default=None,
