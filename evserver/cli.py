@@ -18,7 +18,8 @@ import click
 
 from . import __version__
 from .cli_admin import COMMANDS as ADMIN_COMMANDS
-from .cli_common import fail, print_json
+from .cli_base import fail as _fail
+from .cli_base import print_json as _print_json
 from .config import (
     ConfigError,
     click_options,
@@ -28,6 +29,8 @@ from .config import (
 )
 
 log = logging.getLogger("evserver")
+
+
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,9 +45,8 @@ def main() -> None:
     """
 
 
-for _command in ADMIN_COMMANDS:  # stats, workers, handlers, reload, stop, scale, top, tail
+for _command in ADMIN_COMMANDS:
     main.add_command(_command)
-
 
 _serve_config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                                  help="TOML config file [default: config/evserver.toml if "
@@ -59,15 +61,15 @@ def _checked_config(config_path: str | None, overrides: dict[str, Any]) -> Any:
 
         problem = exposure_problem(cfg)  # before anything binds: nothing is ever exposed
     except ConfigError as exc:
-        fail(str(exc), 2)
+        _fail(str(exc), 2)
     if problem:
-        fail(problem, 2)
+        _fail(problem, 2)
     try:
         from .tls import context_from_config
 
         context_from_config(cfg.tls)  # bad files: a clear error, not a traceback
     except (OSError, ValueError) as exc:
-        fail(f"cannot use the [tls] certificate/key: {exc}", 2)
+        _fail(f"cannot use the [tls] certificate/key: {exc}", 2)
     return cfg
 
 
@@ -161,10 +163,10 @@ def show_config(config_path: str | None, as_json: bool, overrides: dict[str, Any
     try:
         cfg = load_config(config_path, overrides=overrides)
     except ConfigError as exc:
-        fail(str(exc), 2)
+        _fail(str(exc), 2)
     rows = effective_settings(cfg)
     if as_json:
-        print_json({name: {"value": value, "source": source} for name, value, source in rows})
+        _print_json({name: {"value": value, "source": source} for name, value, source in rows})
         return
     from .console import table
 
@@ -252,7 +254,7 @@ def _client_command(func: Any = None, *, config_path_to_func: bool = False) -> A
         try:
             cfg = load_config(config_path)
         except ConfigError as exc:
-            fail(str(exc), 2)
+            _fail(str(exc), 2)
         options = _connect_options(cfg, host, port, shared_key or None, key_id, tls, tls_ca)
         if config_path_to_func:
             kwargs["config_path"] = config_path
@@ -261,11 +263,11 @@ def _client_command(func: Any = None, *, config_path_to_func: bool = False) -> A
                         keyfile=tls_key, **options) as client:
                 func(client, **kwargs)
         except RemoteError as exc:
-            fail(f"remote error: {exc.type}: {exc.message}")
+            _fail(f"remote error: {exc.type}: {exc.message}")
         except AuthError as exc:
-            fail(f"authentication failed: {exc}")
+            _fail(f"authentication failed: {exc}")
         except (ClientConnectionError, TimeoutError, ValueError, OSError) as exc:
-            fail(str(exc))
+            _fail(str(exc))
 
     for decorator in reversed((
         click.option("--host", envvar="EVSERVER_HOST", default=None,
@@ -370,7 +372,7 @@ def _store(config_path: str | None) -> Any:
     try:
         cfg = load_config(config_path)
     except ConfigError as exc:
-        fail(str(exc), 2)
+        _fail(str(exc), 2)
     if cfg.cluster.enabled:  # every node's dead letters are in the cluster's stream
         from redis import RedisError
 
@@ -380,7 +382,7 @@ def _store(config_path: str | None) -> Any:
         try:
             stream.count()
         except RedisError as exc:
-            fail(f"cannot reach the cluster's Redis at {cfg.cluster.url}: {exc}")
+            _fail(f"cannot reach the cluster's Redis at {cfg.cluster.url}: {exc}")
         return stream
     return DeadLetterStore(cfg.dead_letters.path, fsync_interval=cfg.dead_letters.fsync_interval)
 
@@ -481,9 +483,9 @@ def cluster_status(config_path: str | None, as_json: bool, overrides: dict[str, 
     try:
         cfg = load_config(config_path, overrides=overrides)
     except ConfigError as exc:
-        fail(str(exc), 2)
+        _fail(str(exc), 2)
     if not cfg.cluster.enabled:
-        fail("cluster mode is off: set [cluster] enabled = true (or EVSERVER_CLUSTER_ENABLED)",
+        _fail("cluster mode is off: set [cluster] enabled = true (or EVSERVER_CLUSTER_ENABLED)",
               2)
     import redis
 
@@ -493,8 +495,8 @@ def cluster_status(config_path: str | None, as_json: bool, overrides: dict[str, 
     try:
         doc = gather(client, cfg.cluster.name, cfg.cluster.partitions)
     except redis.RedisError as exc:
-        fail(f"cannot reach the cluster's Redis at {cfg.cluster.url}: {exc}")
-    print_json(doc) if as_json else click.echo(format_status(doc))
+        _fail(f"cannot reach the cluster's Redis at {cfg.cluster.url}: {exc}")
+    _print_json(doc) if as_json else click.echo(format_status(doc))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
@@ -511,7 +513,7 @@ def bench(args: tuple[str, ...]) -> None:
                   Path(__file__).resolve().parent.parent / "scripts" / name]
     script = next((c for c in candidates if c.is_file()), None)
     if script is None:
-        fail(f"evserver bench runs scripts/{name} from a source checkout; none found here")
+        _fail(f"evserver bench runs scripts/{name} from a source checkout; none found here")
     sys.argv = [str(script), *args]
     runpy.run_path(str(script), run_name="__main__")
 
@@ -521,8 +523,8 @@ def bench(args: tuple[str, ...]) -> None:
               help="Seconds of load and faults.")
 @click.option("--seed", type=int, default=1, show_default=True,
               help="Seeds the fault schedule and the load: the same seed, the same plan.")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Worker processes of the server under test.")
+@click.option("--workers", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Worker processes of the server under test (a master supervises them).")
 @click.option("--rate-scale", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Multiply every fault rate (0: the warm-up's faults only).")
 @click.option("--keep", type=click.Path(file_okay=False), default=None,

@@ -1,6 +1,7 @@
-"""The admin commands of the ``evserver`` CLI: ``stats``, ``workers``, ``handlers``,
-``reload``, ``stop``, ``scale``, ``top`` and ``tail``, thin clients of a running server's admin
-listener (``console.AdminClient``). ``cli`` adds them to its group.
+"""The admin commands (``stats``, ``workers``, ``handlers``, ``top``, ``tail``, ``reload``,
+``stop``, ``scale``): thin clients of a running server's admin listener.
+
+An unreachable server or a refused token is one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Any
 
 import click
 
-from .cli_common import fail, print_json
+from .cli_base import fail as _fail
+from .cli_base import print_json as _print_json
 from .config import ConfigError, load_config
 
 
@@ -33,7 +35,7 @@ def _client(admin_url: str | None, token: str | None) -> Any:
         cfg = load_config()
     except ConfigError as exc:
         if admin_url is None or token is None:
-            fail(str(exc), 2)
+            _fail(str(exc), 2)
         cfg = None
     if cfg is not None:
         scheme = "https" if cfg.tls.cert else "http"  # the admin port shares [tls]
@@ -62,9 +64,11 @@ def _admin(func: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except AdminFailure as exc:
-            fail(str(exc))
+            _fail(str(exc))
 
     return command
+
+
 
 
 @click.command()
@@ -75,7 +79,7 @@ def stats(admin_url: str | None, token: str | None, as_json: bool) -> None:
     from .console import format_stats
 
     doc = _client(admin_url, token).call("GET", "/stats")
-    print_json(doc) if as_json else click.echo(format_stats(doc))
+    _print_json(doc) if as_json else click.echo(format_stats(doc))
 
 
 @click.command()
@@ -98,7 +102,7 @@ def workers(interval: float, admin_url: str | None, token: str | None, as_json: 
     after = client.call("GET", "/stats")
     rates = worker_rates(before, after, time.monotonic() - start)
     if as_json:
-        print_json([{"pid": w["pid"], "uptime": w["uptime"], "connections": w["connections"],
+        _print_json([{"pid": w["pid"], "uptime": w["uptime"], "connections": w["connections"],
                       "events": w["events_out"], "events_per_second": rates[w["pid"]]}
                      for w in after["workers"]])
     else:
@@ -113,7 +117,7 @@ def handlers(admin_url: str | None, token: str | None, as_json: bool) -> None:
     from .console import format_handlers
 
     doc = _client(admin_url, token).call("GET", "/handlers")
-    print_json(doc) if as_json else click.echo(format_handlers(doc["handlers"]))
+    _print_json(doc) if as_json else click.echo(format_handlers(doc["handlers"]))
 
 
 @click.command()
@@ -122,7 +126,7 @@ def handlers(admin_url: str | None, token: str | None, as_json: bool) -> None:
 def reload(admin_url: str | None, token: str | None, as_json: bool) -> None:
     """Zero-downtime reload (like SIGHUP to the master): new config, app and workers."""
     doc = _client(admin_url, token).call("POST", "/reload")
-    print_json(doc) if as_json else click.echo(
+    _print_json(doc) if as_json else click.echo(
         f"reloading: generation {doc['generation']} is starting")
 
 
@@ -133,7 +137,7 @@ def reload(admin_url: str | None, token: str | None, as_json: bool) -> None:
 def stop(now: bool, admin_url: str | None, token: str | None, as_json: bool) -> None:
     """Stop the server: gracefully (drain in-flight events) unless --now."""
     doc = _client(admin_url, token).call("POST", "/stop", now=1 if now else None)
-    print_json(doc) if as_json else click.echo(f"stopping ({doc['stopping']}): "
+    _print_json(doc) if as_json else click.echo(f"stopping ({doc['stopping']}): "
                                                 f"pid {doc['pid']}")
 
 
@@ -144,7 +148,7 @@ def stop(now: bool, admin_url: str | None, token: str | None, as_json: bool) -> 
 def scale(n: int, admin_url: str | None, token: str | None, as_json: bool) -> None:
     """Run N worker processes (multi-worker mode; a reload resets it to the config's)."""
     doc = _client(admin_url, token).call("POST", "/workers", n=n)
-    print_json(doc) if as_json else click.echo(f"workers: {doc['previous']} -> {doc['workers']}")
+    _print_json(doc) if as_json else click.echo(f"workers: {doc['previous']} -> {doc['workers']}")
 
 
 @click.command()
@@ -197,4 +201,4 @@ def tail(pattern: str, rate: int, count: int | None, admin_url: str | None,
         pass
 
 
-COMMANDS = (stats, workers, handlers, reload, stop, scale, top, tail,)
+COMMANDS = [stats, workers, handlers, reload, stop, scale, top, tail]

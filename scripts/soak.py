@@ -10,4 +10,4 @@ import sys
 from evserver.cli import main
 
 if __name__ == "__main__":
-    main(["soak", *sys.argv[1:]])
+    main(["soak", *sys.argv[1:]], prog_name="evserver")

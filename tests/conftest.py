@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -248,3 +249,39 @@ def redis_factory(
     yield start
     for server in started:
         server.stop(signal.SIGKILL)
+
+
+def crash_mid_stream(server_factory: ServerFactory, app_spec: str, env: dict[str, str],
+                     work: Callable[[tuple[str, int], Callable[[], None]], None]
+                     ) -> ServerProcess:
+    """Start ``app_spec``, run ``work(address, crash)`` in a thread, and when it calls
+    ``crash()`` SIGKILL the server and start another on the same port. ``crash()`` returns
+    once the first server is dead, so whatever the client had in flight is lost to it.
+    Returns the second server after ``work`` finished; raises what ``work`` raised."""
+    first = server_factory(app_spec, env=env)
+    in_flight, killed = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def crash() -> None:
+        in_flight.set()
+        assert killed.wait(20)
+
+    def run() -> None:
+        try:
+            work(first.address, crash)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            in_flight.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert in_flight.wait(20)
+    first.stop(signal.SIGKILL)
+    killed.set()
+    second = server_factory(app_spec, env=env, port=first.port)
+    thread.join(40)
+    assert not thread.is_alive()
+    if errors:
+        raise errors[0]
+    return second

@@ -9,18 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import uvloop
-from conftest import APPS, REPO, ServerFactory
+from conftest import APPS, REPO, ServerFactory, crash_mid_stream
 
 from evserver import App, Event, RemoteError
 from evserver.aio import AsyncClient
@@ -278,40 +276,24 @@ def test_acked_send_many_loses_nothing_across_a_server_restart(
     """SIGKILL the server while 100,000 acked events stream in batches, restart it on the
     same port: every event is processed at least once, the re-sent ones under their ids."""
     record = tmp_path / "seen"
-    env = {"BASIC_RECORD": str(record)}
-    first = server_factory(BASIC, env=env)
-    in_flight, killed = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
     total = 100_000
 
-    def events() -> Iterator[tuple[str, Any]]:
-        for i in range(total):
-            if i == 30_000:  # batches are in flight, their acks unread (the loop is held)
-                in_flight.set()
-                killed.wait(20)
-            yield ("rec", i)
+    def stream(address: tuple[str, int], crash: Callable[[], None]) -> None:
+        def events() -> Iterator[tuple[str, Any]]:
+            for i in range(total):
+                if i == 30_000:  # batches are in flight, their acks unread (the loop is held)
+                    crash()
+                yield ("rec", i)
 
-    async def stream() -> int:
-        async with AsyncClient(*first.address, retries=100, backoff=0.01,
-                               backoff_max=0.2) as client:
-            return await client.send_many(events(), ack=True, batch_size=250)
+        async def send() -> int:
+            async with AsyncClient(*address, retries=100, backoff=0.01,
+                                   backoff_max=0.2) as client:
+                return await client.send_many(events(), ack=True, batch_size=250)
 
-    def thread_main() -> None:
-        try:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                assert runner.run(stream()) == total
-        except BaseException as exc:
-            errors.append(exc)
-            in_flight.set()
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            assert runner.run(send()) == total
 
-    thread = threading.Thread(target=thread_main)
-    thread.start()
-    assert in_flight.wait(20)
-    first.stop(signal.SIGKILL)
-    killed.set()
-    second = server_factory(BASIC, env=env, port=first.port)
-    thread.join(40)
-    assert not thread.is_alive() and not errors, errors
+    second = crash_mid_stream(server_factory, BASIC, {"BASIC_RECORD": str(record)}, stream)
     lines = record.read_text().splitlines()
     assert {json.loads(line.split("\t", 1)[1]) for line in lines} == set(range(total))
     assert second.proc.poll() is None

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import APPS, REPO, ServerFactory, ServerProcess, free_port
+from conftest import APPS, REPO, ServerFactory, ServerProcess, crash_mid_stream, free_port
 
 from evserver import Client, RemoteError
 from evserver import protocol as p
@@ -169,37 +168,21 @@ def test_acked_events_survive_a_server_crash(server_factory: ServerFactory,
     """SIGKILL the server while a client streams acked events and batches, restart it on the
     same port: every event is processed at least once, the re-sent ones under their ids."""
     record = tmp_path / "seen"
-    env = {"BASIC_RECORD": str(record)}
-    first = server_factory(BASIC, env=env)
-    in_flight, killed = threading.Event(), threading.Event()
     ids: list[str] = []
-    errors: list[BaseException] = []
 
-    def many() -> Iterator[tuple[str, Any]]:
-        for i in range(20_000):
-            if i == 6000:  # batches are in flight, their acks unread
-                in_flight.set()
-                killed.wait(20)
-            yield ("rec", {"many": i})
+    def stream(address: tuple[str, int], crash: Callable[[], None]) -> None:
+        def many() -> Iterator[tuple[str, Any]]:
+            for i in range(20_000):
+                if i == 6000:  # batches are in flight, their acks unread
+                    crash()
+                yield ("rec", {"many": i})
 
-    def stream() -> None:
-        try:
-            with Client(*first.address, retries=100, backoff=0.01, backoff_max=0.2) as c:
-                ids.extend(c.send("rec", {"one": i}, ack=True) for i in range(100))
-                c.send_many(many(), ack=True, batch_size=250)
-                ids.extend(c.send("rec", {"one": i}, ack=True) for i in range(100, 200))
-        except BaseException as exc:
-            errors.append(exc)
-            in_flight.set()
+        with Client(*address, retries=100, backoff=0.01, backoff_max=0.2) as c:
+            ids.extend(c.send("rec", {"one": i}, ack=True) for i in range(100))
+            c.send_many(many(), ack=True, batch_size=250)
+            ids.extend(c.send("rec", {"one": i}, ack=True) for i in range(100, 200))
 
-    thread = threading.Thread(target=stream)
-    thread.start()
-    assert in_flight.wait(20)
-    first.stop(signal.SIGKILL)
-    killed.set()
-    second = server_factory(BASIC, env=env, port=first.port)
-    thread.join(40)
-    assert not thread.is_alive() and not errors, errors
+    second = crash_mid_stream(server_factory, BASIC, {"BASIC_RECORD": str(record)}, stream)
     seen = recorded(record)
     seen_ids = {eid for eid, _ in seen}
     assert set(ids) <= seen_ids and len(ids) == 200

@@ -401,3 +401,35 @@ def test_dead_letters_of_every_node_are_listed_and_replayed_from_the_cluster_str
     assert b"replayed 6, failed 0" in replay.stdout
     assert sorted(n for _k, n, _p in runs(record)) == list(range(6))
     assert redis.client().xlen(KEYS.dead) == 0
+
+
+def test_a_hup_reload_of_worker_nodes_hands_partitions_over_without_loss_or_duplicates(
+        server_factory, redis_factory, tmp_path):
+    redis = redis_factory()
+    record = tmp_path / "runs"
+    (edge,) = start_nodes(server_factory, redis, 1, record)  # a single-process node
+    env = {"EVSERVER_CLUSTER_ENABLED": "true", "EVSERVER_CLUSTER_URL": redis.url,
+           "EVSERVER_CLUSTER_LEASE": "2", "CLUSTER_RECORD": str(record)}
+    workers = server_factory(APP, "--workers", "2", "--admin-port", str(free_port()), env=env)
+    client = redis.client()
+
+    def nodes_live():
+        return len(client.zrange(KEYS.nodes, 0, -1))
+
+    wait_for(lambda: nodes_live() == 3 and all(owners(redis).values()), 15, "3 nodes")
+    streamers = stream([edge], 300_000, clients=2)
+
+    def progress():
+        return sum(s.progress for s in streamers)
+
+    wait_for(lambda: progress() >= 2000, 60, "some events")
+    before = set(client.zrange(KEYS.nodes, 0, -1))
+    workers.proc.send_signal(signal.SIGHUP)  # new worker nodes start, the old ones hand over
+    wait_for(lambda: len(set(client.zrange(KEYS.nodes, 0, -1)) - before) == 2
+             and nodes_live() == 3, 30, "the new worker nodes to replace the old ones")
+    left = progress()
+    wait_for(lambda: progress() >= left + 2000, 60, "more events after the reload")
+    for s in streamers:
+        s.halt = True
+    acked = finish(streamers)
+    assert check_runs(record, acked) == 0

@@ -62,5 +62,7 @@ def test_soak_60s_loses_no_acked_event_and_leaks_nothing(tmp_path: Path) -> None
     assert doc["rss_growth_pct"] < 10, report
     assert doc["fd_delta"] is not None and abs(doc["fd_delta"]) <= 2, doc["processes"]
     assert doc["settled_at_end"] and doc["connections_drained"], report
+    # Reloads under connection churn reset nothing where listeners can migrate their queues.
+    assert doc["reload_connect_errors"] == 0 or not doc["reuseport_migration"], report
     assert doc["master_exit_code"] == 0, report
     assert doc["passed"] and run.returncode == 0, report

@@ -27,6 +27,7 @@ from rawpeer import RawPeer
 from evserver import protocol as p
 from evserver.config import load_config
 from evserver.contract import EXIT_APP_LOAD_ERROR
+from evserver.soak.watch import children
 from evserver.supervisor import Supervisor
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -52,19 +53,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-def children(pid: int) -> set[int]:
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-                out.add(int(entry.name))
-    return out
 
 
 class Master:

@@ -1,9 +1,10 @@
 """The bytes of a stream entry and of a reply, both msgpack.
 
-An entry (field ``d`` of a partition stream entry) is ``[origin, token, events]``: the edge
-node that appended it, the edge's token for the job, and per event ``[type, data, id, time,
-meta, index, want]``. ``index`` is the event's place in the edge's job; ``want`` says what
-the edge waits for: ``NOTHING``, ``ACK`` (to know it ran) or ``REPLY`` (a request's value).
+An entry (field ``d`` of a partition stream entry) is ``[origin, token, events, indexes,
+wants]``: the edge node that appended it, the edge's token for the job, per event ``[type,
+data, id, time, meta]``, and in two flat lists each event's place in the edge's job and
+what the edge waits for: ``NOTHING``, ``ACK`` (to know it ran) or ``REPLY`` (a request's
+value). Flat lists cost less to build and scan than a field per event.
 An event without a client-given id gets one derived from its place in the stream
 (``<stream entry id>/<index>``, see ``AppendedEvent``), so every delivery of it carries the
 same id and handlers can deduplicate on it, and the edge pays nothing for ids.
@@ -29,10 +30,11 @@ Failed = tuple[str, str, str]  # code, exception type, message
 Outcome = tuple[int, Failed | None, Any]  # index, failure, value
 
 
-def encode_entry(origin: str, token: int, items: list[tuple[Event, int, int]]) -> bytes:
-    """``items``: (event, index, want) in the order they must run."""
-    return msgpack.packb([origin, token, [
-        [e.type, e.data, e._id, e.time, e._meta, index, want] for e, index, want in items]])
+def encode_entry(origin: str, token: int, events: list[Event], indexes: list[int],
+                 wants: list[int]) -> bytes:
+    """The events in the order they must run, with their indexes in the edge's job."""
+    return msgpack.packb([origin, token, [[e.type, e.data, e._id, e.time, e._meta]
+                                          for e in events], indexes, wants])
 
 
 class AppendedEvent(Event):
@@ -40,14 +42,15 @@ class AppendedEvent(Event):
     place in the stream: ``<partition>:<entry id>/<index>``, the same on every delivery,
     unique in the cluster, and formatted only if a handler reads it."""
 
-    __slots__ = ("_place",)
+    __slots__ = ("_entry", "_index")
 
-    _place: tuple[str, int]
+    _entry: str
+    _index: int
 
     @property
     def id(self) -> str:
         if self._id is None:
-            self._id = "%s/%d" % self._place  # noqa: UP031 (the fastest format here)
+            self._id = f"{self._entry}/{self._index}"
         return self._id
 
     @id.setter
@@ -55,23 +58,44 @@ class AppendedEvent(Event):
         self._id = value
 
 
+class Entry:
+    """A decoded entry: who appended it, its events and, per event, index and want."""
+
+    __slots__ = ("events", "indexes", "origin", "token", "wants")
+
+    def __init__(self, origin: str, token: int, events: list[Event], indexes: list[int],
+                 wants: list[int]) -> None:
+        self.origin = origin
+        self.token = token
+        self.events = events
+        self.indexes = indexes
+        self.wants = wants
+
+    @property
+    def wanted(self) -> bool:
+        """Does the edge wait for a report on this entry?"""
+        return ACK in self.wants or REPLY in self.wants
+
+
 _alloc = object.__new__
 
 
-def decode_entry(raw: bytes, place: str) -> tuple[str, int, list[tuple[Event, int, int]]]:
+def decode_entry(raw: bytes, place: str) -> Entry:
     """``place``: ``<partition>:<entry id>``, the prefix of derived event ids."""
-    origin, token, rows = msgpack.unpackb(raw, strict_map_key=False)
-    items: list[tuple[Event, int, int]] = []
-    for etype, data, eid, at, meta, index, want in rows:
+    origin, token, rows, indexes, wants = msgpack.unpackb(raw, strict_map_key=False)
+    events: list[Event] = []
+    append = events.append
+    for (etype, data, eid, at, meta), index in zip(rows, indexes, strict=True):
         event = _alloc(AppendedEvent)  # the decoders' shortcut (evserver.event.decoded)
         event.type = etype
         event.data = data
         event._id = eid
         event.time = at
         event._meta = meta
-        event._place = (place, index)
-        items.append((event, index, want))
-    return origin, token, items
+        event._entry = place
+        event._index = index
+        append(event)
+    return Entry(origin, token, events, indexes, wants)
 
 
 Report = tuple[int, int, list[Outcome]]  # token, partition, outcomes

@@ -39,11 +39,10 @@ class StreamDeadLetters:
     def append(self, record: DeadLetter) -> None:
         self.redis.xadd(self.key, {b"d": msgpack.packb(record.as_dict())})
 
-    def poison(self, items: list[tuple[Event, int, int]], partition: int,
-               deliveries: int) -> None:
+    def poison(self, events: list[Event], partition: int, deliveries: int) -> None:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        for event, _slot, _want in items:
+        for event in events:
             self._add(pipe, DeadLetter(
                 event.type, event.data, event.id, event.time, event.meta, POISON_HANDLER,
                 "processor", "PoisonEvent",
@@ -51,7 +50,7 @@ class StreamDeadLetters:
                 "completing (did a handler kill its process?)", "", deliveries, now))
         pipe.execute()
         log.error("partition %d: dead-lettered %d event(s) delivered %d times", partition,
-                  len(items), deliveries)
+                  len(events), deliveries)
 
     def entry_undecodable(self, stream: str, eid: bytes, fields: dict[bytes, bytes],
                           exc: Exception) -> None:

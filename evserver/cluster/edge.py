@@ -68,6 +68,9 @@ class Edge:
         self._tokens = itertools.count(1)
         self._waiting: dict[int, tuple[Job, set[int]]] = {}  # token -> job, partitions owed
         self._keys: dict[str, KeyOf | None] = {}
+        # Without any ordered_by processor no event has a key: skip looking for them.
+        self._ordered = any(h.options.get("ordered_by") is not None
+                            for h in node.server.app.handlers)
         self._queue: Any = eventlet.queue.LightQueue(MAX_QUEUED)
         self._appender: Any = None
 
@@ -102,20 +105,27 @@ class Edge:
             job.sink.job_done(job)
             return
         requests = job.requests
-        wants = [codec.REPLY if i in requests else codec.NOTHING if self.stored else codec.ACK
-                 for i in range(len(events))]
-        parts = split(events, self._key_of, self.partitions)
+        wants = [codec.NOTHING if self.stored else codec.ACK] * len(events)
+        for i in requests:
+            wants[i] = codec.REPLY
+        parts = split(events, self._key_of if self._ordered else None, self.partitions)
         token = next(self._tokens)
-        owed = {part for part, idx in parts.items() if any(wants[i] for i in idx)}
+        owed = set(parts) if not self.stored else {
+            part for part, idx in parts.items() if any(wants[i] for i in idx)}
         # Registered before appending: while XADD is in flight, this node may own the
         # partition, run the entry and report (``on_reply``) before the append returns.
         waits = bool(owed)
         if waits:
             self._waiting[token] = (job, owed)
         keys = node.keys
-        entries = [(keys.stream(part), codec.encode_entry(
-            node.id, token, [(events[i], i, wants[i]) for i in idx]))
-            for part, idx in parts.items()]
+        if len(parts) == 1:  # one partition (no keys, or one): the job as it is
+            part, idx = parts.popitem()
+            entries = [(keys.stream(part), codec.encode_entry(node.id, token, events, idx,
+                                                                wants))]
+        else:
+            entries = [(keys.stream(part), codec.encode_entry(
+                node.id, token, [events[i] for i in idx], idx, [wants[i] for i in idx]))
+                for part, idx in parts.items()]
         self._queue.put(_Append(job, token, waits, entries))
 
     def _run_appender(self) -> None:

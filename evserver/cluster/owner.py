@@ -164,54 +164,59 @@ class PartitionOwner:
         if not self.valid():
             return  # left pending for the next owner
         try:
-            origin, token, items = codec.decode_entry(
-                fields[codec.FIELD], f"{self.partition}:{_text(eid)}")
+            entry = codec.decode_entry(fields[codec.FIELD], f"{self.partition}:{_text(eid)}")
         except Exception as exc:  # not ours, or corrupted: nothing could ever run it
             node.dead_letters.entry_undecodable(self.stream, eid, fields, exc)
             node.acker.ack(self.stream, eid, None, None)
             return
         if deliveries > node.settings.max_deliveries:
-            node.dead_letters.poison(items, self.partition, deliveries)
-            node.count("dead_lettered_events", len(items))
+            node.dead_letters.poison(entry.events, self.partition, deliveries)
+            node.count("dead_lettered_events", len(entry.events))
             failure = ("dead_lettered", "PoisonEvent",
                        f"delivered {deliveries} times without completing; dead-lettered")
-            outcomes: list[codec.Outcome] = [(index, failure, None)
-                                             for _e, index, want in items if want]
-            node.acker.ack(self.stream, eid, origin,
-                           (token, self.partition, outcomes) if outcomes else None)
+            outcomes: list[codec.Outcome] = [
+                (index, failure, None)
+                for index, want in zip(entry.indexes, entry.wants, strict=True) if want]
+            node.acker.ack(self.stream, eid, entry.origin,
+                           (entry.token, self.partition, outcomes) if outcomes else None)
             return
         if deliveries > 1:
-            node.count("redelivered_events", len(items))
+            node.count("redelivered_events", len(entry.events))
         self.in_flight += 1
-        events = [event for event, _index, _want in items]
-        requests = frozenset(i for i, (_e, _index, want) in enumerate(items)
-                             if want == codec.REPLY)
-        node.server.dispatcher.submit(Job(self, events, requests, (eid, origin, token, items)))
+        requests = frozenset(i for i, want in enumerate(entry.wants) if want == codec.REPLY) \
+            if codec.REPLY in entry.wants else _NO_REQUESTS
+        node.server.dispatcher.submit(Job(self, entry.events, requests, (eid, entry)))
 
     def job_done(self, job: Job) -> None:
         """An entry's job completed (the dispatcher's ``Sink``): acknowledge the entry and
         report its failures and reply values to the edge that appended it."""
         node = self.node
-        eid, origin, token, items = job.context
+        eid, entry = job.context
         self.in_flight -= 1
         if self._room is not None and (self.in_flight < MAX_IN_FLIGHT or not self.in_flight):
             room, self._room = self._room, None
             room.send()
         node.count("processed_entries")
-        node.count("processed_events", len(items))
+        node.count("processed_events", len(entry.events))
         if not self.valid():
             node.count("fenced_entries")
             return
-        wanted = any(want for _e, _index, want in items)
-        node.acker.ack(self.stream, eid, origin,
-                       (token, self.partition, _outcomes(job, items)) if wanted else None)
+        node.acker.ack(self.stream, eid, entry.origin,
+                       (entry.token, self.partition, _outcomes(job, entry))
+                       if entry.wanted else None)
 
 
-def _outcomes(job: Job, items: list[tuple[Any, int, int]]) -> list[codec.Outcome]:
+_NO_REQUESTS: frozenset[int] = frozenset()
+
+
+def _outcomes(job: Job, entry: codec.Entry) -> list[codec.Outcome]:
     """What the edge needs of an entry's events: the failed ones and the requests' values
     (by the edge's index); an event missing from the list succeeded."""
+    if not job.failures and job.broken is None and codec.REPLY not in entry.wants:
+        return []  # the usual case: all ran, nothing to say but that
     outcomes: list[codec.Outcome] = []
-    for i, (event, index, want) in enumerate(items):
+    for i, (event, index, want) in enumerate(zip(entry.events, entry.indexes, entry.wants,
+                                                 strict=True)):
         if not want:
             continue
         failure = job.failures.get(id(event)) or job.broken

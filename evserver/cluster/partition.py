@@ -24,8 +24,11 @@ def key_partition(key: Any, partitions: int) -> int:
     return zlib.crc32(raw) % partitions
 
 
-def split(events: list[Event], key_of: KeyOf, partitions: int) -> dict[int, list[int]]:
-    """Map each partition to the indexes of ``events`` that go there, in their order."""
+def split(events: list[Event], key_of: KeyOf | None, partitions: int) -> dict[int, list[int]]:
+    """Map each partition to the indexes of ``events`` that go there, in their order;
+    ``key_of`` None: no event has a key."""
+    if key_of is None:
+        return {key_partition(events[0].id, partitions): list(range(len(events)))}
     parts: dict[int, list[int]] = {}
     loose: int | None = None  # the partition of this job's unkeyed events
     for i, event in enumerate(events):

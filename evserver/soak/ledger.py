@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-UNSENT, SENT, ACKED, FAILED = 0, 1, 2, 3
+SENT, ACKED, FAILED = 1, 2, 3  # what a client knows of an event it sent
 
 
 class Stream:
@@ -35,7 +35,7 @@ class Stream:
 
 
 class Ledger:
-    """Every stream of a run, by name; ``kind`` is the name's first letter."""
+    """Every stream of a run, by name (its first letter says which client kind sent it)."""
 
     def __init__(self) -> None:
         self.streams: dict[str, Stream] = {}
@@ -44,9 +44,6 @@ class Ledger:
     def stream(self, name: str) -> Stream:
         with self._lock:
             return self.streams.setdefault(name, Stream(name))
-
-    def by_kind(self, kind: str) -> list[Stream]:
-        return [s for name, s in self.streams.items() if name[0] == kind]
 
     @staticmethod
     def split(soak_id: str) -> tuple[str, int] | None:

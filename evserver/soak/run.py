@@ -144,6 +144,10 @@ def checks(doc: dict[str, Any]) -> dict[str, bool]:
         "dead letters match the injected failures": doc["dead_letters_missing"] == 0
         and doc["dead_letters_unexpected"] == 0 and doc["doomed_acked"] == 0,
         "clean stop (exit 0)": doc["master_exit_code"] == 0,
+        # Only where listeners migrate their queues (docs/reliability.md): else a reload can
+        # reset a connection queued on a closing listener.
+        "no connection failed during reloads": doc["reload_connect_errors"] == 0
+        or not doc["reuseport_migration"],
     }
 
 
