@@ -75,16 +75,8 @@ from .errors import ConfigError, ForwardError, HandshakeFailed, ProtocolError, R
 from .event import KNOWN_TYPES, Event, decoded, type_problem
 from .forward_handshake import ForwardHandshake
 
-__all__ = [
-    "ForwardConnection",
-    "ForwardEvent",
-    "ForwardHandshake",
-    "ForwardRequest",
-    "HandshakeFailed",
-    "RequestTooLarge",
-    "ack_bytes",
-    "decode_request",
-]
+__all__ = ["ForwardConnection", "ForwardEvent", "ForwardHandshake", "ForwardRequest",
+           "HandshakeFailed", "RequestTooLarge", "ack_bytes", "decode_request"]
 
 _now = _time.time  # module-level so tests can pin "now"
 MAX_INVALID_ENTRIES = 1000  # per request; more fail it (see _decode_entries)
