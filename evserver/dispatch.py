@@ -415,12 +415,6 @@ class Dispatcher:
         previous = on_yield(group)
         try:
             self._listeners(group)
-        except GreenletExit:
-            raise
-        except BaseException as exc:  # a bug: fail the event, after the helpers finished
-            log.exception("internal error while running listeners")
-            group.failure = group.failure or Failure(
-                "internal_error", type(exc).__name__, str(exc))
         finally:
             on_yield(previous)
         group.holds -= 1
@@ -436,12 +430,6 @@ class Dispatcher:
         previous = on_yield(group)
         try:
             self._listeners(group)
-        except BaseException as exc:  # a bug here must neither kill the worker nor ack
-            if isinstance(exc, GreenletExit):
-                raise
-            log.exception("internal error while running listeners")
-            group.failure = group.failure or Failure(
-                "internal_error", type(exc).__name__, str(exc))
         finally:
             on_yield(previous)
             self.busy -= 1
@@ -451,10 +439,19 @@ class Dispatcher:
                 group.waiter.send()
 
     def _listeners(self, group: Listeners) -> None:
-        for plan in group.it:
-            failure = self._call(plan, group.event)[1]
-            if failure is not None and group.failure is None:
-                group.failure = failure
+        """Run listeners from the group's cursor. Only GreenletExit escapes: an internal
+        error fails the event (after the helpers finished) and must not end a worker."""
+        try:
+            for plan in group.it:
+                failure = self._call(plan, group.event)[1]
+                if failure is not None and group.failure is None:
+                    group.failure = failure
+        except GreenletExit:
+            raise
+        except BaseException as exc:
+            log.exception("internal error while running listeners")
+            group.failure = group.failure or Failure(
+                "internal_error", type(exc).__name__, str(exc))
 
     def _sample_at(self, count: int) -> int:
         """Which of the next ``count`` events to time (1-based), or 0 for none of them."""
