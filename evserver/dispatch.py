@@ -412,11 +412,7 @@ class Dispatcher:
         """Run an event's listeners, sharing them with idle workers once one waits; return
         the first failure. Returns when every one of them has finished."""
         group = Listeners(self, listeners, event)
-        previous = on_yield(group)
-        try:
-            self._listeners(group)
-        finally:
-            on_yield(previous)
+        self._listeners(group)
         group.holds -= 1
         if group.holds:  # helpers are still running some: wait for them
             group.waiter = eventlet.event.Event()
@@ -427,11 +423,9 @@ class Dispatcher:
         """A worker joining an event's listeners, holding one pool slot (released here)."""
         self.busy += 1
         group.holds += 1
-        previous = on_yield(group)
         try:
             self._listeners(group)
         finally:
-            on_yield(previous)
             self.busy -= 1
             self._slots.release()
             group.holds -= 1
@@ -439,8 +433,10 @@ class Dispatcher:
                 group.waiter.send()
 
     def _listeners(self, group: Listeners) -> None:
-        """Run listeners from the group's cursor. Only GreenletExit escapes: an internal
-        error fails the event (after the helpers finished) and must not end a worker."""
+        """Run listeners from the group's cursor, offering the rest to idle workers while
+        one waits. Only GreenletExit escapes: an internal error fails the event (after the
+        helpers finished) and must not end a worker."""
+        previous = on_yield(group)
         try:
             for plan in group.it:
                 failure = self._call(plan, group.event)[1]
@@ -452,6 +448,8 @@ class Dispatcher:
             log.exception("internal error while running listeners")
             group.failure = group.failure or Failure(
                 "internal_error", type(exc).__name__, str(exc))
+        finally:
+            on_yield(previous)
 
     def _sample_at(self, count: int) -> int:
         """Which of the next ``count`` events to time (1-based), or 0 for none of them."""
