@@ -119,6 +119,8 @@ _INLINE_BACKOFF_JOBS = 256
 _OUT_LIMIT = 4 << 20  # reply bytes queued for one connection before its reader pauses
 
 
+# Two private signals of the driver's own control flow, not errors anyone handles: they
+# never leave this module, which is why they are not in evserver.errors.
 class _Park(BaseException):
     """Thrown into a reader blocked in ``recv`` to make it give up its green thread."""
 

@@ -282,7 +282,7 @@ class Dispatcher:
         etype: str | None = None  # the type of the current run of events
         entry: Entry = (None, ())
         first = second = None  # the plans called bare, in this order (see _bare)
-        func = listener = None  # their functions
+        func = None  # the first one's function
         run = processed = 0
         # A job of up to two chunks (a batch of 100, say) runs without a pause: the reader
         # yields after every read anyway, and islice plus a hub switch cost ~10 % of such a
@@ -298,7 +298,6 @@ class Dispatcher:
                     entry = self._entries.get(etype) or self._entry(etype)
                     first, second = _bare(entry)
                     func = first.func if first is not None else None
-                    listener = second.func if second is not None else None
                 run += 1
                 if func is None or event is sampled:
                     self._event(job, -1, event, entry)
@@ -310,14 +309,8 @@ class Dispatcher:
                 except BaseException as exc:
                     failures.setdefault(id(event), self._failed(
                         first, event, exc, 1, traceback.format_exc()))  # type: ignore[arg-type]
-                if listener is not None:
-                    try:
-                        listener(event)
-                    except GreenletExit:
-                        raise
-                    except BaseException as exc:
-                        failures.setdefault(id(event), self._failed(
-                            second, event, exc, 1, traceback.format_exc()))  # type: ignore[arg-type]
+                if second is not None:
+                    self._listen_bare(job, second, event)
             if not job.left():
                 break
             self._pause()  # a big job must not starve the hub
@@ -325,6 +318,16 @@ class Dispatcher:
             tally(by_type, etype, run)
             processed += run
         self.stats.events_processed += processed
+
+    def _listen_bare(self, job: Job, plan: Plan, event: Event) -> None:
+        """The hot loop's call of a type's one direct listener, after its processor."""
+        try:
+            plan.func(event)
+        except GreenletExit:
+            raise
+        except BaseException as exc:
+            job.failures.setdefault(id(event), self._failed(
+                plan, event, exc, 1, traceback.format_exc()))
 
     def _drain_indexed(self, job: Job) -> None:
         """``_drain`` for jobs whose events need their index: requests, ordered events."""
@@ -409,17 +412,7 @@ class Dispatcher:
         """Run an event's listeners, sharing them with idle workers once one waits; return
         the first failure. Returns when every one of them has finished."""
         group = Listeners(self, listeners, event)
-        previous = on_yield(group)
-        try:
-            self._listeners(group)
-        except GreenletExit:
-            raise
-        except BaseException as exc:  # a bug: fail the event, after the helpers finished
-            log.exception("internal error while running listeners")
-            group.failure = group.failure or Failure(
-                "internal_error", type(exc).__name__, str(exc))
-        finally:
-            on_yield(previous)
+        self._listeners(group)
         group.holds -= 1
         if group.holds:  # helpers are still running some: wait for them
             group.waiter = eventlet.event.Event()
@@ -430,17 +423,9 @@ class Dispatcher:
         """A worker joining an event's listeners, holding one pool slot (released here)."""
         self.busy += 1
         group.holds += 1
-        previous = on_yield(group)
         try:
             self._listeners(group)
-        except BaseException as exc:  # a bug here must neither kill the worker nor ack
-            if isinstance(exc, GreenletExit):
-                raise
-            log.exception("internal error while running listeners")
-            group.failure = group.failure or Failure(
-                "internal_error", type(exc).__name__, str(exc))
         finally:
-            on_yield(previous)
             self.busy -= 1
             self._slots.release()
             group.holds -= 1
@@ -448,10 +433,23 @@ class Dispatcher:
                 group.waiter.send()
 
     def _listeners(self, group: Listeners) -> None:
-        for plan in group.it:
-            failure = self._call(plan, group.event)[1]
-            if failure is not None and group.failure is None:
-                group.failure = failure
+        """Run listeners from the group's cursor, offering the rest to idle workers while
+        one waits. Only GreenletExit escapes: an internal error fails the event (after the
+        helpers finished) and must not end a worker."""
+        previous = on_yield(group)
+        try:
+            for plan in group.it:
+                failure = self._call(plan, group.event)[1]
+                if failure is not None and group.failure is None:
+                    group.failure = failure
+        except GreenletExit:
+            raise
+        except BaseException as exc:
+            log.exception("internal error while running listeners")
+            group.failure = group.failure or Failure(
+                "internal_error", type(exc).__name__, str(exc))
+        finally:
+            on_yield(previous)
 
     def _sample_at(self, count: int) -> int:
         """Which of the next ``count`` events to time (1-based), or 0 for none of them."""

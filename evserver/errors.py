@@ -156,6 +156,10 @@ class AuthError(PeerError, PermissionError):
     code = "auth_failed"
 
 
+class NoKey(AuthError):
+    """The client did not try to authenticate: most likely it was not given the key."""
+
+
 class ForwardError(ProtocolError):
     """A Fluentd Forward Protocol request or handshake frame is malformed or not allowed."""
 

@@ -89,14 +89,10 @@ class Event:
     def time_ns(self) -> int:
         """``time`` in integer nanoseconds since the epoch.
 
-        Exact when the sender gave nanoseconds (a Forward EventTime: its float ``time``
-        carries them as ``ns``), else derived from ``time``, whose float64 holds about
-        0.25 us at current epochs.
+        Derived from ``time``, whose float64 holds about 0.25 us at current epochs; a
+        Forward event whose sender gave nanoseconds (EventTime) has them exactly.
         """
         t = self.time
-        exact = getattr(t, "ns", None)
-        if exact is not None:
-            return int(exact)
         return t * 1_000_000_000 if type(t) is int else round(t * 1e9)
 
     @property

@@ -42,12 +42,14 @@ Design decisions, and why:
   hands msgpack's key/value pairs to ``_text_keys``, which turns every key that is not str or
   bin into its text (``1`` -> ``"1"``) before any dict is built. The decoder is re-fed from
   the start of the request, which is why the connection keeps the bytes of the request in
-  progress (``_raw``).
-* EventTime (ext type 0) becomes float seconds wherever it appears, records included; Fluentd's
-  unpacker registers it globally too. A float64 holds about 0.25 us at current epochs, so the
-  float is an ``EventTime``, which also carries the exact integer nanoseconds (``ns``, read as
-  ``Event.time_ns``). Int times stay int (an int is a valid ``float`` for type checkers). Time
-  0 or nil becomes "now".
+  progress (``_kept``).
+* EventTime (ext type 0) is decoded, wherever it appears (Fluentd's unpacker registers it
+  globally too), into integer nanoseconds since the epoch: exact, where a float64 holds only
+  about 0.25 us at current epochs, and a plain int, so the hot path pays no more than for the
+  float it used to be. In the entry's time, an int of at least ``_NS_FLOOR`` (2**32) is such
+  nanoseconds (as seconds it would be after 2106): the event gets float seconds in ``time``
+  and the exact value in ``time_ns``. Other int times stay int seconds (an int is a
+  valid ``float`` for type checkers). Time 0 or nil becomes "now".
 * Tags follow the one rule of event types (``evserver.event.type_problem``), as native events
   do; a tag that breaks it fails the request.
 * Entries come out as ``ForwardEvent``s, the ``Event`` handlers receive (type = tag, data =
@@ -73,17 +75,8 @@ from .errors import ConfigError, ForwardError, HandshakeFailed, ProtocolError, R
 from .event import KNOWN_TYPES, Event, decoded, type_problem
 from .forward_handshake import ForwardHandshake
 
-__all__ = [
-    "EventTime",
-    "ForwardConnection",
-    "ForwardEvent",
-    "ForwardHandshake",
-    "ForwardRequest",
-    "HandshakeFailed",
-    "RequestTooLarge",
-    "ack_bytes",
-    "decode_request",
-]
+__all__ = ["ForwardConnection", "ForwardEvent", "ForwardHandshake", "ForwardRequest",
+           "HandshakeFailed", "RequestTooLarge", "ack_bytes", "decode_request"]
 
 _now = _time.time  # module-level so tests can pin "now"
 MAX_INVALID_ENTRIES = 1000  # per request; more fail it (see _decode_entries)
@@ -95,7 +88,15 @@ class ForwardEvent(Event):
     """An event that arrived over Forward: ``meta`` is the entry's v1.5 metadata plus
     ``"protocol": "forward"``; without metadata that dict is made only when first read."""
 
-    __slots__ = ()
+    __slots__ = ("_time_ns",)  # set only for an EventTime (``_at_ns``)
+    _time_ns: int
+
+    @property
+    def time_ns(self) -> int:
+        try:
+            return self._time_ns
+        except AttributeError:  # an int, float or missing time: derived from ``time``
+            return Event.time_ns.__get__(self)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -147,25 +148,27 @@ class ForwardRequest:
         )
 
 
-class EventTime(float):
-    """Fluentd's EventTime as float seconds, like every other time, plus the exact integer
-    nanoseconds (``ns``) that a float64 cannot hold."""
-
-    __slots__ = ("ns",)
-    ns: int
-
-
-_new_float = float.__new__
+#: The smallest entry time read as EventTime nanoseconds: 2**32, past every uint32 of
+#: seconds a Forward client sends (year 2106). Only an EventTime in the first 4.3 seconds of
+#: 1970 would read as seconds.
+_NS_FLOOR = 1 << 32
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
-    """Turn EventTime (ext 0: uint32 BE seconds, uint32 BE nanoseconds) into an EventTime."""
+    """Turn EventTime (ext 0: uint32 BE seconds, uint32 BE nanoseconds) into integer
+    nanoseconds since the epoch."""
     if code == 0 and len(data) == 8:
         seconds, nanoseconds = _unpack_event_time(data)
-        t = _new_float(EventTime, seconds + nanoseconds / 1e9)
-        t.ns = seconds * 1_000_000_000 + nanoseconds
-        return t
+        return seconds * 1_000_000_000 + nanoseconds
     return msgpack.ExtType(code, data)
+
+
+def _at_ns(tag: str, record: dict[str, Any], ns: int,
+           meta: dict[str, Any] | None) -> ForwardEvent:
+    """An event whose time came as EventTime: float seconds, and the exact nanoseconds."""
+    event = decoded(ForwardEvent, tag, record, ns / 1_000_000_000, meta)
+    event._time_ns = ns
+    return event
 
 
 def _text_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -216,17 +219,20 @@ def _decode_entries(tag: str, items: Iterable[Any]) -> tuple[list[Event], int]:
             t = record = None
         if type(record) is dict:
             kind = type(t)
-            if kind is EventTime or kind is int or kind is float or t is None:
+            if kind is int and t >= _NS_FLOOR:
+                append(_at_ns(tag, record, t, None))
+                continue
+            if kind is int or kind is float or t is None:
                 append(decoded(ForwardEvent, tag, record, t or _now(), None))
                 continue
             if kind is list and 1 <= len(t) <= 2:  # v1.5 [time, {metadata}]
                 meta = t[1] if len(t) == 2 else {}
                 t = t[0]
                 kind = type(t)
-                if type(meta) is dict and (kind is EventTime or kind is int or kind is float
-                                           or t is None):
+                if type(meta) is dict and (kind is int or kind is float or t is None):
                     meta = {**meta, "protocol": "forward"}
-                    append(decoded(ForwardEvent, tag, record, t or _now(), meta))
+                    append(_at_ns(tag, record, t, meta) if kind is int and t >= _NS_FLOOR
+                           else decoded(ForwardEvent, tag, record, t or _now(), meta))
                     continue
         skipped += 1
         if skipped > MAX_INVALID_ENTRIES:
@@ -370,14 +376,14 @@ class ForwardConnection:
         "_error",
         "_fed",
         "_handshake",
+        "_kept",
+        "_kept_from",
         "_lenient",
         "_max_decompressed",
         "_max_request",
         "_outgoing",
         "_pending",
         "_pending_len",
-        "_raw",
-        "_raw_start",
         "_start",
         "_unpacker",
     )
@@ -404,8 +410,8 @@ class ForwardConnection:
         self._start = 0  # stream offset where the current request starts
         self._error: ProtocolError | None = None
         self._lenient = False  # see _relax
-        self._raw = bytearray()  # the bytes fed to the Unpacker from offset _raw_start on
-        self._raw_start = 0
+        self._kept = bytearray()  # the bytes fed to the Unpacker from offset _kept_from on
+        self._kept_from = 0
         self._handshake = handshake
         self._outgoing = bytearray(handshake.helo_bytes() if handshake is not None else b"")
 
@@ -432,7 +438,7 @@ class ForwardConnection:
         size = len(data)
         if not self._pending and size <= self._room():
             self._unpacker.feed(data)
-            self._raw += data
+            self._keep(data)
             self._fed += size
         else:
             self._pending.append(memoryview(bytes(data)))
@@ -485,8 +491,9 @@ class ForwardConnection:
                     and tag in KNOWN_TYPES:
                 t, record = msg[1], msg[2]
                 kind = type(t)
-                if (kind is EventTime or kind is int or kind is float) and type(record) is dict:
-                    event = decoded(ForwardEvent, tag, record, t or _now(), None)
+                if (kind is int or kind is float) and type(record) is dict:
+                    event = (_at_ns(tag, record, t, None) if kind is int and t >= _NS_FLOOR
+                             else decoded(ForwardEvent, tag, record, t or _now(), None))
                     if merged is None or merged.tag != tag:
                         merged = ForwardRequest(tag, [event], None, {}, 0, size, "message")
                         out.append(merged)
@@ -522,7 +529,7 @@ class ForwardConnection:
                 pending[0] = view[room:]
                 view = view[:room]
             self._unpacker.feed(view)
-            self._raw += view
+            self._keep(view)
             n = len(view)
             self._fed += n
             self._pending_len -= n
@@ -530,15 +537,24 @@ class ForwardConnection:
             moved = True
         return moved
 
+    def _keep(self, data: bytes | memoryview) -> None:
+        """Remember bytes fed to the Unpacker, for ``_relax``; those of the requests decoded
+        since the last call are dropped first (once per read, not once per request)."""
+        done = self._start - self._kept_from
+        if done:
+            del self._kept[:done]
+            self._kept_from = self._start
+        self._kept += data
+
     def _relax(self) -> msgpack.Unpacker:
         """Switch to the lenient decoder, re-fed from the start of the failed request (a
         failed Unpacker cannot go on); return it."""
-        rest = bytes(self._raw[self._start - self._raw_start:])
+        rest = bytes(self._kept[self._start - self._kept_from:])
         self._lenient = True
         self._unpacker = _unpacker(self._max_request, lenient=True)
         self._unpacker.feed(rest)
-        self._raw = bytearray(rest)
-        self._fed, self._start, self._raw_start = len(rest), 0, 0
+        self._kept = bytearray(rest)
+        self._fed, self._start, self._kept_from = len(rest), 0, 0
         return self._unpacker
 
     def _next_message(self) -> tuple[Any, int] | None:
@@ -566,8 +582,6 @@ class ForwardConnection:
             end = unpacker.tell()
             size = end - self._start
             self._start = end
-            del self._raw[:end - self._raw_start]  # O(1): bytearray drops a prefix in place
-            self._raw_start = end
             if size > self._max_request:
                 raise RequestTooLarge(
                     f"request of {size} bytes exceeds max_request_bytes ({self._max_request})"

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from . import protocol as p
 from .auth import Authenticator, new_nonce
-from .errors import AuthError, PeerError, ProtocolError, TooManyPending
+from .errors import AuthError, NoKey, PeerError, ProtocolError, TooManyPending
 from .states import Lifecycle
 
 log = logging.getLogger("evserver.security")
@@ -59,10 +59,6 @@ class Outcome(Protocol):
     values: dict[int, Any]
 
     def failure(self, start: int, stop: int) -> Any: ...
-
-
-class NoKey(AuthError):
-    """The client did not try to authenticate: most likely it was not given the key."""
 
 
 class NativeProtocol:

@@ -161,6 +161,11 @@ def test_the_master_reaches_no_eventlet_by_structure() -> None:
     assert HUB_DOOR not in closure("evserver.supervisor")
 
 
+def test_no_module_is_over_600_lines() -> None:
+    sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    assert {name: n for name, n in sizes.items() if n > 600} == {}
+
+
 def test_importing_the_master_loads_no_eventlet() -> None:
     """A fresh interpreter, since this one has imported eventlet long ago."""
     code = ("import sys, evserver.cli, evserver.supervisor; "

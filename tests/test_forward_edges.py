@@ -54,8 +54,9 @@ def test_event_time_nanoseconds_are_kept_exactly_in_every_mode() -> None:
     assert got["meta"] == expected[:1]
     assert all(abs(e.time - e.time_ns / 1e9) < 1e-6 for e in events)  # still float seconds
     assert isinstance(events[0].time, float)
-    (plain,) = decode(packb(["int", T0, {}]))
+    (plain,) = decode(packb(["int", T0, {"at": event_time(T0, 7)}]))
     assert plain.time == T0 and plain.time_ns == T0 * 10**9
+    assert plain.data == {"at": T0 * 10**9 + 7}  # an EventTime in a record: int nanoseconds
 
 
 # ------------------------------------------------- point 10: one rule for types and tags

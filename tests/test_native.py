@@ -8,7 +8,7 @@ from rawpeer import RawPeer
 from evserver import App
 from evserver import protocol as p
 from evserver.auth import Authenticator, client_hello
-from evserver.errors import AuthError, ProtocolError, StateError, TooManyPending
+from evserver.errors import AuthError, NoKey, ProtocolError, StateError, TooManyPending
 from evserver.metrics import new_counters
 from evserver.native import (
     AUTH,
@@ -18,7 +18,6 @@ from evserver.native import (
     OPEN,
     TRANSITIONS,
     NativeProtocol,
-    NoKey,
 )
 from evserver.states import Lifecycle
 from evserver.testing import serve_in_thread

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 
+from conftest import wait_for
 from rawpeer import RawPeer
 
 from evserver import App
@@ -89,10 +90,15 @@ def test_a_firehose_connection_does_not_starve_others():
 
         t = threading.Thread(target=firehose)
         t.start()
+        stats = server.dispatcher.stats
         try:
-            latencies = healthy_latencies(server.address, 100)
+            wait_for(lambda: stats.events_in > 10_000, 10, "the firehose flowing")
+            before = stats.events_in
+            healthy_latencies(server.address, 100)  # a starved peer would time out here
+            during = stats.events_in - before
         finally:
             stop.set()
             t.join(10)
-        assert latencies[-2] < 0.25
-        assert server.dispatcher.stats.events_in > 10_000  # the firehose was really flowing
+        # Counted, not timed: the healthy peer got its 100 answers while the firehose kept
+        # flowing (a reader that never yielded would have served one or the other).
+        assert during > 0, "the firehose made no progress while the healthy peer was served"
