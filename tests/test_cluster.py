@@ -112,8 +112,9 @@ class Streamer(threading.Thread):
                 self.progress += len(part)
 
 
-def check_runs(record: Path, acked: list[tuple[str, int]]) -> int:
-    """Nothing acked is missing, first runs per key are in order; returns the duplicates."""
+def check_runs(record: Path, acked: list[tuple[str, int]], *, ordered: bool = True) -> int:
+    """Nothing acked is missing, first runs per key are in order (unless not ``ordered``);
+    returns the duplicates."""
     ran = runs(record)
     seen = Counter((key, n) for key, n, _pid in ran)
     missing = [e for e in acked if e not in seen]
@@ -125,7 +126,7 @@ def check_runs(record: Path, acked: list[tuple[str, int]]) -> int:
             done.add((key, n))
             firsts[key].append(n)
     for key, ns in firsts.items():
-        assert ns == sorted(ns), f"key {key}: first runs out of order: {ns[:50]}"
+        assert not ordered or ns == sorted(ns), f"key {key}: first runs out of order: {ns[:50]}"
     return sum(seen.values()) - len(seen)
 
 
@@ -271,7 +272,10 @@ def test_a_node_stopped_past_its_lease_loses_its_partitions_and_rejoins(
     finally:
         b.proc.send_signal(signal.SIGCONT)
     acked = finish(streamers)
-    check_runs(record, acked)
+    # Nothing lost; order is not checked here: entries the stalled node had already handed
+    # to its dispatcher run when it wakes (the overlap window in docs/cluster.md), and were
+    # once seen to run a key's later event first in a loaded full-suite run.
+    check_runs(record, acked, ordered=False)
     wait_balanced(redis, [a, b])  # B rejoined and got its share back
 
 
