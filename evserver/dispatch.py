@@ -145,7 +145,7 @@ class Dispatcher:
         if sample := self._sample_at(len(job.events)):
             job.sampled = job.events[sample - 1]
         if job.requests or job.tickets is not None:
-            job.cursor = enumerate(job.cursor)
+            job.number()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Let the workers finish every queued job, then end them. True if all ended in time.
@@ -224,8 +224,7 @@ class Dispatcher:
             self._drain(job)
         except GreenletExit:  # ended at the drain timeout: nobody may take its events now
             job.broken = Failure("internal_error", "GreenletExit", "stopped at the drain timeout")
-            for _ in job.cursor:
-                pass
+            job.skip_rest()
             raise
         except BaseException as exc:  # a bug here must neither kill the worker nor ack
             log.exception("internal error while running a job")
@@ -249,8 +248,7 @@ class Dispatcher:
         ordering tickets so the events queued behind them on their keys still run."""
         job.broken = failure
         if job.tickets is None:
-            for _ in job.cursor:
-                pass
+            job.skip_rest()
             return
         for i, _ in job.cursor:
             if (ticket := job.tickets.get(i)) is not None:
@@ -274,7 +272,7 @@ class Dispatcher:
         everything else go through ``_event``, as do all events of a job with requests or
         ordered events (``_drain_indexed``).
         """
-        if job.cursor is not job._src:
+        if job.numbered:
             self._drain_indexed(job)
             return
         cursor, by_type, failures = job.cursor, self.stats.by_type, job.failures

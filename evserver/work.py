@@ -91,6 +91,20 @@ class Job(Shared):
     def left(self) -> int:
         return length_hint(self._src)
 
+    def number(self) -> None:
+        """Hand out (index, event) pairs from now on: requests and ordered events need
+        their index. Done once, before anyone runs the job."""
+        self.cursor = enumerate(self._src)
+
+    @property
+    def numbered(self) -> bool:
+        return self.cursor is not self._src
+
+    def skip_rest(self) -> None:
+        """Take every event nobody took yet, so that no runner starts one."""
+        for _ in self._src:
+            pass
+
     def failure(self, start: int, stop: int) -> Failure | None:
         """The first failure (by position) among ``events[start:stop]``, or None."""
         if failures := self.failures:
