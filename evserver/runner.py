@@ -35,10 +35,11 @@ def run_single(
     its supervisor; everything else is the same code path as single-process mode. Workers
     pass ``serve_admin=False``: their master serves the admin listener for all of them.
     """
-    from ._eventlet import monkey_patch
+    from ._eventlet import monkey_patch, use_precise_hub
 
     if cfg.server.monkey_patch:
         monkey_patch()
+    use_precise_hub()  # before the app's import, which may start the hub
     from .admin import admin_unavailable
     from .errors import ClusterError
     from .loader import AppLoadError, load_app
