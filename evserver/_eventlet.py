@@ -36,6 +36,8 @@ __all__ = ["GreenletExit", "ReadWait", "call_in_hub", "eventlet", "getcurrent",
            "wrap_server_socket", "wsgi_server"]
 
 _select = eventlet.patcher.original("select")
+_PRECISE_WITHIN = 0.1  # seconds: see PreciseHub
+_FD_SETSIZE = 1024
 
 
 def monkey_patch() -> None:
@@ -54,13 +56,20 @@ class PreciseHub(eventlet.hubs.epolls.Hub):
     every handler waiting on a timer. When the next timer is not a whole number of
     milliseconds away, the hub waits on the epoll descriptor itself with ``select``, whose
     timeout is in microseconds, then collects the events without waiting. Only such waits
-    cost the extra call: a busy hub polls with a zero timeout.
+    cost the extra call: a busy hub polls with a zero timeout, and a timer further away
+    than ``_PRECISE_WITHIN`` (an idle timeout, say) loses nothing to a millisecond.
     """
 
     is_available = staticmethod(eventlet.hubs.epolls.is_available)
 
+    def __init__(self, clock: Any = None) -> None:
+        super().__init__(clock=clock)
+        # select() handles descriptors below FD_SETSIZE only; a hub created late in a
+        # process with many files open keeps eventlet's millisecond waits.
+        self.precise = self.poll.fileno() < _FD_SETSIZE
+
     def do_poll(self, seconds: float) -> list[tuple[int, int]]:
-        if seconds > 0 and seconds * 1000 % 1:
+        if 0 < seconds < _PRECISE_WITHIN and self.precise and seconds * 1000 % 1:
             _select.select((self.poll,), (), (), seconds)
             seconds = 0
         events: list[tuple[int, int]] = self.poll.poll(seconds)

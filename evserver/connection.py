@@ -16,10 +16,13 @@ events at a time, each dispatched (inline, usually) before the next is decoded, 
 memory is reused while still in cache. A silent connection has no green thread at all: it is
 parked in the hub until bytes arrive.
 
-Handing off: when a job the reader runs inline waits in a handler, the reader green thread
-stays with that job as a plain runner, and a new reader goes on with the connection: the
-units already decoded, then the next reads. So a slow handler never holds up the work
-behind it on its connection, and a job whose handlers never wait costs no hand-off at all.
+Handing off: when a job the reader runs inline waits in a handler, the work behind it on the
+connection must not wait too. If some is decoded or buffered already, a new reader green
+thread goes on with it at once; if not, the connection waits for bytes in the hub
+(``standby``, like parking), and a new reader starts only if some arrive before the job is
+done. Either way the old reader finishes its job as a plain runner and then leaves. So a
+request answered before its client sends again (request/reply) costs no green thread (a new
+one costs ~10 µs), and a job whose handlers never wait costs no hand-off at all.
 
 Writing: whichever green thread finds the connection idle becomes its single writer and
 drains everything queued meanwhile, so writes coalesce and two green threads never write one
@@ -104,6 +107,8 @@ class WireProtocol(Protocol):
     def receive_data(self, data: bytes | memoryview) -> None: ...
     def receive_eof(self) -> None: ...
     def next_jobs(self) -> list[Any]: ...  # Units; [] when more bytes are needed
+    @property
+    def pending_input(self) -> bool: ...  # bytes received that are not yet units
     def job_done(self, job: Job) -> tuple[bytes, str | None]: ...  # (answers, why to close)
     def error_bytes(self, exc: PeerError) -> bytes: ...
     def refusal(self, limit: int) -> bytes: ...
@@ -112,6 +117,7 @@ class WireProtocol(Protocol):
 _READ_SIZE = 1 << 16
 _BUF = bytearray(_READ_SIZE)  # shared by every reader of every protocol: see _recv
 _VIEW = memoryview(_BUF)
+_YIELD_READS = 16  # reads between cooperative yields, at the latest
 _OPENING_READ = 4096  # bytes read at a time while a peer has not authenticated
 # Reads are decoded and dispatched in jobs of about this many events (a BATCH is never
 # split), so a long run of single-event frames spreads over several workers.
@@ -146,8 +152,8 @@ class Connection:
 
     __slots__ = (
         "addr", "closing", "flush_waiter", "idle_expired", "jobs", "last_active", "out",
-        "out_bytes", "parked", "protocol", "reader_glet", "receiving", "server", "sock", "tls",
-        "units", "waiter", "writing",
+        "out_bytes", "parked", "protocol", "reader_glet", "receiving", "server", "sock",
+        "standby", "tls", "units", "waiter", "writing",
     )
 
     def __init__(self, server: Host, sock: Any, addr: Any, protocol: WireProtocol) -> None:
@@ -168,6 +174,7 @@ class Connection:
         self.receiving = False  # the reader is blocked in recv (where it may be parked)
         self.last_active = time.monotonic()  # when bytes last arrived or the last job ended
         self.parked: ReadWait | None = None
+        self.standby: ReadWait | None = None  # bytes awaited while the reader's job waits
         self.idle_expired = False  # woken by the idle timeout while parked
 
     # ------------------------------------------------------------------ writing
@@ -242,7 +249,10 @@ class Connection:
         try:
             if not resumed and not self._open():
                 return
-            while self._pump() and not server.stopping:
+            if not self._pump():  # the units a reader that handed off left, if any
+                return
+            reads = 0
+            while not server.stopping:
                 try:
                     data = self._recv()
                 except TimeoutError:
@@ -256,10 +266,13 @@ class Connection:
                         protocol.receive_eof()
                     return
                 protocol.receive_data(data)
-                self._pump()
-                # Fairness: recv only yields on EAGAIN, so a connection that always has
-                # data would otherwise never let others run.
-                eventlet.sleep(0)
+                if not self._pump():
+                    return
+                # Fairness: recv yields only when nothing is there, so a peer that always
+                # has data waiting (a full read says so) would never let others run.
+                reads += 1
+                if len(data) == _READ_SIZE or not reads % _YIELD_READS:
+                    eventlet.sleep(0)
         except PeerError as exc:
             self._fail(exc)
 
@@ -420,7 +433,8 @@ class Connection:
     def _dispatch(self) -> None:
         """Run the decoded units as jobs: inline while the pool is idle, else through the
         queue, holding the reader while this connection has too many jobs in flight.
-        Raises ``_HandedOff`` in a reader whose inline job waited (see ``_hand_off``)."""
+        Raises ``_HandedOff`` in a reader whose inline job waited and whose connection
+        another reader has taken over meanwhile (see ``_hand_off``)."""
         server = self.server
         intake = server.intake
         stats = server.dispatcher.stats
@@ -431,7 +445,10 @@ class Connection:
             self.jobs += 1
             job = Job(self, events, requests, context)
             if intake.run_inline(job, self._hand_off):
-                if self.reader_glet is not getcurrent():
+                if self.standby is not None:  # nothing arrived while it waited: read on
+                    self.standby.cancel()
+                    self.standby = None
+                elif self.reader_glet is not getcurrent():
                     raise _HandedOff
             else:
                 intake.submit(job)
@@ -445,8 +462,19 @@ class Connection:
 
     def _hand_off(self) -> None:
         """Called in the hub's switch (must not block) when the reader's inline job is about
-        to wait in a handler: a new reader goes on with the connection, and this green
-        thread, once the job is done, leaves (``_HandedOff``)."""
+        to wait in a handler: see the module docstring. A TLS socket gets a new reader at
+        once: decrypted bytes may be waiting where the fd does not show them."""
+        if self.units or self.protocol.pending_input or self.tls or self.closing:
+            self._new_reader()
+        else:
+            self.standby = ReadWait(self.sock.fileno(), self._standby_ended, None)
+
+    def _standby_ended(self, _timed_out: bool) -> None:
+        """In the hub: bytes arrived while the old reader's job still waits."""
+        self.standby = None
+        self._new_reader()
+
+    def _new_reader(self) -> None:
         self.reader_glet = None
         eventlet.spawn_n(self.run, True)
 
@@ -485,6 +513,9 @@ class Connection:
     def _finish(self) -> None:
         """Wait for this connection's jobs so their responses are written, then close."""
         self.closing = True
+        if self.standby is not None:
+            self.standby.cancel()
+            self.standby = None
         self._wait_jobs(1, timeout=self.server.drain_timeout)
         try:
             self.sock.close()

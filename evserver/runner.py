@@ -37,9 +37,9 @@ def run_single(
     """
     from ._eventlet import monkey_patch, use_precise_hub
 
+    use_precise_hub()  # first: monkey patching starts the hub
     if cfg.server.monkey_patch:
         monkey_patch()
-    use_precise_hub()  # before the app's import, which may start the hub
     from .admin import admin_unavailable
     from .errors import ClusterError
     from .loader import AppLoadError, load_app
