@@ -445,11 +445,11 @@ class Connection:
             self.jobs += 1
             job = Job(self, events, requests, context)
             if intake.run_inline(job, self._hand_off):
+                if self.reader_glet is not getcurrent():
+                    raise _HandedOff  # (the standby, if any, is the new reader's)
                 if self.standby is not None:  # nothing arrived while it waited: read on
                     self.standby.cancel()
                     self.standby = None
-                elif self.reader_glet is not getcurrent():
-                    raise _HandedOff
             else:
                 intake.submit(job)
             # Also after an inline run: its job stays open while ordered events are parked.

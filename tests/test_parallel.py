@@ -116,26 +116,30 @@ def test_a_failing_listener_among_overlapping_ones_fails_the_acked_event() -> No
 
 
 class Gate:
-    """An app whose "hold" requests wait until an "open" request lets them all go, and whose
-    "echo" requests answer at once: what runs behind a waiting handler, counted."""
+    """An app whose "hold" requests wait until an "open" request of the same name (their
+    data) lets them go, and whose "echo" requests answer at once: what runs behind a
+    waiting handler, counted."""
 
     def __init__(self) -> None:
         self.app = App()
         self.held = 0
-        self.event: Any = None  # made in the server's hub thread, where it is waited on
+        self.gates: dict[Any, Any] = {}  # hub Events, made in the server's hub thread
         self.app.processor("hold")(self.hold)
         self.app.processor("open")(self.open)
         self.app.processor("echo")(lambda event: event.data)
 
+    def _gate(self, name: Any) -> Any:
+        if name not in self.gates:
+            self.gates[name] = eventlet.event.Event()
+        return self.gates[name]
+
     def hold(self, event: Event) -> str:
-        if self.event is None:
-            self.event = eventlet.event.Event()
         self.held += 1
-        self.event.wait()
+        self._gate(event.data).wait()
         return "released"
 
     def open(self, event: Event) -> int:
-        self.event.send()
+        self._gate(event.data).send()
         return self.held
 
     def wait_held(self, n: int) -> None:
@@ -177,6 +181,26 @@ def test_jobs_decoded_behind_a_waiting_inline_job_run_meanwhile() -> None:
         rest = peer.by_corr(JOB_EVENTS + 1)  # the first job answers when all of it ran
         assert rest[1].body == "released" and rest[999].body == 1
         peer.close()
+
+
+def test_a_reader_whose_job_ends_after_the_next_reader_took_over_leaves_it_alone() -> None:
+    gate = Gate()
+    with serve_in_thread(gate.app, pool_size=8) as server:
+        peer, other = RawPeer(server.address, timeout=5), RawPeer(server.address, timeout=5)
+        peer.send(p.encode_event(1, ["hold", "a"], request=True))
+        gate.wait_held(1)
+        peer.send(p.encode_event(2, ["hold", "b"], request=True))  # a second reader runs it
+        gate.wait_held(2)
+        # Released from elsewhere: the first reader's job ends while the second one's waits.
+        assert other.request(1, "open", "a").body == 2
+        assert peer.recv_frames(1)[0].corr == 1
+        assert other.request(2, "open", "b").body == 2
+        assert peer.recv_frames(1)[0].corr == 2
+        for corr in range(3, 6):  # exactly one reader is left, and it reads
+            assert peer.request(corr, "echo", corr).body == corr
+        assert server.counters["protocol_errors"] == 0
+        peer.close()
+        other.close()
 
 
 def _waiting(gauge: Gauge, seconds: float, name: str) -> Any:
