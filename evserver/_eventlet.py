@@ -25,13 +25,19 @@ import eventlet  # noqa: E402
 import eventlet.green.socket  # noqa: E402
 import eventlet.green.ssl  # noqa: E402
 import eventlet.hubs  # noqa: E402
+import eventlet.hubs.epolls  # noqa: E402
 import eventlet.queue  # noqa: E402
 import eventlet.semaphore  # noqa: E402
 import eventlet.tpool  # noqa: E402
 from greenlet import GreenletExit, getcurrent  # noqa: E402
 
 __all__ = ["GreenletExit", "ReadWait", "call_in_hub", "eventlet", "getcurrent",
-           "monkey_patch", "on_yield", "wake_hub_on_signals", "wrap_server_socket", "wsgi_server"]
+           "monkey_patch", "on_yield", "use_precise_hub", "wake_hub_on_signals",
+           "wrap_server_socket", "wsgi_server"]
+
+_select = eventlet.patcher.original("select")
+_PRECISE_WITHIN = 0.1  # seconds: see PreciseHub
+_FD_SETSIZE = 1024
 
 
 def monkey_patch() -> None:
@@ -40,6 +46,41 @@ def monkey_patch() -> None:
     Must run before the user's app is imported, or locks and sockets it creates stay real.
     """
     eventlet.monkey_patch()
+
+
+class PreciseHub(eventlet.hubs.epolls.Hub):
+    """eventlet's epoll hub, with timers that fire on time instead of up to 1 ms late.
+
+    ``epoll_wait`` takes whole milliseconds and Python rounds the hub's timeout up, so every
+    green sleep and ``Timeout`` ended 0.5 ms late on average: 5 % of a 10 ms wait, paid by
+    every handler waiting on a timer. When the next timer is not a whole number of
+    milliseconds away, the hub waits on the epoll descriptor itself with ``select``, whose
+    timeout is in microseconds, then collects the events without waiting. Only such waits
+    cost the extra call: a busy hub polls with a zero timeout, and a timer further away
+    than ``_PRECISE_WITHIN`` (an idle timeout, say) loses nothing to a millisecond.
+    """
+
+    is_available = staticmethod(eventlet.hubs.epolls.is_available)
+
+    def __init__(self, clock: Any = None) -> None:
+        super().__init__(clock=clock)
+        # select() handles descriptors below FD_SETSIZE only; a hub created late in a
+        # process with many files open keeps eventlet's millisecond waits.
+        self.precise = self.poll.fileno() < _FD_SETSIZE
+
+    def do_poll(self, seconds: float) -> list[tuple[int, int]]:
+        if 0 < seconds < _PRECISE_WITHIN and self.precise and seconds * 1000 % 1:
+            _select.select((self.poll,), (), (), seconds)
+            seconds = 0
+        events: list[tuple[int, int]] = self.poll.poll(seconds)
+        return events
+
+
+def use_precise_hub() -> None:
+    """Make the calling thread's hub a ``PreciseHub``, unless it already has a hub (which
+    keeps running as it is: a hub cannot be replaced under its green threads)."""
+    if PreciseHub.is_available() and getattr(eventlet.hubs._threadlocal, "hub", None) is None:
+        eventlet.hubs.use_hub(PreciseHub)
 
 
 class ReadWait:

@@ -16,6 +16,14 @@ events at a time, each dispatched (inline, usually) before the next is decoded, 
 memory is reused while still in cache. A silent connection has no green thread at all: it is
 parked in the hub until bytes arrive.
 
+Handing off: when a job the reader runs inline waits in a handler, the work behind it on the
+connection must not wait too. If some is decoded or buffered already, a new reader green
+thread goes on with it at once; if not, the connection waits for bytes in the hub
+(``standby``, like parking), and a new reader starts only if some arrive before the job is
+done. Either way the old reader finishes its job as a plain runner and then leaves. So a
+request answered before its client sends again (request/reply) costs no green thread (a new
+one costs ~10 µs), and a job whose handlers never wait costs no hand-off at all.
+
 Writing: whichever green thread finds the connection idle becomes its single writer and
 drains everything queued meanwhile, so writes coalesce and two green threads never write one
 socket at once (eventlet raises if they do).
@@ -55,7 +63,7 @@ class Intake(Protocol):
 
     def submit(self, job: Job) -> None: ...
 
-    def run_inline(self, job: Job) -> bool: ...
+    def run_inline(self, job: Job, handoff: Callable[[], None] | None = None) -> bool: ...
 
 
 class Host(Protocol):
@@ -99,6 +107,8 @@ class WireProtocol(Protocol):
     def receive_data(self, data: bytes | memoryview) -> None: ...
     def receive_eof(self) -> None: ...
     def next_jobs(self) -> list[Any]: ...  # Units; [] when more bytes are needed
+    @property
+    def pending_input(self) -> bool: ...  # bytes received that are not yet units
     def job_done(self, job: Job) -> tuple[bytes, str | None]: ...  # (answers, why to close)
     def error_bytes(self, exc: PeerError) -> bytes: ...
     def refusal(self, limit: int) -> bytes: ...
@@ -107,15 +117,11 @@ class WireProtocol(Protocol):
 _READ_SIZE = 1 << 16
 _BUF = bytearray(_READ_SIZE)  # shared by every reader of every protocol: see _recv
 _VIEW = memoryview(_BUF)
+_YIELD_READS = 16  # reads between cooperative yields, at the latest
 _OPENING_READ = 4096  # bytes read at a time while a peer has not authenticated
 # Reads are decoded and dispatched in jobs of about this many events (a BATCH is never
 # split), so a long run of single-event frames spreads over several workers.
 JOB_EVENTS = 64
-# A reader runs its own job when the pool is idle (no hand-off: the request/reply fast path).
-# A job that took longer than this means slow handlers: hand this connection's next jobs to
-# the pool, where they run in parallel, and try inline again after that many jobs.
-_INLINE_MAX_SECONDS = 0.002
-_INLINE_BACKOFF_JOBS = 256
 _OUT_LIMIT = 4 << 20  # reply bytes queued for one connection before its reader pauses
 
 
@@ -127,6 +133,10 @@ class _Park(BaseException):
 
 class _Closed(Exception):
     """The peer went away during the opening handshake."""
+
+
+class _HandedOff(BaseException):
+    """Unwinds a reader whose inline job waited: another reader has its connection now."""
 
 
 class Connection:
@@ -141,9 +151,9 @@ class Connection:
     """
 
     __slots__ = (
-        "addr", "closing", "flush_waiter", "idle_expired", "inline_skip", "jobs", "last_active",
-        "out", "out_bytes", "parked", "protocol", "reader_glet", "receiving", "server", "sock",
-        "tls", "waiter", "writing",
+        "addr", "closing", "flush_waiter", "idle_expired", "jobs", "last_active", "out",
+        "out_bytes", "parked", "protocol", "reader_glet", "receiving", "server", "sock",
+        "standby", "tls", "units", "waiter", "writing",
     )
 
     def __init__(self, server: Host, sock: Any, addr: Any, protocol: WireProtocol) -> None:
@@ -158,12 +168,13 @@ class Connection:
         self.writing = False
         self.closing = False
         self.jobs = 0  # jobs queued or running
-        self.inline_skip = 0  # jobs to hand to the pool before running one inline again
+        self.units: list[Unit] = []  # decoded, not dispatched yet: the reader's, whichever
         self.waiter: tuple[int, Any] | None = None  # (below, Event) for _wait_jobs
         self.reader_glet: Any = None  # the reader's green thread, None while parked
         self.receiving = False  # the reader is blocked in recv (where it may be parked)
         self.last_active = time.monotonic()  # when bytes last arrived or the last job ended
         self.parked: ReadWait | None = None
+        self.standby: ReadWait | None = None  # bytes awaited while the reader's job waits
         self.idle_expired = False  # woken by the idle timeout while parked
 
     # ------------------------------------------------------------------ writing
@@ -211,10 +222,13 @@ class Connection:
 
     def run(self, resumed: bool = False) -> None:
         """The reader green thread: ``serve``, then a vanished peer ends quietly, any other
-        error loudly, and the connection is closed unless it was parked."""
+        error loudly, and the connection is closed unless it was parked or handed off."""
         self.reader_glet = getcurrent()
+        reader = True
         try:
             self.serve(resumed)
+        except _HandedOff:
+            reader = False
         except OSError as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
                 log.info("%s connection %s: %s", self.protocol.name, self.protocol.peer, exc)
@@ -222,9 +236,10 @@ class Connection:
             log.exception("internal error on %s connection %s", self.protocol.name,
                           self.protocol.peer)
         finally:
-            self.reader_glet = None
-            if self.parked is None:
-                self._finish()
+            if reader:
+                self.reader_glet = None
+                if self.parked is None:
+                    self._finish()
 
     def serve(self, resumed: bool) -> None:
         """Open (unless ``resumed``), then read, decode and dispatch until EOF, a stop, an
@@ -234,7 +249,10 @@ class Connection:
         try:
             if not resumed and not self._open():
                 return
-            while self._pump() and not server.stopping:
+            if not self._pump():  # the units a reader that handed off left, if any
+                return
+            reads = 0
+            while not server.stopping:
                 try:
                     data = self._recv()
                 except TimeoutError:
@@ -248,10 +266,13 @@ class Connection:
                         protocol.receive_eof()
                     return
                 protocol.receive_data(data)
-                self._pump()
-                # Fairness: recv only yields on EAGAIN, so a connection that always has
-                # data would otherwise never let others run.
-                eventlet.sleep(0)
+                if not self._pump():
+                    return
+                # Fairness: recv yields only when nothing is there, so a peer that always
+                # has data waiting (a full read says so) would never let others run.
+                reads += 1
+                if len(data) == _READ_SIZE or not reads % _YIELD_READS:
+                    eventlet.sleep(0)
         except PeerError as exc:
             self._fail(exc)
 
@@ -259,10 +280,14 @@ class Connection:
         """Dispatch every unit of work the protocol has decoded, one job at a time, and send
         what it owes; False once the connection is closing."""
         protocol = self.protocol
-        while units := protocol.next_jobs():
-            if out := protocol.data_to_send():
-                self.write(out)  # a Forward PONG goes out before any ack
-            self._dispatch(units)
+        while True:
+            if not self.units:  # none left by a reader that handed off: decode more
+                self.units = protocol.next_jobs()
+                if not self.units:
+                    break
+                if out := protocol.data_to_send():
+                    self.write(out)  # a Forward PONG goes out before any ack
+            self._dispatch()
         if out := protocol.data_to_send():
             self.write(out)
         return not self.closing
@@ -405,22 +430,27 @@ class Connection:
         finally:
             self._job_finished()  # whatever happened, the reader must not wait for this job
 
-    def _dispatch(self, units: list[Unit]) -> None:
-        """Run units as jobs: inline while the pool is idle, else through the queue, holding
-        the reader while this connection has too many jobs in flight."""
+    def _dispatch(self) -> None:
+        """Run the decoded units as jobs: inline while the pool is idle, else through the
+        queue, holding the reader while this connection has too many jobs in flight.
+        Raises ``_HandedOff`` in a reader whose inline job waited and whose connection
+        another reader has taken over meanwhile (see ``_hand_off``)."""
         server = self.server
         intake = server.intake
         stats = server.dispatcher.stats
-        for events, requests, context in units:
+        units = self.units
+        while units:
+            events, requests, context = units.pop(0)
             stats.events_in += len(events)
             self.jobs += 1
             job = Job(self, events, requests, context)
-            started = time.perf_counter()
-            if not self.inline_skip and intake.run_inline(job):
-                if time.perf_counter() - started > _INLINE_MAX_SECONDS:
-                    self.inline_skip = _INLINE_BACKOFF_JOBS
+            if intake.run_inline(job, self._hand_off):
+                if self.standby is not None:  # nothing arrived while it waited: read on
+                    self.standby.cancel()
+                    self.standby = None
+                elif self.reader_glet is not getcurrent():
+                    raise _HandedOff
             else:
-                self.inline_skip = max(0, self.inline_skip - 1)
                 intake.submit(job)
             # Also after an inline run: its job stays open while ordered events are parked.
             self._wait_jobs(server.jobs_per_connection, timeout=None)
@@ -429,6 +459,24 @@ class Connection:
             # (the blocked writer is bounded by the socket timeout, idle_timeout).
             self.flush_waiter = eventlet.event.Event()
             self.flush_waiter.wait()
+
+    def _hand_off(self) -> None:
+        """Called in the hub's switch (must not block) when the reader's inline job is about
+        to wait in a handler: see the module docstring. A TLS socket gets a new reader at
+        once: decrypted bytes may be waiting where the fd does not show them."""
+        if self.units or self.protocol.pending_input or self.tls or self.closing:
+            self._new_reader()
+        else:
+            self.standby = ReadWait(self.sock.fileno(), self._standby_ended, None)
+
+    def _standby_ended(self, _timed_out: bool) -> None:
+        """In the hub: bytes arrived while the old reader's job still waits."""
+        self.standby = None
+        self._new_reader()
+
+    def _new_reader(self) -> None:
+        self.reader_glet = None
+        eventlet.spawn_n(self.run, True)
 
     def _job_finished(self) -> None:
         self.jobs -= 1
@@ -465,6 +513,9 @@ class Connection:
     def _finish(self) -> None:
         """Wait for this connection's jobs so their responses are written, then close."""
         self.closing = True
+        if self.standby is not None:
+            self.standby.cancel()
+            self.standby = None
         self._wait_jobs(1, timeout=self.server.drain_timeout)
         try:
             self.sock.close()

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import tracing
-from ._eventlet import GreenletExit, eventlet, on_yield
+from ._eventlet import GreenletExit, eventlet, getcurrent, on_yield
 from .app import App, Handler
 from .deadletters import DeadLetterStore
 from .errors import HandlerTimeout
@@ -101,6 +101,9 @@ class Dispatcher:
         self._failed = self.outcomes.failed
         self._slots: Any = eventlet.semaphore.Semaphore(pool_size)
         self._offered = 0  # offers to join running work, queued and not yet taken
+        # The readers running a job inline (by green thread), and what to call when theirs
+        # waits: see ``run_inline``.
+        self._handoffs: dict[Any, Callable[[], None]] = {}
         self._until_sample = SAMPLE_EVERY
         # The admin's ``tail`` sampler: sees each submitted job's events while set. It must be
         # cheap and never block; None (the default) costs one attribute check per job.
@@ -121,18 +124,28 @@ class Dispatcher:
         self._admit(job)
         self.queue.put(job)
 
-    def run_inline(self, job: Job) -> bool:
+    def run_inline(self, job: Job, handoff: Callable[[], None] | None = None) -> bool:
         """Run a job in the calling green thread (a connection's reader) if a pool slot is
         free and nobody is queued; False otherwise (then ``submit`` it).
 
         This skips the hand-off to a worker, which costs more than a small job itself; the
         pool bound still holds because an inline run takes one of the ``pool_size`` slots.
-        If a handler waits, idle workers join the job (see the module docstring).
+        If a handler waits, idle workers join the job (see the module docstring), and
+        ``handoff`` is called (once, in the hub's switch: it must not block) so the reader
+        can let another green thread go on reading while this one waits.
         """
         if self.queue.qsize() or not self._slots.acquire(blocking=False):
             return False
         self._admit(job)
-        self._run(job)
+        if handoff is None:
+            self._run(job)
+            return True
+        me = getcurrent()
+        self._handoffs[me] = handoff
+        try:
+            self._run(job)
+        finally:
+            self._handoffs.pop(me, None)
         return True
 
     def _admit(self, job: Job) -> None:
@@ -204,7 +217,10 @@ class Dispatcher:
 
         It runs inside the hub's switch and must not block, so it only fills free queue
         room: eventlet's ``put_nowait`` on a full queue waits (for a getter) all the same.
+        A reader running its own job inline hands its reading on first (``run_inline``).
         """
+        if self._handoffs and (handoff := self._handoffs.pop(getcurrent(), None)) is not None:
+            handoff()
         queue = self.queue
         want = min(work.left(), self._slots.counter - self._offered,
                    queue.maxsize - queue.qsize())

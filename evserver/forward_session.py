@@ -77,6 +77,11 @@ class ForwardProtocol:
             raise ProtocolError("the connection is closing")
         self.decoder.receive_data(data)
 
+    @property
+    def pending_input(self) -> bool:
+        """Bytes received that are not yet work."""
+        return self.decoder.in_request
+
     def receive_eof(self) -> None:
         in_request = self.decoder.in_request
         self.lifecycle.fire("eof")

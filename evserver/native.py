@@ -110,6 +110,11 @@ class NativeProtocol:
     def receive_eof(self) -> None:
         self.lifecycle.fire("eof")
 
+    @property
+    def pending_input(self) -> bool:
+        """Bytes received that are not yet work."""
+        return self._reader.buffered > 0
+
     def next_jobs(self) -> list[tuple[list[Any], frozenset[int], list[p.Frame]]]:
         """The next units of work, about ``job_events`` events each: (events, indexes of
         requests, the frames to answer); [] when more bytes are needed. While ``opening`` it

@@ -35,8 +35,9 @@ def run_single(
     its supervisor; everything else is the same code path as single-process mode. Workers
     pass ``serve_admin=False``: their master serves the admin listener for all of them.
     """
-    from ._eventlet import monkey_patch
+    from ._eventlet import monkey_patch, use_precise_hub
 
+    use_precise_hub()  # first: monkey patching starts the hub
     if cfg.server.monkey_patch:
         monkey_patch()
     from .admin import admin_unavailable

@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__
-from ._eventlet import eventlet, wrap_server_socket
+from ._eventlet import eventlet, use_precise_hub, wrap_server_socket
 from .app import App
 from .auth import Authenticator
 from .config import Config, default_config, handler_defaults
@@ -71,6 +71,7 @@ class Server:
         from its tables. ``dead_letters`` is where failed events go (``from_config`` opens
         the configured store; None keeps none); ``reuse_port`` lets worker processes share
         the port."""
+        use_precise_hub()  # in a process or thread whose hub has not started yet
         cfg = cfg or default_config()
         self.app = app
         self.cfg = cfg

@@ -152,8 +152,7 @@ def test_a_thousand_concurrent_requests_from_a_hundred_tasks_over_one_connection
 
     async def main() -> list[list[Any]]:
         async with AsyncClient(*server.address) as client:
-            # A slow request first: the server then runs this connection's next jobs on its
-            # pool instead of in the connection's reader, so later jobs may answer first.
+            # A slow request first, then the burst: its answers do not wait for each other.
             await client.request("sleep", {"task": -1, "i": -1, "sleep": 0.01})
             return await asyncio.gather(*(task(client, t) for t in range(100)))
 

@@ -19,6 +19,7 @@ import pytest
 from evserver import App, Client, Event, RemoteError
 from evserver import protocol as p
 from evserver._eventlet import eventlet
+from evserver.connection import JOB_EVENTS
 from evserver.testing import serve_in_thread
 from tests.rawpeer import RawPeer
 
@@ -112,6 +113,70 @@ def test_a_failing_listener_among_overlapping_ones_fails_the_acked_event() -> No
             pytest.raises(RemoteError, match="listener broke"):
         client.send("note", 1, ack=True)
     assert gauge.done == 2 and gauge.max == 2
+
+
+class Gate:
+    """An app whose "hold" requests wait until an "open" request lets them all go, and whose
+    "echo" requests answer at once: what runs behind a waiting handler, counted."""
+
+    def __init__(self) -> None:
+        self.app = App()
+        self.held = 0
+        self.event: Any = None  # made in the server's hub thread, where it is waited on
+        self.app.processor("hold")(self.hold)
+        self.app.processor("open")(self.open)
+        self.app.processor("echo")(lambda event: event.data)
+
+    def hold(self, event: Event) -> str:
+        if self.event is None:
+            self.event = eventlet.event.Event()
+        self.held += 1
+        self.event.wait()
+        return "released"
+
+    def open(self, event: Event) -> int:
+        self.event.send()
+        return self.held
+
+    def wait_held(self, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while self.held < n:
+            assert time.monotonic() < deadline, f"{self.held} of {n} held"
+            time.sleep(0.005)
+
+
+def test_a_request_sent_while_the_readers_own_job_waits_is_answered_meanwhile() -> None:
+    gate = Gate()
+    with serve_in_thread(gate.app, pool_size=8) as server:
+        peer = RawPeer(server.address, timeout=5)
+        peer.send(p.encode_event(1, ["hold", None], request=True))
+        gate.wait_held(1)  # the reader runs it inline (the pool is idle) and it waits
+        for corr in range(2, 5):
+            reply = peer.request(corr, "echo", corr)
+            assert (reply.kind, reply.corr, reply.body) == (p.REPLY, corr, corr)
+        assert gate.held == 1  # still waiting: nothing behind it waited for it
+        peer.send(p.encode_event(5, ["open", None], request=True))
+        replies = peer.by_corr(2)
+        assert (replies[1].body, replies[5].body) == ("released", 1)
+        peer.close()
+
+
+def test_jobs_decoded_behind_a_waiting_inline_job_run_meanwhile() -> None:
+    gate = Gate()
+    with serve_in_thread(gate.app, pool_size=8) as server:
+        peer = RawPeer(server.address, timeout=5)
+        # One write: the first job (JOB_EVENTS requests) starts with "hold"; the echoes of
+        # the jobs behind it are answered while it waits.
+        behind = range(JOB_EVENTS + 1, JOB_EVENTS + 8)
+        frames = [p.encode_event(1, ["hold", None], request=True)]
+        frames += [p.encode_event(c, ["echo", c], request=True) for c in range(2, behind.stop)]
+        peer.send(b"".join(frames))
+        answered = peer.by_corr(len(behind))
+        assert sorted(answered) == list(behind) and gate.held == 1
+        peer.send(p.encode_event(999, ["open", None], request=True))
+        rest = peer.by_corr(JOB_EVENTS + 1)  # the first job answers when all of it ran
+        assert rest[1].body == "released" and rest[999].body == 1
+        peer.close()
 
 
 def _waiting(gauge: Gauge, seconds: float, name: str) -> Any:

@@ -87,7 +87,7 @@ class Edge:
     def submit(self, job: Job) -> None:
         self._append(job)
 
-    def run_inline(self, job: Job) -> bool:
+    def run_inline(self, job: Job, handoff: Callable[[], None] | None = None) -> bool:
         self._append(job)
         return True
 
