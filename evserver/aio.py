@@ -31,10 +31,10 @@ from . import auth as _auth
 from . import protocol as p
 from .errors import ClientConnectionError, RemoteError
 from .session import (
+    BatchSend,
     ClientBase,
     ConnectionLost,
     EventTuple,
-    packed_batches,
     remote_error,
     wire_event,
 )
@@ -184,30 +184,17 @@ class AsyncClient(ClientBase):
         ``window`` batches in flight, and once all are settled the first failure (if any) is
         raised as ``RemoteError`` with a note of how many failed. Returns the events sent.
         """
-        session = self._session
-        batches_of = packed_batches(events, batch_size, session.batch_limit())
-        inflight: set[int] = set()
-        failed: list[RemoteError] = []
-        sent = batches = 0
+        batches = BatchSend(self._session, events, batch_size=batch_size, ack=ack,
+                            window=self.window)
         try:
-            for packed in batches_of:
-                corr = session.next_corr() if ack else 0
-                if ack:
-                    inflight.add(corr)
-                await self._submit(p.encode_batch_packed(corr, packed), corr)
-                sent += len(packed)
-                batches += 1
-                while len(inflight) >= self.window:
-                    await self._settle(inflight, failed)
-            while inflight:
-                await self._settle(inflight, failed)
+            for step in batches:
+                if step is None:
+                    await self._settle(batches)
+                else:
+                    await self._submit(*step)
         finally:
-            self._forget(inflight)
-        if failed:
-            error = failed[0]
-            error.add_note(f"{len(failed)} of {batches} batches failed; the others were processed")
-            raise error
-        return sent
+            self._forget(batches.inflight)
+        return batches.result()
 
     async def ping(self) -> float:
         """Round-trip time to the server, in seconds."""
@@ -321,8 +308,9 @@ class AsyncClient(ClientBase):
                 raise TimeoutError(f"no answer from {self.address} within {timeout:g}s")
             self._waiters[corr] = loop.create_future()
 
-    async def _settle(self, inflight: set[int], failed: list[RemoteError]) -> None:
-        """Wait until at least one of ``inflight`` is answered; record its failure, if any."""
+    async def _settle(self, batches: BatchSend) -> None:
+        """Wait until at least one batch in flight is answered; report it to ``batches``."""
+        inflight = batches.inflight
         while True:
             epoch = self._epoch
             waiters = [self._waiters[c] for c in inflight]
@@ -335,10 +323,7 @@ class AsyncClient(ClientBase):
         for corr in list(inflight):
             waiter = self._waiters[corr]
             if waiter.done():
-                inflight.discard(corr)
-                frame = waiter.result()
-                if frame is not None and frame.kind == p.ERROR:
-                    failed.append(remote_error(frame))
+                batches.answered(corr, waiter.result())
 
     def _forget(self, corrs: Iterable[int]) -> None:
         self._session.forget(corrs)

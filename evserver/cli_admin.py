@@ -16,16 +16,21 @@ from .cli_base import print_json as _print_json
 from .config import ConfigError, load_config
 
 
-def admin_options(func: Any) -> Any:
-    """--admin URL, --token and --json for the commands that talk to the admin listener."""
-    func = click.option("--json", "as_json", is_flag=True,
-                        help="Print the server's JSON answer instead of a table.")(func)
+def admin_target(func: Any) -> Any:
+    """--admin URL and --token: which admin listener to talk to, for every admin command."""
     func = click.option("--token", envvar="EVSERVER_ADMIN_TOKEN", default=None,
                         help="Admin bearer token [env EVSERVER_ADMIN_TOKEN; default: "
                              "[admin] token].")(func)
     return click.option("--admin", "admin_url", metavar="URL", default=None,
                         help="Admin listener URL [default: http://<[admin] host>:<[admin] "
                              "port> from the config, http://127.0.0.1:7879].")(func)
+
+
+def admin_options(func: Any) -> Any:
+    """``admin_target`` and --json, for the commands that print one answer."""
+    func = click.option("--json", "as_json", is_flag=True,
+                        help="Print the server's JSON answer instead of a table.")(func)
+    return admin_target(func)
 
 
 def _client(admin_url: str | None, token: str | None) -> Any:
@@ -156,10 +161,7 @@ def scale(n: int, admin_url: str | None, token: str | None, as_json: bool) -> No
               help="Seconds between refreshes.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="Quit after this many screens.")
-@click.option("--admin", "admin_url", metavar="URL", default=None,
-              help="Admin listener URL [default: from the config].")
-@click.option("--token", envvar="EVSERVER_ADMIN_TOKEN", default=None,
-              help="Admin bearer token [env EVSERVER_ADMIN_TOKEN].")
+@admin_target
 @_admin
 def top(interval: float, iterations: int | None, admin_url: str | None,
         token: str | None) -> None:
@@ -175,10 +177,7 @@ def top(interval: float, iterations: int | None, admin_url: str | None,
               help="Most events a second to show (the server samples; it never slows down).")
 @click.option("-n", "--count", type=click.IntRange(min=1), default=None,
               help="Exit after this many events.")
-@click.option("--admin", "admin_url", metavar="URL", default=None,
-              help="Admin listener URL [default: from the config].")
-@click.option("--token", envvar="EVSERVER_ADMIN_TOKEN", default=None,
-              help="Admin bearer token [env EVSERVER_ADMIN_TOKEN].")
+@admin_target
 @_admin
 def tail(pattern: str, rate: int, count: int | None, admin_url: str | None,
          token: str | None) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from . import auth as _auth
 from . import protocol as p
 from .errors import ClientConnectionError, RemoteError
-from .session import ClientBase, EventTuple, packed_batches, remote_error, wire_event
+from .session import BatchSend, ClientBase, EventTuple, remote_error, wire_event
 from .session import ConnectionLost as _Lost
 
 __all__ = ["Client", "EventTuple"]
@@ -121,29 +121,17 @@ class Client(ClientBase):
         settled, the first failure (if any) is raised as ``RemoteError`` (its notes say how
         many batches failed; the others were processed). Returns the number of events sent.
         """
-        batches_of = packed_batches(events, batch_size, self._session.batch_limit())
-        inflight: set[int] = set()
-        failed: list[RemoteError] = []
-        sent = batches = 0
+        batches = BatchSend(self._session, events, batch_size=batch_size, ack=ack,
+                            window=self.window)
         try:
-            for packed in batches_of:
-                corr = self._session.next_corr() if ack else 0
-                self._send(p.encode_batch_packed(corr, packed), corr)
-                sent += len(packed)
-                batches += 1
-                if ack:
-                    inflight.add(corr)
-                while len(inflight) >= self.window:
-                    self._settle(inflight, failed)
-            while inflight:
-                self._settle(inflight, failed)
+            for step in batches:
+                if step is None:
+                    self._settle(batches)
+                else:
+                    self._send(*step)
         finally:
-            self._forget(inflight)
-        if failed:
-            error = failed[0]
-            error.add_note(f"{len(failed)} of {batches} batches failed; the others were processed")
-            raise error
-        return sent
+            self._forget(batches.inflight)
+        return batches.result()
 
     def ping(self) -> float:
         """Round-trip time to the server, in seconds."""
@@ -190,11 +178,9 @@ class Client(ClientBase):
             raise remote_error(frame)
         return frame
 
-    def _settle(self, inflight: set[int], failed: list[RemoteError]) -> None:
-        for corr, frame in self._answered(inflight, self.timeout):
-            inflight.discard(corr)
-            if frame.kind == p.ERROR:
-                failed.append(remote_error(frame))
+    def _settle(self, batches: BatchSend) -> None:
+        for corr, frame in self._answered(batches.inflight, self.timeout):
+            batches.answered(corr, frame)
 
     def _forget(self, corrs: Iterable[int]) -> None:
         """Drop frames whose caller is gone (done, failed or interrupted); late answers to

@@ -29,8 +29,8 @@ from .errors import (
 )
 from .event import new_event_id, type_problem
 
-__all__ = ["BATCH_BYTES", "ClientBase", "ClientSession", "ConnectionLost", "EventTuple",
-           "remote_error"]
+__all__ = ["BATCH_BYTES", "BatchSend", "ClientBase", "ClientSession", "ConnectionLost",
+           "EventTuple", "remote_error"]
 
 BATCH_BYTES = 256 * 1024  # a BATCH stays well under the server's frame limit
 # Connection-level errors caused by what this client sent: reconnecting would not help.
@@ -85,6 +85,62 @@ def packed_batches(
         size += len(packed)
     if batch:
         yield batch
+
+
+#: What a ``BatchSend`` asks its driver to do next: write ``(wire, corr)``, or (None) wait
+#: until at least one batch in flight is answered and report it with ``answered``.
+BatchStep = tuple[bytes, int] | None
+
+
+class BatchSend:
+    """One ``send_many`` call, sans-I/O: which BATCH frames to write, when to wait for
+    answers so that at most ``window`` batches are in flight (acked sends only), and which
+    failure to raise once every batch is settled. Both clients drive it, each with its own
+    I/O, so the batching, the window and the error report are one set of rules.
+
+    Iterating yields ``BatchStep``s. An answerable batch counts as in flight from the
+    moment it is yielded, so a driver interrupted while writing it forgets it too.
+    """
+
+    def __init__(self, session: ClientSession, events: Iterable[EventTuple], *,
+                 batch_size: int, ack: bool, window: int) -> None:
+        self._session = session
+        self._batches = packed_batches(events, batch_size, session.batch_limit())
+        self._ack = ack
+        self._window = window
+        #: The corrs of the batches written and not yet answered.
+        self.inflight: set[int] = set()
+        self._failed: list[RemoteError] = []
+        self._sent = self._count = 0
+
+    def __iter__(self) -> Iterator[BatchStep]:
+        for packed in self._batches:
+            corr = self._session.next_corr() if self._ack else 0
+            if corr:
+                self.inflight.add(corr)
+            self._sent += len(packed)
+            self._count += 1
+            yield p.encode_batch_packed(corr, packed), corr
+            while len(self.inflight) >= self._window:
+                yield None
+        while self.inflight:
+            yield None
+
+    def answered(self, corr: int, frame: p.Frame | None) -> None:
+        """The batch ``corr`` is settled: by ``frame``, or by None when no answer will come."""
+        self.inflight.discard(corr)
+        if frame is not None and frame.kind == p.ERROR:
+            self._failed.append(remote_error(frame))
+
+    def result(self) -> int:
+        """The number of events sent, once all is settled; else the first failure as
+        ``RemoteError``, its notes saying how many batches failed."""
+        if self._failed:
+            error = self._failed[0]
+            error.add_note(f"{len(self._failed)} of {self._count} batches failed; "
+                           "the others were processed")
+            raise error
+        return self._sent
 
 
 class ClientSession:

@@ -86,6 +86,20 @@ def launch(*args: str, cwd: Path, log: Path | None = None, env: dict[str, str] |
             out.close()
 
 
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                 timeout: float = STOP_TIMEOUT) -> int:
+    """Send ``sig`` to a child that still runs, wait up to ``timeout``, then SIGKILL it if
+    it has not exited; its exit code. Every test's way to stop a process it started."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
 class ServerProcess:
     """One ``evserver serve`` subprocess; stderr goes to ``log_path``."""
 
@@ -106,14 +120,7 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Send ``sig`` (SIGKILL to simulate a crash), wait, kill if needed; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until a connection gets the server's HELLO; fail early if the process exits."""
@@ -219,13 +226,8 @@ class RedisProcess:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop by PID (SIGTERM: Redis writes its AOF and exits)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
+        if self.proc is not None:
+            stop_process(self.proc, sig)
 
     def restart(self) -> None:
         self.stop()

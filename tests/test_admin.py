@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import evserver_env, launch, wait_for
+from conftest import evserver_env, launch, stop_process, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from rawpeer import RawPeer
 
@@ -80,14 +80,8 @@ class Served:
         return CliRunner().invoke(main, [*args, "--admin", self.admin], env=env)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT if "--workers" in self.proc.args else
-                                  signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, signal.SIGQUIT if "--workers" in self.proc.args else
+                     signal.SIGTERM)
 
 
 def http(method: str, url: str, token: str | None = None) -> tuple[int, bytes]:

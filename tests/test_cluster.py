@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import APPS, REPO, free_port, wait_for
@@ -234,6 +235,24 @@ def finish(streamers: list[Streamer], timeout: float = 120.0) -> list[tuple[str,
     return [e for s in streamers for e in s.acked]
 
 
+def progress(streamers: list[Streamer]) -> int:
+    """Events acknowledged so far, over all clients."""
+    return sum(s.progress for s in streamers)
+
+
+def acked_across(streamers: list[Streamer], change: Callable[[], object], after: str,
+                 events: int = 2000) -> list[tuple[str, int]]:
+    """Let ``events`` through, make the ``change`` to the cluster, wait until as many more
+    got through ``after`` it, then stop the clients: what they had acknowledged."""
+    wait_for(lambda: progress(streamers) >= events, 60, "some events")
+    change()
+    done = progress(streamers)
+    wait_for(lambda: progress(streamers) >= done + events, 60, f"more events {after}")
+    for s in streamers:
+        s.halt = True
+    return finish(streamers)
+
+
 def test_sigkill_of_a_node_loses_nothing_acked_keeps_key_order_and_counts_duplicates(
         server_factory, redis_factory, tmp_path):
     redis = redis_factory()
@@ -243,7 +262,7 @@ def test_sigkill_of_a_node_loses_nothing_acked_keeps_key_order_and_counts_duplic
     wait_balanced(redis, [a, b, c])
     started = time.monotonic()
     streamers = stream([a, b], 20_000)
-    wait_for(lambda: sum(s.progress for s in streamers) >= 5000, 60, "a quarter of the events")
+    wait_for(lambda: progress(streamers) >= 5000, 60, "a quarter of the events")
     c.stop(signal.SIGKILL)
     acked = finish(streamers)
     elapsed = time.monotonic() - started
@@ -264,7 +283,7 @@ def test_a_node_stopped_past_its_lease_loses_its_partitions_and_rejoins(
     a, b = start_nodes(server_factory, redis, 2, record, lease=lease)
     wait_balanced(redis, [a, b])
     streamers = stream([a], 6000, clients=2)
-    wait_for(lambda: sum(s.progress for s in streamers) >= 1000, 60, "some events")
+    wait_for(lambda: progress(streamers) >= 1000, 60, "some events")
     b.proc.send_signal(signal.SIGSTOP)
     try:
         wait_for(lambda: set(owners(redis).values()) == {a.proc.pid}, 10 * lease,
@@ -286,20 +305,15 @@ def test_a_node_joining_under_load_loses_nothing_and_duplicates_nothing(
     (a,) = start_nodes(server_factory, redis, 1, record)
     wait_balanced(redis, [a])
     streamers = stream([a], 300_000)
+    nodes = [a]
 
-    def progress():
-        return sum(s.progress for s in streamers)
+    def join() -> None:
+        nodes.extend(start_nodes(server_factory, redis, 1, record))
+        wait_balanced(redis, nodes)
 
-    wait_for(lambda: progress() >= 2000, 60, "some events")
-    (b,) = start_nodes(server_factory, redis, 1, record)
-    wait_balanced(redis, [a, b])
-    joined = progress()
-    wait_for(lambda: progress() >= joined + 2000, 60, "more events after B joined")
-    for s in streamers:
-        s.halt = True
-    acked = finish(streamers)
+    acked = acked_across(streamers, join, "after B joined")
     assert check_runs(record, acked) == 0
-    assert {pid for _k, _n, pid in runs(record)} == {a.proc.pid, b.proc.pid}
+    assert {pid for _k, _n, pid in runs(record)} == {node.proc.pid for node in nodes}
 
 
 def test_an_event_that_kills_its_node_is_dead_lettered_after_max_deliveries(
@@ -340,7 +354,7 @@ def test_redis_restarting_with_aof_loses_nothing_acknowledged(
     a, b = start_nodes(server_factory, redis, 2, record, lease=2.0)
     wait_balanced(redis, [a, b])
     streamers = stream([a, b], 6000, clients=2)
-    wait_for(lambda: sum(s.progress for s in streamers) >= 1500, 60, "some events")
+    wait_for(lambda: progress(streamers) >= 1500, 60, "some events")
     redis.restart()
     deadline = time.monotonic() + 120
     for s in streamers:
@@ -366,17 +380,11 @@ def test_sigterm_hands_partitions_over_without_loss_or_duplicates(
     wait_balanced(redis, [a, b])
     streamers = stream([a], 300_000, clients=2)
 
-    def progress():
-        return sum(s.progress for s in streamers)
+    def leave() -> None:
+        assert b.stop(signal.SIGTERM) == 0  # drains, finishes and acks, releases its leases
+        wait_for(lambda: set(owners(redis).values()) == {a.proc.pid}, 10, "A to own everything")
 
-    wait_for(lambda: progress() >= 2000, 60, "some events")
-    assert b.stop(signal.SIGTERM) == 0  # drains, finishes and acks, releases its leases
-    left = progress()
-    wait_for(lambda: set(owners(redis).values()) == {a.proc.pid}, 10, "A to own everything")
-    wait_for(lambda: progress() >= left + 2000, 60, "more events after B left")
-    for s in streamers:
-        s.halt = True
-    acked = finish(streamers)
+    acked = acked_across(streamers, leave, "after B left")
     assert check_runs(record, acked) == 0
     assert "left" in b.log()
 
@@ -426,17 +434,11 @@ def test_a_hup_reload_of_worker_nodes_hands_partitions_over_without_loss_or_dupl
     wait_for(lambda: nodes_live() == 3 and all(owners(redis).values()), 15, "3 nodes")
     streamers = stream([edge], 300_000, clients=2)
 
-    def progress():
-        return sum(s.progress for s in streamers)
+    def reload() -> None:
+        before = set(client.zrange(KEYS.nodes, 0, -1))
+        workers.proc.send_signal(signal.SIGHUP)  # new worker nodes start, the old ones hand over
+        wait_for(lambda: len(set(client.zrange(KEYS.nodes, 0, -1)) - before) == 2
+                 and nodes_live() == 3, 30, "the new worker nodes to replace the old ones")
 
-    wait_for(lambda: progress() >= 2000, 60, "some events")
-    before = set(client.zrange(KEYS.nodes, 0, -1))
-    workers.proc.send_signal(signal.SIGHUP)  # new worker nodes start, the old ones hand over
-    wait_for(lambda: len(set(client.zrange(KEYS.nodes, 0, -1)) - before) == 2
-             and nodes_live() == 3, 30, "the new worker nodes to replace the old ones")
-    left = progress()
-    wait_for(lambda: progress() >= left + 2000, 60, "more events after the reload")
-    for s in streamers:
-        s.halt = True
-    acked = finish(streamers)
+    acked = acked_across(streamers, reload, "after the reload")
     assert check_runs(record, acked) == 0

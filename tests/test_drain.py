@@ -12,6 +12,7 @@ import threading
 
 import pytest
 from conftest import wait_for
+from rawpeer import RawPeer
 
 from evserver import App
 from evserver import protocol as p
@@ -28,18 +29,6 @@ def _listener(port: int = 0) -> socket.socket:
     s.bind(("127.0.0.1", port))
     s.listen(64)
     return s
-
-
-def _frames(sock: socket.socket, want: int) -> list[p.Frame]:
-    reader = p.FrameReader(p.CLIENT_RECEIVES)
-    frames: list[p.Frame] = []
-    while len(frames) < want:
-        data = sock.recv(65536)
-        if not data:
-            raise EOFError(f"closed after {frames}")
-        reader.receive_data(data)
-        frames.extend(reader)
-    return frames
 
 
 @linux_only
@@ -68,10 +57,8 @@ def test_a_request_arriving_as_a_graceful_stop_begins_is_answered() -> None:
     connections are still active, instead of closing them with unread bytes (a reset)."""
     with serve_in_thread(App(), park_after=0.05) as srv:
         address = srv.address
-        late = socket.create_connection(address, timeout=5)
-        assert _frames(late, 1)[0].kind == p.HELLO
-        keeper = socket.create_connection(address, timeout=5)
-        _frames(keeper, 1)
+        late = RawPeer(address, timeout=5)  # each peer has read its HELLO
+        keeper = RawPeer(address, timeout=5)
         halt = threading.Event()
 
         def keep_active() -> None:  # a busy peer: the stop's grace lasts its full 0.5 s
@@ -79,8 +66,8 @@ def test_a_request_arriving_as_a_graceful_stop_begins_is_answered() -> None:
             while not halt.is_set():
                 n += 1
                 try:
-                    keeper.sendall(p.encode_ping(n))
-                    _frames(keeper, 1)
+                    keeper.send(p.encode_ping(n))
+                    keeper.recv_frames(1)
                 except OSError:
                     return
                 halt.wait(0.01)
@@ -100,11 +87,11 @@ def test_a_request_arriving_as_a_graceful_stop_begins_is_answered() -> None:
                 return True
 
         wait_for(refused, 5, "the stop to close the listener")
-        late.sendall(p.encode_ping(7))
-        frame = _frames(late, 1)[0]
+        late.send(p.encode_ping(7))
+        (frame,) = late.recv_frames(1)
         halt.set()
         assert (frame.kind, frame.corr) == (p.PONG, 7)
         stopper.join(10)
         busy.join(5)
-        for s in (late, keeper):
-            s.close()
+        for peer in (late, keeper):
+            peer.close()

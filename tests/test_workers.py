@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import msgpack
 import pytest
-from conftest import launch, wait_for
+from conftest import launch, stop_process, wait_for
 from rawpeer import RawPeer
 
 from evserver import protocol as p
@@ -91,13 +91,7 @@ class Master:
 
     def close(self) -> None:
         pids = self.workers()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, signal.SIGQUIT, 5)
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)

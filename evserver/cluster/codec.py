@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from ..event import Event
+from ..event import Event, decoded
 
 NOTHING, ACK, REPLY = 0, 1, 2
 FIELD = b"d"
@@ -77,21 +77,13 @@ class Entry:
         return ACK in self.wants or REPLY in self.wants
 
 
-_alloc = object.__new__
-
-
 def decode_entry(raw: bytes, place: str) -> Entry:
     """``place``: ``<partition>:<entry id>``, the prefix of derived event ids."""
     origin, token, rows, indexes, wants = msgpack.unpackb(raw, strict_map_key=False)
     events: list[Event] = []
     append = events.append
     for (etype, data, eid, at, meta), index in zip(rows, indexes, strict=True):
-        event = _alloc(AppendedEvent)  # the decoders' shortcut (evserver.event.decoded)
-        event.type = etype
-        event.data = data
-        event._id = eid
-        event.time = at
-        event._meta = meta
+        event = decoded(AppendedEvent, etype, data, at, meta, eid)
         event._entry = place
         event._index = index
         append(event)

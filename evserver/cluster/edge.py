@@ -30,6 +30,7 @@ from ..event import Event
 from ..plan import Failure
 from . import codec
 from .host import NodeView
+from .loop import GreenLoop
 from .partition import split
 
 log = logging.getLogger("evserver.cluster")
@@ -50,7 +51,7 @@ class _Append:
         self.entries = entries
 
 
-class Edge:
+class Edge(GreenLoop):
     """Appends jobs to the partition streams and completes them (the dispatcher's
     ``submit``/``run_inline`` contract).
 
@@ -72,15 +73,6 @@ class Edge:
         self._ordered = any(h.options.get("ordered_by") is not None
                             for h in node.server.app.handlers)
         self._queue: Any = eventlet.queue.LightQueue(MAX_QUEUED)
-        self._appender: Any = None
-
-    def start(self) -> None:
-        self._appender = eventlet.spawn(self._run_appender)
-
-    def stop(self) -> None:
-        """After the connections drained (nothing is queued any more)."""
-        if self._appender is not None:
-            self._appender.kill()
 
     # ------------------------------------------------------------------ the dispatcher's contract
 
@@ -128,7 +120,9 @@ class Edge:
                 for part, idx in parts.items()]
         self._queue.put(_Append(job, token, waits, entries))
 
-    def _run_appender(self) -> None:
+    def _run(self) -> None:
+        """The appender; the node stops it after the connections drained (nothing is
+        queued any more)."""
         queue = self._queue
         while True:
             batch = [queue.get()]

@@ -30,6 +30,7 @@ from ..dispatch import Job
 from . import codec
 from .host import NodeView
 from .keys import GROUP
+from .loop import GreenLoop
 
 log = logging.getLogger("evserver.cluster")
 
@@ -231,7 +232,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class Reader:
+class Reader(GreenLoop):
     """Reads new entries of every partition the node owns with one XREADGROUP over all
     their streams, so a busy node pays one round trip for entries of many partitions
     (a loop per partition paid one per entry). A partition with MAX_IN_FLIGHT entries in
@@ -242,14 +243,6 @@ class Reader:
         self.owners = owners
         self.current: frozenset[str] = frozenset()  # the streams of the read in progress
         self._round: Any = eventlet.event.Event()  # sent when that read's entries are taken
-        self.glet: Any = None
-
-    def start(self) -> None:
-        self.glet = eventlet.spawn(self._run)
-
-    def stop(self) -> None:
-        if self.glet is not None:
-            self.glet.kill()
 
     def wait_done(self, stream: str) -> None:
         """Until no read in progress includes ``stream`` (bounded: reads block 0.5 s)."""
@@ -286,17 +279,13 @@ class Reader:
                 done.send()
 
 
-class Acker:
+class Acker(GreenLoop):
     """Acknowledges completed entries and sends their reports, batched: one pipeline for
     everything completed since the last one. A report for this node's own edge skips Redis."""
 
     def __init__(self, node: NodeView) -> None:
         self.node = node
         self.queue: Any = eventlet.queue.LightQueue()
-        self.glet: Any = None
-
-    def start(self) -> None:
-        self.glet = eventlet.spawn(self._run)
 
     def ack(self, stream: str, eid: bytes, origin: str | None,
             report: codec.Report | None) -> None:
@@ -319,8 +308,7 @@ class Acker:
 
     def stop(self) -> None:
         self.barrier()
-        if self.glet is not None:
-            self.glet.kill()
+        super().stop()
 
     def _run(self) -> None:
         node = self.node

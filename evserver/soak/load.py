@@ -39,10 +39,6 @@ class Load(threading.Thread):
         self.halt = threading.Event()
         self.started_at = time.monotonic()
 
-    def client(self) -> Client:
-        return Client(*self.address, timeout=IO_TIMEOUT, retries=60, backoff=0.02,
-                      backoff_max=0.5)
-
     def step(self) -> None:
         raise NotImplementedError
 
@@ -69,13 +65,25 @@ class Load(threading.Thread):
         self.halt.set()
 
 
-class FireLoad(Load):
+class ClientLoad(Load):
+    """A load over one native ``Client`` (``conn``), which reconnects through restarts and
+    reloads and is closed after the last step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = Client(*self.address, timeout=IO_TIMEOUT, retries=60, backoff=0.02,
+                           backoff_max=0.5)
+
+    def finish(self) -> None:
+        self.conn.close()
+
+
+class FireLoad(ClientLoad):
     """Native fire-and-forget BATCH frames (at most once: never counted as acknowledged)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stream = self.ledger.stream("f0")
-        self.conn = self.client()
         self.steps = 0
 
     def step(self) -> None:
@@ -88,16 +96,15 @@ class FireLoad(Load):
 
     def finish(self) -> None:
         self.conn.flush()  # a barrier: everything sent was read and dispatched
-        self.conn.close()
+        super().finish()
 
 
-class BatchLoad(Load):
+class BatchLoad(ClientLoad):
     """Native acked BATCH frames, several in flight; one event in 20 waits 1 ms."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stream = self.ledger.stream("b0")
-        self.conn = self.client()
 
     def step(self) -> None:
         ns = self.stream.new(100)
@@ -110,11 +117,8 @@ class BatchLoad(Load):
             raise
         self.stream.mark(ns, ACKED)
 
-    def finish(self) -> None:
-        self.conn.close()
 
-
-class RequestLoad(Load):
+class RequestLoad(ClientLoad):
     """Native request/reply, one at a time; keeps each round trip's latency."""
 
     interval = 0.005
@@ -122,7 +126,6 @@ class RequestLoad(Load):
     def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(name, *args, **kwargs)
         self.stream = self.ledger.stream(name)
-        self.conn = self.client()
         self.latencies: list[tuple[float, float]] = []  # (when, seconds)
         self.wrong_replies = 0
 
@@ -136,11 +139,8 @@ class RequestLoad(Load):
             self.wrong_replies += 1
         self.stream.mark([n], ACKED)
 
-    def finish(self) -> None:
-        self.conn.close()
 
-
-class OrderedLoad(Load):
+class OrderedLoad(ClientLoad):
     """Acked events of ``ordered_by`` keys, interleaved on one connection: stream ``o<k>``
     holds key k's events in the order they were sent."""
 
@@ -150,7 +150,6 @@ class OrderedLoad(Load):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.streams = [self.ledger.stream(f"o{k}") for k in range(self.keys)]
-        self.conn = self.client()
 
     def step(self) -> None:
         sent: list[tuple[Stream, int]] = []
@@ -165,11 +164,8 @@ class OrderedLoad(Load):
         for stream, n in sent:
             stream.mark([n], ACKED)
 
-    def finish(self) -> None:
-        self.conn.close()
 
-
-class FlakyLoad(Load):
+class FlakyLoad(ClientLoad):
     """Acked events whose processor fails 0, 1 (then succeeds on retry) or 3 times (then
     it is dead-lettered and the sender gets a ``RemoteError``)."""
 
@@ -178,7 +174,6 @@ class FlakyLoad(Load):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stream = self.ledger.stream("x0")
-        self.conn = self.client()
         self.doomed: set[int] = set()  # sent with fails=3
         self.dead_lettered: set[int] = set()  # answered "dead-lettered"
         self.doomed_acked = 0  # a doomed event acknowledged: must stay 0
@@ -199,9 +194,6 @@ class FlakyLoad(Load):
         if fails == 3:
             self.doomed_acked += 1
         self.stream.mark([n], ACKED)
-
-    def finish(self) -> None:
-        self.conn.close()
 
 
 class ForwardLoad(Load):
