@@ -71,6 +71,7 @@ class WorkerProcess:
     ready_at: float | None = None
     retire_deadline: float | None = None  # set once asked to stop
     kill_at: float | None = None  # set once asked to dump its stacks before SIGKILL
+    killed: bool = False  # SIGKILL sent: it only remains to reap it (once, and quietly)
     error: str | None = None  # a startup failure the worker reported
     stats_replies: dict[int, dict[str, Any]] = field(default_factory=dict)
     last_stats: dict[str, Any] | None = None  # becomes part of the totals' base at exit
@@ -81,6 +82,7 @@ class WorkerProcess:
         return self.proc.pid
 
     def signal(self, sig: int) -> None:
+        self.killed = self.killed or sig == signal.SIGKILL
         try:
             self.proc.send_signal(sig)
         except ProcessLookupError:
@@ -414,6 +416,8 @@ class Supervisor:
     def _enforce_deadlines(self, now: float) -> None:
         timeout = self.cfg.server.worker_timeout
         for worker in list(self.workers.values()):
+            if worker.killed:
+                continue  # reaped on a later tick: no second SIGKILL, no second warning
             if worker.kill_at is not None:
                 if now >= worker.kill_at:
                     worker.signal(signal.SIGKILL)
@@ -487,6 +491,8 @@ class Supervisor:
 
     def _kill_all(self, why: str) -> None:
         for worker in self.workers.values():
+            if worker.killed:
+                continue
             log.warning("%s %s; killing it", worker, why)
             worker.signal(signal.SIGKILL)
             self.exit_code = self.exit_code or EXIT_FAILURE
