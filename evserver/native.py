@@ -138,12 +138,15 @@ class NativeProtocol:
                 frames = frames[1:]
             else:
                 self.lifecycle.fire("frame")
+        owed = 0
         for i, frame in enumerate(frames):
             if frame.kind == p.HELLO:  # (OPEN, "hello") is not a transition
                 self._error = ProtocolError("HELLO after the start of the conversation")
                 frames = frames[:i]
                 break
-        self.replies_pending += sum(1 for f in frames if f.corr)
+            if frame.corr:
+                owed += 1
+        self.replies_pending += owed
         if self.replies_pending > self._max_pending:
             raise self._fail(TooManyPending(
                 f"more than max_pending_replies={self._max_pending} responses outstanding; "
@@ -158,10 +161,10 @@ class NativeProtocol:
             stop = start + len(frame.body) if frame.kind in p.EVENT_KINDS else start
             if frame.corr or frame.kind == p.PING:
                 answers.append(_answer(frame, job, start, stop))
+                if frame.corr:
+                    self.replies_pending -= 1
             start = stop
-        if answers:
-            self.replies_pending -= sum(1 for f in job.context if f.corr)
-        return b"".join(answers), None
+        return b"".join(answers) if len(answers) != 1 else answers[0], None
 
     def error_bytes(self, exc: PeerError) -> bytes:
         """The ERROR frame (corr 0) that ends the connection for ``exc``."""
