@@ -78,8 +78,10 @@ class PreciseHub(eventlet.hubs.epolls.Hub):
 
 def use_precise_hub() -> None:
     """Make the calling thread's hub a ``PreciseHub``, unless it already has a hub (which
-    keeps running as it is: a hub cannot be replaced under its green threads)."""
-    if PreciseHub.is_available() and getattr(eventlet.hubs._threadlocal, "hub", None) is None:
+    keeps running as it is: a hub cannot be replaced under its green threads) or
+    ``EVENTLET_HUB`` names one."""
+    if (PreciseHub.is_available() and not os.environ.get("EVENTLET_HUB")
+            and getattr(eventlet.hubs._threadlocal, "hub", None) is None):
         eventlet.hubs.use_hub(PreciseHub)
 
 

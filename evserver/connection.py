@@ -439,6 +439,9 @@ class Connection:
         stats = server.dispatcher.stats
         units = self.units
         while units:
+            # Before, not only after: a reader that took over from one whose job waits must
+            # not start one job after another while the others still wait.
+            self._wait_jobs(server.jobs_per_connection, timeout=None)
             events, requests, context = units.pop(0)
             stats.events_in += len(events)
             self.jobs += 1
@@ -515,7 +518,12 @@ class Connection:
         if self.standby is not None:
             self.standby.cancel()
             self.standby = None
-        self._wait_jobs(1, timeout=self.server.drain_timeout)
+        # A peer that half-closed may still read its replies: its jobs take the time their
+        # handlers take (each handler has its own timeout); a stopping server gives them
+        # drain_timeout.
+        while not self._wait_jobs(1, timeout=self.server.drain_timeout):
+            if self.server.stopping:
+                break
         try:
             self.sock.close()
         except OSError:

@@ -217,10 +217,8 @@ class Dispatcher:
 
         It runs inside the hub's switch and must not block, so it only fills free queue
         room: eventlet's ``put_nowait`` on a full queue waits (for a getter) all the same.
-        A reader running its own job inline hands its reading on first (``run_inline``).
+        A reader running its own job inline then hands its reading on (``run_inline``).
         """
-        if self._handoffs and (handoff := self._handoffs.pop(getcurrent(), None)) is not None:
-            handoff()
         queue = self.queue
         want = min(work.left(), self._slots.counter - self._offered,
                    queue.maxsize - queue.qsize())
@@ -228,6 +226,8 @@ class Dispatcher:
             queue.put_nowait(work)
         if want > 0:
             self._offered += want
+        if self._handoffs and (handoff := self._handoffs.pop(getcurrent(), None)) is not None:
+            handoff()
 
     def _run(self, job: Job) -> None:
         """Take a job's events from its cursor until none is left, holding one pool slot

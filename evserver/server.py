@@ -71,7 +71,6 @@ class Server:
         from its tables. ``dead_letters`` is where failed events go (``from_config`` opens
         the configured store; None keeps none); ``reuse_port`` lets worker processes share
         the port."""
-        use_precise_hub()  # in a process or thread whose hub has not started yet
         cfg = cfg or default_config()
         self.app = app
         self.cfg = cfg
@@ -133,6 +132,7 @@ class Server:
         return self._listener.getsockname()[:2]
 
     def start(self) -> None:
+        use_precise_hub()  # in the thread that will serve, if its hub has not started yet
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._listener = eventlet.listen(
             (self.host, self.port), family=family, backlog=self.backlog,

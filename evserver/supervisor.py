@@ -491,11 +491,11 @@ class Supervisor:
 
     def _kill_all(self, why: str) -> None:
         for worker in self.workers.values():
+            self.exit_code = self.exit_code or EXIT_FAILURE
             if worker.killed:
                 continue
             log.warning("%s %s; killing it", worker, why)
             worker.signal(signal.SIGKILL)
-            self.exit_code = self.exit_code or EXIT_FAILURE
         self.stop_deadline = time.monotonic() + QUIT_GRACE
 
     # ------------------------------------------------------------------ stats

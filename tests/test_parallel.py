@@ -203,6 +203,52 @@ def test_a_reader_whose_job_ends_after_the_next_reader_took_over_leaves_it_alone
         other.close()
 
 
+def test_a_connection_whose_inline_jobs_wait_keeps_to_jobs_per_connection() -> None:
+    gate = Gate()
+    with serve_in_thread(gate.app, pool_size=8) as server:
+        limit = server.jobs_per_connection  # 4: half the pool
+        peer, other = RawPeer(server.address, timeout=5), RawPeer(server.address, timeout=5)
+        for corr in range(1, limit + 1):  # each read's job waits, and a new reader goes on
+            peer.send(p.encode_event(corr, ["hold", "x"], request=True))
+            gate.wait_held(corr)
+        more = range(limit + 1, 2 * limit + 1)
+        peer.send(b"".join(p.encode_event(c, ["hold", "x"], request=True) for c in more))
+        conn = next(c for c in server.connections if c.protocol.replies_pending)
+        deadline = time.monotonic() + 5
+        while conn.protocol.replies_pending < 2 * limit:  # decoded: now it may not dispatch
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        deadline = time.monotonic() + 0.3  # the window in which a dispatch would show
+        while time.monotonic() < deadline:
+            assert gate.held == limit
+            time.sleep(0.005)
+        # Half the pool is still free for the other connections.
+        assert other.request(1, "open", "x").body == limit
+        replies = peer.by_corr(2 * limit)
+        assert {f.body for f in replies.values()} == {"released"}
+        peer.close()
+        other.close()
+
+
+def test_a_peer_that_half_closes_still_gets_the_reply_of_a_slow_request() -> None:
+    app = App()
+
+    @app.processor("nap")
+    def nap(event: Event) -> str:
+        eventlet.sleep(event.data)
+        return "done"
+
+    # Longer than drain_timeout, which bounds a stopping server's wait, not a peer's.
+    with serve_in_thread(app, pool_size=8, drain_timeout=0.3) as server:
+        peer = RawPeer(server.address, timeout=5)
+        peer.send(p.encode_event(1, ["nap", 0.8], request=True))
+        peer.sock.shutdown(socket.SHUT_WR)
+        reply = peer.recv_frames(1)[0]
+        assert (reply.kind, reply.corr, reply.body) == (p.REPLY, 1, "done")
+        assert peer.sock.recv(1) == b""  # then the server closes
+        peer.close()
+
+
 def _waiting(gauge: Gauge, seconds: float, name: str) -> Any:
     def listener(event: Event) -> None:
         with gauge:
