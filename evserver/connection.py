@@ -449,9 +449,7 @@ class Connection:
             if intake.run_inline(job, self._hand_off):
                 if self.reader_glet is not getcurrent():
                     raise _HandedOff  # (the standby, if any, is the new reader's)
-                if self.standby is not None:  # nothing arrived while it waited: read on
-                    self.standby.cancel()
-                    self.standby = None
+                self._end_standby()  # nothing arrived while it waited: read on
             else:
                 intake.submit(job)
             # Also after an inline run: its job stays open while ordered events are parked.
@@ -475,6 +473,11 @@ class Connection:
         """In the hub: bytes arrived while the old reader's job still waits."""
         self.standby = None
         self._new_reader()
+
+    def _end_standby(self) -> None:
+        if self.standby is not None:
+            self.standby.cancel()
+            self.standby = None
 
     def _new_reader(self) -> None:
         self.reader_glet = None
@@ -515,9 +518,7 @@ class Connection:
     def _finish(self) -> None:
         """Wait for this connection's jobs so their responses are written, then close."""
         self.closing = True
-        if self.standby is not None:
-            self.standby.cancel()
-            self.standby = None
+        self._end_standby()
         # A peer that half-closed may still read its replies: its jobs take the time their
         # handlers take (each handler has its own timeout); a stopping server gives them
         # drain_timeout.
