@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import ssl
 import warnings
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import eventlet.tpool  # noqa: E402
 from greenlet import GreenletExit, getcurrent  # noqa: E402
 
 __all__ = ["GreenletExit", "ReadWait", "call_in_hub", "eventlet", "getcurrent",
-           "monkey_patch", "on_yield", "use_precise_hub", "wake_hub_on_signals",
+           "monkey_patch", "on_yield", "os_socket", "use_precise_hub", "wake_hub_on_signals",
            "wrap_server_socket", "wsgi_server"]
 
 _select = eventlet.patcher.original("select")
@@ -126,6 +127,17 @@ def wrap_server_socket(context: ssl.SSLContext, sock: Any) -> Any:
     the accepted sockets trampoline instead of blocking the hub, and their TLS handshake
     waits for the first read (or an explicit ``do_handshake``) in the connection's thread."""
     return eventlet.green.ssl.GreenSSLContext.wrap_socket(context, sock, server_side=True)
+
+
+def os_socket(sock: Any) -> socket.socket | None:
+    """The non-blocking OS socket under a plain green socket (None for TLS and others).
+
+    A writer tries it first: eventlet's ``sendall`` costs about 1 µs per call more than the
+    send itself (three calls and an exception object), as much as a small request's decoding.
+    """
+    if type(sock) is eventlet.greenio.GreenSocket:
+        return sock.fd
+    return None
 
 
 def on_yield(hook: Callable[[], None] | None) -> Callable[[], None] | None:

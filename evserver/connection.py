@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ._eventlet import ReadWait, call_in_hub, eventlet, getcurrent
+from ._eventlet import ReadWait, call_in_hub, eventlet, getcurrent, os_socket
 from .dispatch import Dispatcher, Job
 from .errors import (
     AuthError,
@@ -151,7 +151,7 @@ class Connection:
 
     __slots__ = (
         "addr", "closing", "flush_waiter", "idle_expired", "jobs", "last_active", "out",
-        "out_bytes", "parked", "protocol", "reader_glet", "receiving", "server", "sock",
+        "out_bytes", "parked", "protocol", "raw", "reader_glet", "receiving", "server", "sock",
         "standby", "tls", "units", "waiter", "writing",
     )
 
@@ -161,6 +161,7 @@ class Connection:
         self.addr = addr
         self.protocol = protocol
         self.tls = isinstance(sock, ssl.SSLSocket)
+        self.raw = os_socket(sock)  # written to directly while it takes the bytes at once
         self.out: list[bytes] = []
         self.out_bytes = 0  # queued or being sent: bounded by _OUT_LIMIT via the reader
         self.flush_waiter: Any = None  # an Event the reader waits on while out_bytes is high
@@ -189,7 +190,14 @@ class Connection:
             while self.out:
                 chunk = b"".join(self.out) if len(self.out) > 1 else self.out[0]
                 self.out.clear()
-                self.sock.sendall(chunk)
+                sent = 0
+                if self.raw is not None:
+                    try:
+                        sent = self.raw.send(chunk)
+                    except BlockingIOError:
+                        pass
+                if sent < len(chunk):  # the rest as the peer reads it, bounded by the timeout
+                    self.sock.sendall(chunk[sent:] if sent else chunk)
                 self.out_bytes -= len(chunk)
         except (OSError, AttributeError) as exc:  # peer gone, or socket closed under us
             self.out.clear()
@@ -382,7 +390,7 @@ class Connection:
             raise TimeoutError
         self.receiving = True
         try:
-            n = self.sock.recv_into(_BUF)
+            n = self._read()
         except _Park:
             self._park_wait()
             return None
@@ -390,6 +398,17 @@ class Connection:
             self.receiving = False
         self.last_active = time.monotonic()
         return _VIEW[:n]
+
+    def _read(self) -> int:
+        """``recv_into`` the shared buffer: from the OS socket when bytes are there, as in
+        ``write``; else (or on any error, reported alike) through the green socket, which
+        waits in the hub."""
+        if self.raw is not None:
+            try:
+                return self.raw.recv_into(_BUF)
+            except OSError:
+                pass
+        return self.sock.recv_into(_BUF)
 
     def sweep(self, now: float) -> None:
         """Called every ``park_after`` seconds: park a reader that has been waiting in recv

@@ -122,6 +122,8 @@ class NativeProtocol:
         handshake's deadline before any handler runs."""
         if self._error is not None:
             raise self._fail(self._error)
+        if self._reader.idle:  # the common case after a job: skip the decoder's setup
+            return []
         try:
             if self.opening:
                 frame = self._reader.next_frame()

@@ -55,6 +55,10 @@ CLIENT_RECEIVES = frozenset({HELLO, ACK, REPLY, ERROR, PONG})
 
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 _CHUNK = 1 << 16  # the most the adapter reads at once
+_READ_SIZE = 4096  # a new decoder's buffer: it grows for bigger reads and frames
+# Idle readers' decoders by (max_frame_bytes, strict_map_key), for the next reader to take.
+_SPARES: dict[tuple[int, bool], list[msgpack.Unpacker]] = {}
+_MAX_SPARES = 16
 MAX_CORR = (1 << 63) - 1
 
 
@@ -192,13 +196,19 @@ def _parse(raw: Any, accept: frozenset[int], now: float | None = None) -> Frame:
     return Frame(kind, _corr(raw, required=kind != PONG and kind != ACK))
 
 
+# The frames ``_parse_fast`` decodes inline, with the lowest correlation id each allows.
+_FAST_KINDS = {EVENT: 0, REQUEST: 1}
+
+
 def _parse_fast(raw: Any, accept: frozenset[int], now: float) -> Frame:
-    """``_parse`` with a shortcut for the commonest frame, a minimal EVENT."""
-    if type(raw) is list and len(raw) == 3 and raw[0] == EVENT:
+    """``_parse`` with a shortcut for the commonest frames: a minimal EVENT or REQUEST."""
+    if (type(raw) is list and len(raw) == 3 and type(kind := raw[0]) is int
+            and kind in _FAST_KINDS):
         corr, ev = raw[1], raw[2]
-        if (type(corr) is int and 0 <= corr <= MAX_CORR and type(ev) is list and len(ev) == 2
-                and type(ev[0]) is str and ev[0] in KNOWN_TYPES and EVENT in accept):
-            return Frame(EVENT, corr, [Event(ev[0], ev[1], None, now)])
+        if (type(corr) is int and _FAST_KINDS[kind] <= corr <= MAX_CORR and type(ev) is list
+                and len(ev) == 2 and type(ev[0]) is str and ev[0] in KNOWN_TYPES
+                and kind in accept):
+            return Frame(kind, corr, [decoded(Event, ev[0], ev[1], now, None)])
     return _parse(raw, accept, now)
 
 
@@ -210,11 +220,13 @@ class FrameReader:
     after a failure) and the connection must be closed.
 
     The ``Unpacker`` (about 41 KiB) exists only while a partial frame is buffered: an idle
-    connection holds no decoder, which is what lets one worker keep 10,000 idle peers.
+    connection holds no decoder, which is what lets one worker keep 10,000 idle peers. An
+    idle reader hands its decoder to a few spares shared by the readers of the same limits,
+    unless its buffer grew: making a new one costs about as much as decoding a small request.
     """
 
-    __slots__ = ("_accept", "_backlog", "_dead", "_error", "_fed", "_max", "_pos", "_strict",
-                 "_unpacker")
+    __slots__ = ("_accept", "_backlog", "_dead", "_error", "_fed", "_grown", "_max", "_pos",
+                 "_spares", "_strict", "_unpacker")
 
     def __init__(
         self,
@@ -229,11 +241,18 @@ class FrameReader:
         self._strict = accept is not CLIENT_RECEIVES if strict_map_key is None else strict_map_key
         self._max = max_frame_bytes
         self._unpacker: msgpack.Unpacker | None = None
+        self._spares = _SPARES.setdefault((self._max, self._strict), [])
+        self._grown = False  # the current unpacker's buffer may have outgrown _READ_SIZE
         self._fed = 0  # bytes fed to the current unpacker
         self._pos = 0  # unpacker offset at the end of the last complete frame
         self._dead = False
         self._error: ProtocolError | None = None  # raised by the next ``frames`` call
         self._backlog: list[memoryview] = []  # input beyond one chunk, fed as frames drain
+
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered and no error owed: ``frames`` would return [] (checked cheaply)."""
+        return self._unpacker is None and self._error is None
 
     @property
     def buffered(self) -> int:
@@ -259,12 +278,19 @@ class FrameReader:
 
     def _feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._unpacker is None:
-            # Room for one partial frame plus one chunk of the frames after it.
-            self._unpacker = msgpack.Unpacker(
-                max_buffer_size=self._max + _CHUNK, read_size=4096,
-                strict_map_key=self._strict,
-            )
-            self._fed = self._pos = 0
+            try:  # (servers in other threads share the spares: no test-then-pop)
+                self._unpacker = self._spares.pop()
+                self._fed = self._pos = self._unpacker.tell()
+            except IndexError:
+                # Room for one partial frame plus one chunk of the frames after it.
+                self._unpacker = msgpack.Unpacker(
+                    max_buffer_size=self._max + _CHUNK, read_size=_READ_SIZE,
+                    strict_map_key=self._strict,
+                )
+                self._fed = self._pos = 0
+            self._grown = False
+        if self._fed - self._pos + len(data) > _READ_SIZE:
+            self._grown = True  # msgpack never shrinks a buffer once it has grown
         try:
             self._unpacker.feed(data)
         except msgpack.BufferFull:
@@ -287,7 +313,7 @@ class FrameReader:
                 self._fail()
                 raise FrameTooLarge(f"frame exceeds max_frame_bytes={self._max}") from None
             if self._pos == self._fed:
-                self._unpacker = None  # idle: release the decoder's memory
+                self._release()
             return None
         except (ValueError, TypeError, msgpack.UnpackException) as exc:  # FormatError, ...
             self._fail()
@@ -388,7 +414,7 @@ class FrameReader:
                 self._feed(self._backlog.pop(0))
                 continue
             if self._pos == self._fed:
-                self._unpacker = None  # idle: release the decoder's memory
+                self._release()
             return
 
     def take_buffered(self) -> bytes:
@@ -410,6 +436,12 @@ class FrameReader:
     def __iter__(self) -> Iterator[Frame]:
         return iter(self.frames())
 
+    def _release(self) -> None:
+        """Idle: hand the decoder (every byte fed is consumed) to the spares, or drop it."""
+        unpacker, self._unpacker = self._unpacker, None
+        if not self._grown and len(self._spares) < _MAX_SPARES:
+            self._spares.append(unpacker)
+
     def _fail(self) -> None:
         self._dead = True
         self._unpacker = None
@@ -417,8 +449,22 @@ class FrameReader:
 
 # ---------------------------------------------------------------------------- encoding
 
+# A reusable Packer: ``msgpack.packb`` makes (and frees) a new one, with a 256 KiB buffer,
+# per call, which costs more than encoding a small reply. Whoever pops it owns it, so two
+# users never share it, whatever threads or green threads (a value's own Python code, such
+# as a dict subclass's ``items``, may switch them mid-pack); the others use ``packb``.
+_PACKERS = [msgpack.Packer(use_bin_type=True)]
+
+
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    try:
+        packer = _PACKERS.pop()
+    except IndexError:
+        return msgpack.packb(obj, use_bin_type=True)
+    try:
+        return packer.pack(obj)  # it resets itself after a failure too
+    finally:
+        _PACKERS.append(packer)
 
 
 _pack_array_header = msgpack.Packer().pack_array_header
