@@ -24,7 +24,7 @@ import os
 import socket
 import ssl as _ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, cast
 
 from . import auth as _auth
@@ -35,8 +35,8 @@ from .session import (
     ClientBase,
     ConnectionLost,
     EventTuple,
+    Meta,
     remote_error,
-    wire_event,
 )
 
 __all__ = ["AsyncClient"]
@@ -143,37 +143,22 @@ class AsyncClient(ClientBase):
             self._session.failures = 0
             await self._connected()
 
-    async def send(
-        self,
-        type: str,
-        data: Any = None,
-        *,
-        meta: Mapping[str, Any] | None = None,
-        ack: bool = False,
-        id: str | None = None,
-    ) -> str:
+    async def send(self, type: str, data: Any = None, *, meta: Meta = None, ack: bool = False,
+                   id: str | None = None) -> str:
         """Send one event and return its id; with ``ack=True`` return once the processor
         and listeners ran (``RemoteError`` if one of them failed)."""
-        event = wire_event(type, data, meta, id)
-        if ack:
-            await self._roundtrip(lambda corr: p.encode_event(corr, event))
+        event_id, wire, corr = self._session.event_frame(type, data, meta, id, ack=ack)
+        if corr:
+            await self._roundtrip(wire, corr)
         else:
-            await self._submit(p.encode_event(0, event))
-        return event[2]
+            await self._submit(wire)
+        return event_id
 
-    async def request(
-        self,
-        type: str,
-        data: Any = None,
-        *,
-        meta: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> Any:
+    async def request(self, type: str, data: Any = None, *, meta: Meta = None,
+                      timeout: float | None = None) -> Any:
         """Return the processor's return value for this event; ``RemoteError`` on failure."""
-        event = wire_event(type, data, meta, None)
-        frame = await self._roundtrip(lambda corr: p.encode_event(corr, event, request=True),
-                                      timeout)
-        return frame.body
+        _, wire, corr = self._session.event_frame(type, data, meta, request=True)
+        return (await self._roundtrip(wire, corr, timeout)).body
 
     async def send_many(
         self, events: Iterable[EventTuple], *, ack: bool = False, batch_size: int = 500
@@ -199,14 +184,14 @@ class AsyncClient(ClientBase):
     async def ping(self) -> float:
         """Round-trip time to the server, in seconds."""
         start = time.perf_counter()
-        await self._roundtrip(p.encode_ping)
+        await self._roundtrip(*self._session.ping_frame())
         return time.perf_counter() - start
 
     async def flush(self) -> None:
         """Return once the server has read everything sent so far and answered all it owes
         (one PING: fire-and-forget events reached it, their handlers may still run)."""
         if self._conn is not None or self._connecting is not None:
-            await self._roundtrip(p.encode_ping)
+            await self._roundtrip(*self._session.ping_frame())
 
     async def close(self) -> None:
         """Write what is buffered, then close; unanswered frames are dropped and their
@@ -234,12 +219,11 @@ class AsyncClient(ClientBase):
 
     # ------------------------------------------------------------------ frames
 
-    async def _roundtrip(self, encode: Callable[[int], bytes],
-                         timeout: float | None = None) -> p.Frame:
-        """Send one frame that gets an answer and wait for it; ERROR -> ``RemoteError``."""
-        corr = self._session.next_corr()
+    async def _roundtrip(self, wire: bytes, corr: int, timeout: float | None = None) -> p.Frame:
+        """Send one frame that gets an answer, ``corr``, and wait for it; ERROR ->
+        ``RemoteError``."""
         try:
-            await self._submit(encode(corr), corr)
+            await self._submit(wire, corr)
             frame = await self._answer(corr, self.timeout if timeout is None else timeout)
         finally:
             self._forget((corr,))

@@ -23,13 +23,13 @@ from __future__ import annotations
 import socket
 import ssl as _ssl
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from . import auth as _auth
 from . import protocol as p
 from .errors import ClientConnectionError, RemoteError
-from .session import BatchSend, ClientBase, EventTuple, remote_error, wire_event
+from .session import BatchSend, ClientBase, EventTuple, Meta, remote_error
 from .session import ConnectionLost as _Lost
 
 __all__ = ["Client", "EventTuple"]
@@ -76,40 +76,26 @@ class Client(ClientBase):
             self._session.failures = 0
             self._connect()
 
-    def send(
-        self,
-        type: str,
-        data: Any = None,
-        *,
-        meta: Mapping[str, Any] | None = None,
-        ack: bool = False,
-        id: str | None = None,
-    ) -> str:
+    def send(self, type: str, data: Any = None, *, meta: Meta = None, ack: bool = False,
+             id: str | None = None) -> str:
         """Send one event and return its id.
 
         Without ``ack`` the event is written and forgotten (at most once). With ``ack=True``
         this returns once the processor and listeners ran, and raises ``RemoteError`` if one
         of them failed.
         """
-        event = wire_event(type, data, meta, id)
-        if ack:
-            self._roundtrip(lambda corr: p.encode_event(corr, event))
+        event_id, wire, corr = self._session.event_frame(type, data, meta, id, ack=ack)
+        if corr:
+            self._roundtrip(wire, corr)
         else:
-            self._send(p.encode_event(0, event))
-        return event[2]
+            self._send(wire)
+        return event_id
 
-    def request(
-        self,
-        type: str,
-        data: Any = None,
-        *,
-        meta: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> Any:
+    def request(self, type: str, data: Any = None, *, meta: Meta = None,
+                timeout: float | None = None) -> Any:
         """Return the processor's return value for this event; ``RemoteError`` on failure."""
-        event = wire_event(type, data, meta, None)
-        frame = self._roundtrip(lambda corr: p.encode_event(corr, event, request=True), timeout)
-        return frame.body
+        _, wire, corr = self._session.event_frame(type, data, meta, request=True)
+        return self._roundtrip(wire, corr, timeout).body
 
     def send_many(
         self, events: Iterable[EventTuple], *, ack: bool = False, batch_size: int = 500
@@ -136,7 +122,7 @@ class Client(ClientBase):
     def ping(self) -> float:
         """Round-trip time to the server, in seconds."""
         start = time.perf_counter()
-        self._roundtrip(p.encode_ping)
+        self._roundtrip(*self._session.ping_frame())
         return time.perf_counter() - start
 
     def flush(self) -> None:
@@ -146,7 +132,7 @@ class Client(ClientBase):
         fire-and-forget events: they reached the server, though handlers may still be running.
         """
         if self._sock is not None:
-            self._roundtrip(p.encode_ping)
+            self._roundtrip(*self._session.ping_frame())
 
     def close(self) -> None:
         """Close the connection; unanswered frames are dropped. A later call reconnects."""
@@ -166,11 +152,11 @@ class Client(ClientBase):
 
     # ------------------------------------------------------------------ frames
 
-    def _roundtrip(self, encode: Callable[[int], bytes], timeout: float | None = None) -> p.Frame:
-        """Send one frame that gets an answer and wait for it; ERROR -> ``RemoteError``."""
-        corr = self._session.next_corr()
+    def _roundtrip(self, wire: bytes, corr: int, timeout: float | None = None) -> p.Frame:
+        """Send one frame that gets an answer, ``corr``, and wait for it; ERROR ->
+        ``RemoteError``."""
         try:
-            self._send(encode(corr), corr)
+            self._send(wire, corr)
             ((_, frame),) = self._answered({corr}, self.timeout if timeout is None else timeout)
         finally:
             self._forget((corr,))

@@ -8,16 +8,25 @@ close the connection or answer with an error, and keep serving everyone else).
 
 As in msgpack, every error is also the builtin category a caller would naturally catch
 (``ValueError`` for bad input, ``ConnectionError`` for the network). ``code`` is the string
-sent in an ERROR frame, so server and client agree on it.
+sent in an ERROR frame, so server and client agree on it. It is declared in the class line
+(``class AddressInUse(LocalError, OSError, code="address_in_use")``), next to the categories,
+because together they say what the error is; a class without one keeps its parent's code.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class EvserverError(Exception):
     """Base class of every error evserver raises on purpose."""
 
-    code = "error"
+    code: str = "error"
+
+    def __init_subclass__(cls, *, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
 
 class LocalError(EvserverError):
@@ -31,152 +40,110 @@ class PeerError(EvserverError):
 # --------------------------------------------------------------------------- local
 
 
-class ConfigError(LocalError, ValueError):
+class ConfigError(LocalError, ValueError, code="config_error"):
     """A setting is unknown or has a bad value; the message names the key."""
 
-    code = "config_error"
 
-
-class RegistrationError(LocalError, ValueError):
+class RegistrationError(LocalError, ValueError, code="registration_error"):
     """A handler was registered twice, or with a bad pattern or option."""
 
-    code = "registration_error"
 
-
-class AppLoadError(LocalError, ImportError):
+class AppLoadError(LocalError, ImportError, code="app_load_error"):
     """The app spec cannot be imported or does not name an ``App``.
 
     ``details`` is the traceback of the exception the app's import raised (empty when the
     spec itself is wrong): the message alone, ``KeyError: 'x'``, does not say where.
     """
 
-    code = "app_load_error"
-
     def __init__(self, message: str, details: str = "") -> None:
         super().__init__(message)
         self.details = details
 
 
-class AddressInUse(LocalError, OSError):
+class AddressInUse(LocalError, OSError, code="address_in_use"):
     """Another process (evserver or not) already owns host:port."""
 
-    code = "address_in_use"
 
-
-class StateError(LocalError, RuntimeError):
+class StateError(LocalError, RuntimeError, code="state_error"):
     """A connection was asked for a transition its protocol's state table does not allow."""
 
-    code = "state_error"
 
-
-class TooManyConnections(LocalError):
+class TooManyConnections(LocalError, code="overloaded"):
     """A connection beyond ``max_connections``: turned away at once."""
 
-    code = "overloaded"
 
-
-class AdminError(LocalError):
+class AdminError(LocalError, code="admin_error"):
     """An admin request that cannot be done; ``status`` is the HTTP status to answer."""
-
-    code = "admin_error"
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
 
 
-class AdminFailure(LocalError):
+class AdminFailure(LocalError, code="admin_failure"):
     """A one-line reason an admin command failed (unreachable, refused, bad answer)."""
 
-    code = "admin_failure"
 
-
-class HandlerTimeout(LocalError, TimeoutError):
+class HandlerTimeout(LocalError, TimeoutError, code="timeout"):
     """A handler ran longer than its ``timeout`` option."""
 
-    code = "timeout"
 
-
-class ClusterError(LocalError, RuntimeError):
+class ClusterError(LocalError, RuntimeError, code="cluster_unavailable"):
     """Cluster mode cannot work: its Redis is unreachable, or the settings stored there
     disagree with this node's (fix the deployment)."""
 
-    code = "cluster_unavailable"
 
-
-class RoutingError(LocalError, LookupError):
+class RoutingError(LocalError, LookupError, code="no_handler"):
     """No processor (for a request) or no handler at all exists for an event type."""
-
-    code = "no_handler"
 
 
 # --------------------------------------------------------------------------- peer
 
 
-class ProtocolError(PeerError, ValueError):
+class ProtocolError(PeerError, ValueError, code="bad_frame"):
     """The peer sent bytes that are not a valid frame; the connection cannot continue."""
 
-    code = "bad_frame"
 
-
-class FrameTooLarge(ProtocolError):
+class FrameTooLarge(ProtocolError, code="frame_too_large"):
     """A frame is larger than the configured ``max_frame_bytes``."""
 
-    code = "frame_too_large"
 
-
-class UnsupportedVersion(ProtocolError):
+class UnsupportedVersion(ProtocolError, code="unsupported_version"):
     """The peer speaks a protocol version this side does not."""
 
-    code = "unsupported_version"
 
-
-class TooManyPending(PeerError):
+class TooManyPending(PeerError, code="overloaded"):
     """The peer has more than ``max_pending_replies`` responses outstanding: it is not
     reading them."""
 
-    code = "overloaded"
 
-
-class IdleTimeout(PeerError, TimeoutError):
+class IdleTimeout(PeerError, TimeoutError, code="idle_timeout"):
     """The peer sent nothing for ``idle_timeout`` seconds, with nothing of its in flight."""
 
-    code = "idle_timeout"
 
-
-class HandshakeTimeout(PeerError, TimeoutError):
+class HandshakeTimeout(PeerError, TimeoutError, code="handshake_timeout"):
     """The peer did not finish the TLS and authentication handshakes in time."""
 
-    code = "handshake_timeout"
 
-
-class AuthError(PeerError, PermissionError):
+class AuthError(PeerError, PermissionError, code="auth_failed"):
     """A handshake failed: wrong or missing key, malformed auth data, or an unproven server."""
-
-    code = "auth_failed"
 
 
 class NoKey(AuthError):
     """The client did not try to authenticate: most likely it was not given the key."""
 
 
-class ForwardError(ProtocolError):
+class ForwardError(ProtocolError, code="bad_forward_request"):
     """A Fluentd Forward Protocol request or handshake frame is malformed or not allowed."""
 
-    code = "bad_forward_request"
 
-
-class HandshakeFailed(ForwardError):
+class HandshakeFailed(ForwardError, code="auth_failed"):
     """A Forward PING was malformed or its credentials were wrong; the PONG saying so is
     queued."""
 
-    code = "auth_failed"
 
-
-class RequestTooLarge(ForwardError, FrameTooLarge):
+class RequestTooLarge(ForwardError, FrameTooLarge, code="frame_too_large"):
     """A request exceeds ``max_request_bytes``, or its entries ``max_decompressed_bytes``."""
-
-    code = "frame_too_large"
 
 
 class RemoteError(PeerError):
@@ -193,7 +160,5 @@ class RemoteError(PeerError):
         self.code = code
 
 
-class ClientConnectionError(PeerError, ConnectionError):
+class ClientConnectionError(PeerError, ConnectionError, code="connection_error"):
     """The client could not reach the server, or lost it and ran out of retries."""
-
-    code = "connection_error"

@@ -7,6 +7,8 @@ workers that have exited, into the /stats document; ``render_prometheus`` turns 
 document into the Prometheus text format through prometheus_client. Totals add ``retired``
 so counters never go backwards when a worker is replaced (its last snapshot becomes part of
 the base; what it counted after that snapshot is lost only if it died without saying goodbye).
+What is published (names, kinds, help text, labels, where /stats holds each number) is
+declared once, in metrics.toml next to this file.
 
 Nothing here imports eventlet: the master uses it too.
 """
@@ -16,8 +18,10 @@ from __future__ import annotations
 import bisect
 import os
 import time
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 # Upper bounds (seconds) of the latency buckets: 5 us .. 30 s, about three per decade.
@@ -202,111 +206,57 @@ def aggregate(snapshots: Iterable[dict[str, Any]], *, mode: str, uptime: float,
 
 @dataclass(frozen=True)
 class Metric:
-    """One published number, declared once: its Prometheus name (without ``evserver_`` and a
-    counter's ``_total``), kind, help text and labels, and ``key``: where /stats has it (a key
-    of the totals, of a worker's entry, or of the server counters)."""
+    """One published number, as metrics.toml declares it: its Prometheus name (without
+    ``evserver_`` and a counter's ``_total``), kind, help text and labels, and ``key``: where
+    /stats has it (a key of the totals, of a worker's entry, of the server counters or of the
+    cluster numbers)."""
 
     name: str
     kind: str  # "counter", "gauge" or "histogram"
     help: str
-    key: str = ""
+    key: str
     labels: tuple[str, ...] = ()
 
 
-def _counter(key: str, help: str) -> Metric:
-    return Metric(key.removesuffix("_total"), "counter", help, key)
+_KINDS = ("counter", "gauge", "histogram")
+_FIELDS = {"kind", "key", "labels", "help"}
 
 
+def declare(groups: dict[str, Any]) -> dict[str, tuple[Metric, ...]]:
+    """The declarations of a parsed metrics.toml, by group, in its order (the order of
+    /metrics). The numbers are data, a table an operator reads as it is; this is the one
+    place that turns them into code. ``ValueError`` names an entry that is not a number."""
+    declared = {}
+    for group, table in groups.items():
+        prefix, labels = table.get("prefix", ""), table.get("labels", [])
+        metrics = []
+        for name, d in table.items():
+            if not isinstance(d, dict):
+                continue  # a default of the group
+            m = Metric(prefix + name, d.get("kind", table.get("kind", "")), d.get("help", ""),
+                       d.get("key", name), tuple(d.get("labels", labels)))
+            if m.kind not in _KINDS or not m.help or d.keys() - _FIELDS:
+                raise ValueError(f"metrics.toml: [{group}] {name}: needs a kind of {_KINDS} "
+                                 f"and a help text, and only the fields {sorted(_FIELDS)}")
+            metrics.append(m)
+        declared[group] = tuple(metrics)
+    return declared
+
+
+_DECLARED = declare(tomllib.loads(Path(__file__).with_name("metrics.toml").read_text("utf-8")))
 #: The counters a serving process keeps in ``Server.counters`` (the "counters" of /stats),
 #: by group: a group's counters exist only where its listener runs.
-SERVER_COUNTERS: dict[str, tuple[Metric, ...]] = {
-    "server": (
-        _counter("connections_total", "Connections accepted, of every protocol."),
-        _counter("refused_connections", "Connections refused at max_connections."),
-        _counter("protocol_errors", "Native connections closed for a malformed frame."),
-        _counter("idle_closed", "Connections closed after idle_timeout without data."),
-        _counter("overloaded_closed",
-                 "Native connections closed for exceeding max_pending_replies."),
-        _counter("auth_failures", "Native handshakes refused: a missing or wrong key."),
-        _counter("handshake_timeouts", "Connections closed for not finishing the TLS or "
-                 "auth handshake within handshake_timeout."),
-        _counter("tls_failures", "TLS handshakes that failed."),
-    ),
-    "forward": (
-        _counter("forward_connections", "Fluentd Forward connections accepted."),
-        _counter("forward_requests", "Forward requests (Message, Forward, PackedForward "
-                 "and CompressedPackedForward modes) decoded."),
-        _counter("forward_events", "Events decoded from Forward requests."),
-        _counter("forward_skipped", "Forward entries skipped as invalid."),
-        _counter("forward_errors", "Forward connections closed for a malformed request."),
-        _counter("forward_auth_failures", "Forward handshakes refused (shared key or user)."),
-        _counter("forward_unacked",
-                 "Forward connections closed without an ack because a handler failed."),
-        _counter("forward_heartbeats", "Forward UDP heartbeats answered."),
-    ),
-}
-COUNTER_HELP = {m.key: m.help for group in SERVER_COUNTERS.values() for m in group}
-
-#: A cluster node's numbers (``Node.stats()``, the "cluster" of /stats), published as
-#: ``evserver_cluster_<key>``: counters, which the totals keep across worker restarts, and
-#: gauges of the moment.
-CLUSTER = tuple(Metric(f"cluster_{key}", kind, help, key) for key, kind, help in (
-    ("appended_entries", "counter", "Stream entries this node appended for its connections."),
-    ("appended_events", "counter", "Events in the entries this node appended."),
-    ("append_errors", "counter", "Appends to Redis that failed (the clients got an error)."),
-    ("processed_entries", "counter", "Entries of owned partitions run and acknowledged."),
-    ("processed_events", "counter", "Events in the entries of owned partitions that ran."),
-    ("redelivered_events", "counter", "Events in entries delivered more than once."),
-    ("dead_lettered_events", "counter",
-     "Events sent to the dead-letter stream after max_deliveries, unrun."),
-    ("fenced_entries", "counter",
-     "Entries completed after their partition's lease was lost, left unacknowledged."),
-    ("partitions_acquired", "counter", "Partition leases this node took."),
-    ("partitions_released", "counter", "Partition leases this node handed back."),
-    ("partitions_lost", "counter", "Partition leases this node lost without handing back."),
-    ("redis_errors", "counter", "Redis calls that failed."),
-    ("partitions_owned", "gauge", "Partitions this node owns now."),
-    ("nodes_live", "gauge", "Nodes of the cluster with a live heartbeat."),
-    ("waiting_jobs", "gauge", "Jobs waiting for their partition owners' reports."),
-))
+SERVER_COUNTERS = {group: _DECLARED[group] for group in ("server", "forward")}
+_SERVER_COUNTER = {m.key: m for group in SERVER_COUNTERS.values() for m in group}
+#: A cluster node's numbers (``Node.stats()``, the "cluster" of /stats).
+CLUSTER = _DECLARED["cluster"]
 CLUSTER_COUNTERS = tuple(m.key for m in CLUSTER if m.kind == "counter")
-
 #: Numbers of the whole service (the master's, or the single process').
-SERVICE = (
-    Metric("uptime_seconds", "gauge", "Seconds since this process started."),
-    Metric("workers", "gauge", "Serving processes reporting stats.", "workers"),
-    Metric("worker_exits", "counter", "Worker processes that exited."),
-    Metric("events_received", "counter", "Events read off connections (all workers).",
-           "events_in"),
-    Metric("events_processed", "counter", "Events run through their handlers.", "events_out"),
-    Metric("unrouted_events", "counter", "Events no handler matched.", "unrouted"),
-    Metric("dead_letters", "counter", "Events stored as dead letters.", "dead_letters"),
-)
+SERVICE = _DECLARED["service"]
 #: Numbers by event type.
-BY_TYPE = (
-    Metric("events", "counter", "Events processed, by event type.", "events", ("type",)),
-    Metric("handler_errors", "counter", "Handler failures (after retries), by event type.",
-           "errors", ("type",)),
-    Metric("handler_latency_seconds", "histogram", "Handler wall time per event, sampled "
-           "(about one event in 128), by event type.", "latency", ("type",)),
-)
+BY_TYPE = _DECLARED["by_type"]
 #: Numbers by worker process.
-BY_WORKER = (
-    Metric("worker_events_received", "counter", "Events read, per worker.", "events_in",
-           ("worker",)),
-    Metric("worker_events_processed", "counter", "Events processed, per worker.", "events_out",
-           ("worker",)),
-    Metric("worker_handler_errors", "counter", "Handler failures, per worker.", "errors",
-           ("worker",)),
-    Metric("worker_connections", "gauge", "Open connections, per worker.", "connections",
-           ("worker",)),
-    Metric("worker_busy", "gauge", "Pool green threads running a job.", "busy", ("worker",)),
-    Metric("worker_queue_depth", "gauge", "Jobs waiting for the pool.", "queued", ("worker",)),
-    Metric("worker_uptime_seconds", "gauge", "Seconds since the worker started.", "uptime",
-           ("worker",)),
-    Metric("worker_events", "counter", "Events processed, per worker and event type.", "types",
-           ("worker", "type")),
-)
+BY_WORKER = _DECLARED["by_worker"]
 
 
 def new_counters(*groups: str) -> dict[str, int]:
@@ -330,9 +280,10 @@ class _StatsCollector:
         totals = st["totals"]
         service = {"uptime": st["uptime"], "worker_exits": st["retired_workers"], **totals}
         for m in SERVICE:
-            yield _family(m, value=service[m.key or m.name.removesuffix("_seconds")])
+            yield _family(m, value=service[m.key])
         for key, value in sorted(totals["counters"].items()):
-            m = _counter(key, COUNTER_HELP.get(key, f"Server counter {key} (undeclared)."))
+            m = _SERVER_COUNTER.get(key) or Metric(
+                key.removesuffix("_total"), "counter", f"Server counter {key} (undeclared).", key)
             yield _family(m, value=value)
         yield from self._by_type(st)
         cluster = totals.get("cluster", {})

@@ -1,9 +1,10 @@
 """The client side of the wire protocol, sans-I/O: everything the two clients share.
 
-A ``ClientSession`` outlives the connections it runs over. It numbers answerable frames, keeps
-each one's encoded bytes until the server answers it (so they can be re-sent, same event ids,
-after a reconnect), decodes what the server sends, runs the shared-key handshake and counts
-reconnection failures against the retry budget. It never touches a socket or an event loop:
+A ``ClientSession`` outlives the connections it runs over. It builds the frames of sends,
+requests and pings and numbers the answerable ones, keeps each one's encoded bytes until the
+server answers it (so they can be re-sent, same event ids, after a reconnect), decodes what
+the server sends, runs the shared-key handshake and counts reconnection failures against the
+retry budget. It never touches a socket or an event loop:
 ``Client`` drives it with blocking sockets, ``AsyncClient`` with an asyncio protocol, so both
 follow one set of delivery and reconnection rules by construction.
 """
@@ -30,7 +31,7 @@ from .errors import (
 from .event import new_event_id, type_problem
 
 __all__ = ["BATCH_BYTES", "BatchSend", "ClientBase", "ClientSession", "ConnectionLost",
-           "EventTuple", "remote_error"]
+           "EventTuple", "Meta", "remote_error"]
 
 BATCH_BYTES = 256 * 1024  # a BATCH stays well under the server's frame limit
 # Connection-level errors caused by what this client sent: reconnecting would not help.
@@ -39,7 +40,9 @@ OWN_FAULT = frozenset({ProtocolError.code, FrameTooLarge.code, UnsupportedVersio
 # Replies come from a server we chose to trust, but a runaway one must not eat all memory.
 MAX_REPLY_BYTES = 64 << 20
 
-EventTuple = tuple[str, Any] | tuple[str, Any, Mapping[str, Any] | None]
+#: An event's ``meta`` as callers give it: headers for the handlers, or None.
+Meta = Mapping[str, Any] | None
+EventTuple = tuple[str, Any] | tuple[str, Any, Meta]
 
 #: Adds the active span's trace context to an event's meta when OpenTelemetry is installed;
 #: None (one check per event) when it is not.
@@ -56,7 +59,7 @@ def remote_error(frame: p.Frame) -> RemoteError:
     return RemoteError(type_, message, code)
 
 
-def wire_event(type: str, data: Any, meta: Mapping[str, Any] | None, id: str | None) -> list[Any]:
+def wire_event(type: str, data: Any, meta: Meta, id: str | None) -> list[Any]:
     """The wire event with a client-assigned id and time, so a re-send is recognisable."""
     if (problem := type_problem(type)) is not None:  # the server's rule, checked here
         raise ValueError(f"event type {problem}")
@@ -193,6 +196,20 @@ class ClientSession:
 
     def next_corr(self) -> int:
         return next(self._corrs)
+
+    def event_frame(self, type: str, data: Any, meta: Meta, id: str | None = None, *,
+                    ack: bool = False, request: bool = False) -> tuple[str, bytes, int]:
+        """One ``send`` (EVENT) or ``request`` (REQUEST) as ``(event id, frame, corr)``: corr
+        numbers the answer to wait for when one is wanted (``ack`` or ``request``), else it
+        is 0. The client only writes the frame and waits if corr says so."""
+        event = wire_event(type, data, meta, id)
+        corr = self.next_corr() if ack or request else 0
+        return event[2], p.encode_event(corr, event, request=request), corr
+
+    def ping_frame(self) -> tuple[bytes, int]:
+        """A PING and the corr of its PONG, the answer ``ping`` and ``flush`` wait for."""
+        corr = self.next_corr()
+        return p.encode_ping(corr), corr
 
     def max_frame_bytes(self) -> int:
         return int(self.server_info.get("max_frame_bytes", p.DEFAULT_MAX_FRAME_BYTES))

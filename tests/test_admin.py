@@ -232,6 +232,18 @@ def test_every_published_number_has_its_declared_help_text() -> None:
         new_counters("server")["not_declared"] += 1
 
 
+def test_metric_declarations_take_group_defaults_and_refuse_typos() -> None:
+    from evserver.metrics import Metric, declare
+
+    groups = {"g": {"prefix": "g_", "kind": "counter", "labels": ["worker"],
+                    "a": {"help": "A."}, "b": {"kind": "gauge", "key": "bee", "help": "B."}}}
+    assert declare(groups) == {"g": (Metric("g_a", "counter", "A.", "a", ("worker",)),
+                                     Metric("g_b", "gauge", "B.", "bee", ("worker",)))}
+    for bad in ({"help": "A.", "lables": ["x"]}, {"help": "A.", "kind": "summary"}, {}):
+        with pytest.raises(ValueError, match=r"\[g\] a:"):
+            declare({"g": {"kind": "counter", "a": bad}})
+
+
 def test_totals_keep_exited_workers() -> None:
     """A replaced worker's counts stay in the totals: counters never go backwards."""
     base = empty_base()
