@@ -9,7 +9,7 @@ the business of a sans-I/O protocol object plugged into it (``native.NativeProto
 dispatcher and outcomes into bytes, and keeps its lifecycle as a table of states.
 
 Reading: a connection with bytes to read has one reader green thread. It ``recv_into``s a
-buffer shared by every connection of the process (nothing yields between the ``recv_into``
+buffer shared by every connection of its server (nothing yields between the ``recv_into``
 and the decoder copying the bytes, so sharing is safe and an idle connection costs no
 buffer) and hands the protocol's units to the dispatcher one job of about ``JOB_EVENTS``
 events at a time, each dispatched (inline, usually) before the next is decoded, so its
@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ._eventlet import ReadWait, call_in_hub, eventlet, getcurrent, os_socket
+from ._eventlet import ReadWait, call_in_hub, cooperate, eventlet, getcurrent, os_socket
 from .dispatch import Dispatcher, Job
 from .errors import (
     AuthError,
@@ -84,6 +84,7 @@ class Host(Protocol):
     backlog: int
     ssl_context: Any
     auth_log: LogBudget
+    read_buffer: memoryview  # see ``read_buffer()``
 
     def closed(self, conn: Connection) -> None:
         """The connection is closed and its jobs are done: forget it."""
@@ -115,8 +116,6 @@ class WireProtocol(Protocol):
 
 
 _READ_SIZE = 1 << 16
-_BUF = bytearray(_READ_SIZE)  # shared by every reader of every protocol: see _recv
-_VIEW = memoryview(_BUF)
 _OPENING_READ = 4096  # bytes read at a time while a peer has not authenticated
 # Reads are decoded and dispatched in jobs of about this many events (a BATCH is never
 # split), so a long run of single-event frames spreads over several workers.
@@ -279,7 +278,7 @@ class Connection:
                 # the recv then often finds the next request instead of registering with the
                 # hub (measured without it: 50 connections' no-op round trips at 0.6x the
                 # reference receiver instead of 0.9x).
-                eventlet.sleep(0)
+                cooperate()
         except PeerError as exc:
             self._fail(exc)
 
@@ -382,9 +381,10 @@ class Connection:
                 pass
 
     def _recv(self) -> memoryview | None:
-        """The next bytes received, a view of the buffer every connection shares (decode it
-        before anything can yield); empty at EOF; None when the connection was parked
-        instead (``serve`` must then return). TimeoutError when idle for ``idle_timeout``."""
+        """The next bytes received, a view of the buffer the server's connections share
+        (decode it before anything can yield); empty at EOF; None when the connection was
+        parked instead (``serve`` must then return). TimeoutError when idle for
+        ``idle_timeout``."""
         if self.idle_expired:
             self.idle_expired = False
             raise TimeoutError
@@ -397,18 +397,19 @@ class Connection:
         finally:
             self.receiving = False
         self.last_active = time.monotonic()
-        return _VIEW[:n]
+        return self.server.read_buffer[:n]
 
     def _read(self) -> int:
-        """``recv_into`` the shared buffer: from the OS socket when bytes are there, as in
+        """``recv_into`` the server's buffer: from the OS socket when bytes are there, as in
         ``write``; else (or on any error, reported alike) through the green socket, which
         waits in the hub."""
+        buffer = self.server.read_buffer
         if self.raw is not None:
             try:
-                return self.raw.recv_into(_BUF)
+                return self.raw.recv_into(buffer)
             except OSError:
                 pass
-        return self.sock.recv_into(_BUF)
+        return self.sock.recv_into(buffer)
 
     def sweep(self, now: float) -> None:
         """Called every ``park_after`` seconds: park a reader that has been waiting in recv
@@ -591,6 +592,14 @@ def _refuse(sock: Any, data: bytes) -> None:
         pass
     finally:
         sock.close()
+
+
+def read_buffer() -> memoryview:
+    """The buffer every connection of one server reads into, one read at a time: its green
+    threads never switch between a ``recv_into`` and the decoder copying the bytes, so they
+    can share it, and an idle connection costs no buffer. Not shared beyond one server: a
+    ``recv_into`` releases the GIL, so a server in another thread could overwrite it."""
+    return memoryview(bytearray(_READ_SIZE))
 
 
 def peer_name(addr: Any) -> str:

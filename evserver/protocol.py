@@ -382,9 +382,9 @@ class FrameReader:
                     # Inlined shortcut for the commonest frame, [1, 0, [type, data]] (a
                     # fire-and-forget minimal event): no Frame per event when coalescing.
                     if (fast and type(raw) is list and len(raw) == 3 and raw[0] == EVENT
-                            and raw[1] == 0 and type(ev := raw[2]) is list and len(ev) == 2
-                            and type(etype := ev[0]) is str and etype in known
-                            and type(raw[1]) is int):
+                            and type(raw[0]) is int and raw[1] == 0 and type(raw[1]) is int
+                            and type(ev := raw[2]) is list and len(ev) == 2
+                            and type(etype := ev[0]) is str and etype in known):
                         event: Event | None = decoded(Event, etype, ev[1], now, None)
                     else:
                         frame = _parse_fast(raw, accept, now)
@@ -453,6 +453,7 @@ class FrameReader:
 # per call, which costs more than encoding a small reply. Whoever pops it owns it, so two
 # users never share it, whatever threads or green threads (a value's own Python code, such
 # as a dict subclass's ``items``, may switch them mid-pack); the others use ``packb``.
+_PACKER_BUFFER = 256 * 1024  # msgpack's initial buffer, which it grows and never shrinks
 _PACKERS = [msgpack.Packer(use_bin_type=True)]
 
 
@@ -461,10 +462,15 @@ def _pack(obj: Any) -> bytes:
         packer = _PACKERS.pop()
     except IndexError:
         return msgpack.packb(obj, use_bin_type=True)
+    out = b""
     try:
-        return packer.pack(obj)  # it resets itself after a failure too
+        out = packer.pack(obj)
+        return out
     finally:
-        _PACKERS.append(packer)
+        # One that grew (or failed, maybe after growing) is replaced: it would keep the
+        # memory of the largest value it ever packed for the life of the process.
+        _PACKERS.append(packer if 0 < len(out) <= _PACKER_BUFFER
+                        else msgpack.Packer(use_bin_type=True))
 
 
 _pack_array_header = msgpack.Packer().pack_array_header

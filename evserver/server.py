@@ -26,7 +26,7 @@ from ._eventlet import eventlet, use_precise_hub, wrap_server_socket
 from .app import App
 from .auth import Authenticator
 from .config import Config, default_config, handler_defaults
-from .connection import JOB_EVENTS, Connection, accept_loop
+from .connection import JOB_EVENTS, Connection, accept_loop, read_buffer
 from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher
 from .forward_server import ForwardListener
@@ -103,6 +103,7 @@ class Server:
         self.auth = Authenticator(keys) if keys else None
         self.ssl_context = context_from_config(cfg.tls)
         self.auth_log = LogBudget(per_interval=10, interval=60.0)  # failed handshakes
+        self.read_buffer = read_buffer()
         self.connections: set[Connection] = set()
         self.counters = new_counters("server")
         self.stopping = False
