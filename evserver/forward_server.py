@@ -1,7 +1,7 @@
 """The Fluentd Forward Protocol listener: one more listener for ``Server``.
 
 It binds TCP (and UDP on the same port, for Fluentd's heartbeats) and accepts through the
-one connection driver (``connection.accept_loop``) with a ``forward_session.ForwardProtocol``
+one connection driver (``accept.accept_loop``) with a ``forward_session.ForwardProtocol``
 per connection, which is where requests become units of work and acks are kept in order.
 
 Each worker binds its own SO_REUSEPORT socket (TCP, and UDP for heartbeats) when the server
@@ -16,7 +16,8 @@ import socket
 from typing import Any
 
 from ._eventlet import eventlet, wrap_server_socket
-from .connection import JOB_EVENTS, Host, accept_loop
+from .accept import accept_loop
+from .connection import JOB_EVENTS, Host
 from .errors import ConfigError
 from .forward import ForwardConnection as ForwardDecoder
 from .forward import ForwardHandshake

@@ -2,7 +2,7 @@
 
 ``Server`` binds the native listener (and, with ``[forward] enabled``, the Forward one,
 ``forward_server``), each accepting through the one connection driver
-(``connection.accept_loop``) with its sans-I/O protocol (``native``, ``forward_session``).
+(``accept.accept_loop``) with its sans-I/O protocol (``native``, ``forward_session``).
 It takes the config's tables whole and owns what every connection shares: the counters,
 the limits, the dispatcher (or the cluster node's intake), the TLS context and the keys.
 
@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__
 from ._eventlet import eventlet, use_precise_hub, wrap_server_socket
+from .accept import accept_loop
 from .app import App
 from .auth import Authenticator
 from .config import Config, default_config, handler_defaults
-from .connection import JOB_EVENTS, Connection, accept_loop, read_buffer
+from .connection import JOB_EVENTS, Connection, read_buffer
 from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher
 from .forward_server import ForwardListener
