@@ -179,12 +179,29 @@ class Connection:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes) -> None:
-        """Queue bytes for the peer; the first caller to find no writer becomes it."""
+        """Queue bytes for the peer; the first caller to find no writer becomes it.
+
+        What the socket takes at once goes at once. If the peer is slow to read, the reader
+        waits for it (its own peer's pace), but anyone else, a pool worker answering a job,
+        leaves the rest to a writer green thread of its own: a peer that does not read must
+        not hold a worker until the idle timeout. A TLS writer always waits (an SSL write
+        may need a read, and the reader is reading)."""
         self.out.append(data)
         self.out_bytes += len(data)
         if self.writing:
             return
         self.writing = True
+        if self.raw is not None and getcurrent() is not self.reader_glet:
+            if not self._flush(wait=False):
+                eventlet.spawn_n(self._flush)
+            return
+        self._flush()
+
+    def _flush(self, wait: bool = True) -> bool:
+        """Write everything queued (what the OS socket does not take at once, waiting for the
+        peer, up to ``idle_timeout``), then stop being the writer; with ``wait=False`` stop
+        where the socket is full instead, still the writer, and return False."""
+        done = True
         try:
             while self.out:
                 chunk = b"".join(self.out) if len(self.out) > 1 else self.out[0]
@@ -195,20 +212,31 @@ class Connection:
                         sent = self.raw.send(chunk)
                     except BlockingIOError:
                         pass
-                if sent < len(chunk):  # the rest as the peer reads it, bounded by the timeout
-                    self.sock.sendall(chunk[sent:] if sent else chunk)
+                if sent < len(chunk):
+                    rest = chunk[sent:] if sent else chunk
+                    if not wait:
+                        self.out.insert(0, rest)
+                        self.out_bytes -= sent
+                        done = False
+                        return False
+                    self.sock.sendall(rest)
                 self.out_bytes -= len(chunk)
         except (OSError, AttributeError) as exc:  # peer gone, or socket closed under us
             self.out.clear()
             self._abort(f"write failed: {exc}")
         finally:
-            self.writing = False
-            if not self.out:
-                self.out_bytes = 0
-            if self.flush_waiter is not None and self.out_bytes < _OUT_LIMIT:
-                waiter, self.flush_waiter = self.flush_waiter, None
-                waiter.send()
+            if done:
+                self._written()
+        return True
 
+    def _written(self) -> None:
+        """No writer any more: wake a reader (or ``_finish``) waiting for the bytes to go."""
+        self.writing = False
+        if not self.out:
+            self.out_bytes = 0
+        if self.flush_waiter is not None and self.out_bytes < _OUT_LIMIT:
+            waiter, self.flush_waiter = self.flush_waiter, None
+            waiter.send()
 
     # ------------------------------------------------------------------ reading
 
@@ -527,6 +555,15 @@ class Connection:
         finally:
             self.waiter = None
 
+    def _wait_written(self, timeout: float) -> bool:
+        """Block until the writer ``write`` spawned for a slow peer is done; False on timeout."""
+        if not self.writing:
+            return True
+        self.flush_waiter = eventlet.event.Event()
+        with eventlet.Timeout(timeout, False):
+            self.flush_waiter.wait()
+        return not self.writing
+
     def _abort(self, why: str) -> None:
         self.closing = True
         log.debug("aborting %s: %s", self.protocol.peer, why)
@@ -543,6 +580,9 @@ class Connection:
         # handlers take (each handler has its own timeout); a stopping server gives them
         # drain_timeout.
         while not self._wait_jobs(1, timeout=self.server.drain_timeout):
+            if self.server.stopping:
+                break
+        while self.writing and not self._wait_written(self.server.drain_timeout):
             if self.server.stopping:
                 break
         try:

@@ -6,10 +6,15 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from conftest import APPS
+from rawpeer import RawPeer
 
-from evserver import Client
+from evserver import App, Client, Event
+from evserver import protocol as p
+from evserver._eventlet import eventlet
+from evserver.testing import serve_in_thread
 
 RSS_BOUND_MIB = 150  # docs/delivery.md states this bound for the default settings
 
@@ -56,3 +61,56 @@ def test_flood_of_200k_events_against_sleeping_handlers(server_factory):
     assert peak[0] < RSS_BOUND_MIB, f"server RSS peaked at {peak[0]:.0f} MiB"
     print(f"flood: sent in {send_time:.1f}s, processed in {processing_time:.1f}s, "
           f"peak RSS {peak[0]:.0f} MiB")
+
+
+def test_a_peer_that_does_not_read_holds_no_pool_worker() -> None:
+    """A pool worker answering a job of a peer that reads nothing leaves the bytes to a
+    writer green thread of the connection's own, so the pool goes on with the next job:
+    here a pool of one, whose worker would otherwise wait out the 60 s idle timeout."""
+    app = App()
+    release = threading.Event()
+
+    @app.processor("hold")
+    def hold(event: Event) -> str:
+        deadline = time.monotonic() + 10
+        while not release.is_set() and time.monotonic() < deadline:
+            eventlet.sleep(0.005)  # holds the pool's one slot until the test lets go
+        return "released"
+
+    @app.processor("big")
+    def big(event: Event) -> bytes:
+        return b"x" * (512 << 10)
+
+    @app.processor("echo")
+    def echo(event: Event) -> object:
+        return event.data
+
+    def jobs_of(server: Any, peer: RawPeer) -> int:
+        port = peer.sock.getsockname()[1]
+        return sum(c.jobs for c in list(server.connections) if c.addr[1] == port)
+
+    def wait_jobs(server: Any, peer: RawPeer) -> None:
+        deadline = time.monotonic() + 10
+        while not jobs_of(server, peer):
+            assert time.monotonic() < deadline, "the job never reached the dispatcher"
+            time.sleep(0.005)
+
+    with serve_in_thread(app, pool_size=1, idle_timeout=60) as server:
+        holder, silent, other = (RawPeer(server.address) for _ in range(3))
+        holder.send(p.encode_event(1, ["hold", None], request=True))
+        wait_jobs(server, holder)
+        # 40 replies of 512 KiB to a peer that reads none: far beyond the socket buffers.
+        silent.send(b"".join(p.encode_event(i, ["big", None], request=True)
+                             for i in range(1, 41)))
+        wait_jobs(server, silent)
+        other.send(p.encode_event(1, ["echo", "served"], request=True))
+        wait_jobs(server, other)  # queued behind the silent peer's job
+        release.set()
+        assert holder.recv_frames(1)[0].body == "released"
+        reply = other.recv_frames(1)[0]  # within RawPeer's 10 s, not the 60 s idle timeout
+        assert (reply.kind, reply.body) == (p.REPLY, "served")
+        assert jobs_of(server, silent) == 0  # answered: its bytes wait in its own writer
+        frames = silent.recv_frames(40)  # and they all arrive once it reads
+        assert [(f.corr, len(f.body)) for f in frames] == [(i, 512 << 10) for i in range(1, 41)]
+        for peer in (holder, silent, other):
+            peer.close()
