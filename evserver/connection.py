@@ -25,8 +25,8 @@ request answered before its client sends again (request/reply) costs no green th
 one costs ~10 µs), and a job whose handlers never wait costs no hand-off at all.
 
 Writing: whichever green thread finds the connection idle becomes its single writer and
-drains everything queued meanwhile, so writes coalesce and two green threads never write one
-socket at once (eventlet raises if they do).
+drains everything queued meanwhile (two green threads never write one socket at once); a pool
+worker leaves what a slow peer does not take at once to a writer green thread (``write``).
 
 A connection sees the server that accepted it only as a ``Host``: the limits and the few
 callbacks it needs, so neither this module nor the protocols import ``server``.
