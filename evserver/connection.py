@@ -182,10 +182,9 @@ class Connection:
         """Queue bytes for the peer; the first caller to find no writer becomes it.
 
         What the socket takes at once goes at once. If the peer is slow to read, the reader
-        waits for it (its own peer's pace), but anyone else, a pool worker answering a job,
-        leaves the rest to a writer green thread of its own: a peer that does not read must
-        not hold a worker until the idle timeout. A TLS writer always waits (an SSL write
-        may need a read, and the reader is reading)."""
+        waits for it (its own peer's pace), but a pool worker leaves the rest to a writer
+        green thread: a peer that does not read must not hold a worker until the idle
+        timeout. TLS writers always wait (an SSL write may need a read)."""
         self.out.append(data)
         self.out_bytes += len(data)
         if self.writing:
@@ -466,14 +465,13 @@ class Connection:
 
 
     def job_done(self, job: Job) -> None:
-        """The dispatcher's ``Sink`` callback: the protocol's answers go out, and a reader
-        waiting for pipeline room wakes up."""
+        """The dispatcher's ``Sink`` callback: answers go out, a reader waiting for room wakes."""
         try:
             out, close = self.protocol.job_done(job)
             if out:
                 self.write(out)
             if close is not None:
-                self._abort(close)
+                self._abort(close, keep_writing=True)
         finally:
             self._job_finished()  # whatever happened, the reader must not wait for this job
 
@@ -564,11 +562,13 @@ class Connection:
             self.flush_waiter.wait()
         return not self.writing
 
-    def _abort(self, why: str) -> None:
+    def _abort(self, why: str, keep_writing: bool = False) -> None:
+        """Stop now; ``keep_writing``: only the reading while owed bytes are still going out."""
         self.closing = True
         log.debug("aborting %s: %s", self.protocol.peer, why)
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RD if keep_writing and self.writing
+                               else socket.SHUT_RDWR)
         except OSError:
             pass
 
