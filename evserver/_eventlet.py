@@ -182,8 +182,9 @@ def wrap_server_socket(context: ssl.SSLContext, sock: Any) -> Any:
 def os_socket(sock: Any) -> socket.socket | None:
     """The non-blocking OS socket under a plain green socket (None for TLS and others).
 
-    A writer tries it first: eventlet's ``sendall`` costs about 1 µs per call more than the
-    send itself (three calls and an exception object), as much as a small request's decoding.
+    Connections read and write it first: eventlet's ``recv_into`` and ``sendall`` cost about
+    1 µs per call more than the call itself (three calls and an exception object), as much
+    as a small request's decoding; the green socket serves when they must wait.
     """
     if type(sock) is eventlet.greenio.GreenSocket:
         return sock.fd

@@ -55,6 +55,23 @@ def wait_for(cond: Callable[[], T], timeout: float, what: str) -> T:
         time.sleep(0.02)  # a poll interval, not a wait for something to happen
 
 
+def hold_the_pool(app: Any) -> threading.Event:
+    """Give ``app`` a "hold" processor that keeps its pool slot (a green wait) until the
+    returned Event is set, for at most 10 s: with ``pool_size=1`` the jobs behind it queue."""
+    from evserver._eventlet import eventlet
+
+    release = threading.Event()
+
+    @app.processor("hold")
+    def hold(event: Any) -> str:
+        deadline = time.monotonic() + 10
+        while not release.is_set() and time.monotonic() < deadline:
+            eventlet.sleep(0.005)
+        return "released"
+
+    return release
+
+
 def free_port() -> int:
     """A port nothing listens on right now (bind port 0, close): racy but fine on loopback."""
     with socket.socket() as s:

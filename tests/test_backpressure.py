@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import APPS
+from conftest import APPS, hold_the_pool, wait_for
 from rawpeer import RawPeer
 
 from evserver import App, Client, Event
 from evserver import protocol as p
-from evserver._eventlet import eventlet
 from evserver.testing import serve_in_thread
 
 RSS_BOUND_MIB = 150  # docs/delivery.md states this bound for the default settings
@@ -68,14 +67,7 @@ def test_a_peer_that_does_not_read_holds_no_pool_worker() -> None:
     writer green thread of the connection's own, so the pool goes on with the next job:
     here a pool of one, whose worker would otherwise wait out the 60 s idle timeout."""
     app = App()
-    release = threading.Event()
-
-    @app.processor("hold")
-    def hold(event: Event) -> str:
-        deadline = time.monotonic() + 10
-        while not release.is_set() and time.monotonic() < deadline:
-            eventlet.sleep(0.005)  # holds the pool's one slot until the test lets go
-        return "released"
+    release = hold_the_pool(app)
 
     @app.processor("big")
     def big(event: Event) -> bytes:
@@ -90,10 +82,7 @@ def test_a_peer_that_does_not_read_holds_no_pool_worker() -> None:
         return sum(c.jobs for c in list(server.connections) if c.addr[1] == port)
 
     def wait_jobs(server: Any, peer: RawPeer) -> None:
-        deadline = time.monotonic() + 10
-        while not jobs_of(server, peer):
-            assert time.monotonic() < deadline, "the job never reached the dispatcher"
-            time.sleep(0.005)
+        wait_for(lambda: jobs_of(server, peer), 10, "the job to reach the dispatcher")
 
     with serve_in_thread(app, pool_size=1, idle_timeout=60) as server:
         holder, silent, other = (RawPeer(server.address) for _ in range(3))

@@ -4,28 +4,18 @@ whole even when the connection is closing behind them."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
+from conftest import hold_the_pool, wait_for
 from rawpeer import RawPeer
 
 from evserver import App, Event
 from evserver import protocol as p
-from evserver._eventlet import eventlet
 from evserver.testing import serve_in_thread
 
 FORWARD = {"forward.enabled": True, "forward.port": 0}
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-    return value
 
 
 def slow_reader(address: Any) -> socket.socket:
@@ -53,14 +43,7 @@ def test_forward_acks_owed_before_a_failed_request_all_reach_a_slow_peer() -> No
     for it, or the acks are cut off mid-frame and the client resends requests that were
     processed (duplicates)."""
     app = App()
-
-    release = threading.Event()
-
-    @app.processor("hold")
-    def hold(event: Event) -> None:
-        deadline = time.monotonic() + 10
-        while not release.is_set() and time.monotonic() < deadline:
-            eventlet.sleep(0.005)  # holds the pool's one worker: the Forward job is queued
+    release = hold_the_pool(app)  # the Forward jobs queue for the pool's one worker
 
     @app.processor("ok")
     def ok(event: Event) -> None:
@@ -77,12 +60,12 @@ def test_forward_acks_owed_before_a_failed_request_all_reach_a_slow_peer() -> No
     with serve_in_thread(app, pool_size=1, settings=FORWARD) as server:
         holder = RawPeer(server.address)
         holder.send(p.encode_event(1, ["hold", None], request=True))
-        wait_for(lambda: server.dispatcher.stats.events_in == 1, "the holding job")
+        wait_for(lambda: server.dispatcher.stats.events_in == 1, 10, "the holding job")
         sock = slow_reader(server.forward.address)
         sock.sendall(wire)
-        wait_for(lambda: server.dispatcher.stats.events_in == 3, "the Forward jobs")
+        wait_for(lambda: server.dispatcher.stats.events_in == 3, 10, "the Forward jobs")
         release.set()
-        wait_for(lambda: server.counters["forward_unacked"] == 1, "the failed request")
+        wait_for(lambda: server.counters["forward_unacked"] == 1, 10, "the failed request")
         unpacker = msgpack.Unpacker()
         unpacker.feed(read_to_eof(sock))
         acks = [a["ack"] for a in unpacker]
